@@ -1,0 +1,3 @@
+"""tidal: a hardware-aware inference serving runtime."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Transport-neutral request and tensor types shared by every layer.
+
+Nothing here knows protobuf or gRPC: transport converts to and from these,
+the scheduler queues them, backends consume plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tidal.errors import InvalidArgument
+
+
+class DataType(enum.Enum):
+    """KServe v2 tensor datatypes with their numpy equivalents."""
+
+    BOOL = ("BOOL", np.dtype(np.bool_))
+    UINT8 = ("UINT8", np.dtype(np.uint8))
+    UINT16 = ("UINT16", np.dtype(np.uint16))
+    UINT32 = ("UINT32", np.dtype(np.uint32))
+    UINT64 = ("UINT64", np.dtype(np.uint64))
+    INT8 = ("INT8", np.dtype(np.int8))
+    INT16 = ("INT16", np.dtype(np.int16))
+    INT32 = ("INT32", np.dtype(np.int32))
+    INT64 = ("INT64", np.dtype(np.int64))
+    FP16 = ("FP16", np.dtype(np.float16))
+    FP32 = ("FP32", np.dtype(np.float32))
+    FP64 = ("FP64", np.dtype(np.float64))
+    BYTES = ("BYTES", np.dtype(np.object_))
+
+    def __init__(self, wire_name: str, np_dtype: np.dtype) -> None:
+        self.wire_name = wire_name
+        self.np_dtype = np_dtype
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element on the wire; 0 for variable-length BYTES."""
+        return 0 if self is DataType.BYTES else self.np_dtype.itemsize
+
+    @classmethod
+    def from_wire(cls, name: str) -> DataType:
+        try:
+            return _BY_WIRE[name]
+        except KeyError:
+            raise InvalidArgument(f"unsupported datatype '{name}'") from None
+
+    @classmethod
+    def from_numpy(cls, dtype: np.dtype) -> DataType:
+        dtype = np.dtype(dtype)
+        if dtype.kind in ("O", "S", "U"):
+            return DataType.BYTES
+        for member in cls:
+            if member.np_dtype == dtype:
+                return member
+        raise InvalidArgument(f"numpy dtype {dtype} has no KServe datatype")
+
+
+_BY_WIRE = {m.wire_name: m for m in DataType}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as declared by the model config; -1 marks a variable dim."""
+
+    name: str
+    datatype: DataType
+    shape: tuple[int, ...]
+
+
+class Priority(int):
+    """1 is the highest level; the scheduler maps 0 (unset) to the model's default."""
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One client request after decoding, before scheduling.
+
+    `deadline_s` is on the scheduler's monotonic clock and already includes
+    the time since arrival, so queue time counts against it.
+    """
+
+    model_name: str
+    model_version: str
+    inputs: dict[str, np.ndarray]
+    requested_outputs: tuple[str, ...] = ()
+    id: str = ""
+    priority: int = 0
+    timeout_us: int | None = None
+    arrival_s: float = 0.0
+    deadline_s: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows along dim 0; every input of a batching model shares it."""
+        first = next(iter(self.inputs.values()), None)
+        return 1 if first is None or first.ndim == 0 else int(first.shape[0])
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """Outputs for one request, in the order the client asked for them."""
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray]
+    id: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
