@@ -1,0 +1,107 @@
+"""The threads behind the engine: one per backend instance, and one precise timer.
+
+Both hand their results back to the event loop with `call_soon_threadsafe`;
+nothing here touches scheduler state.
+
+Why a timer thread: the batching window is often below a millisecond, and
+event-loop timers are not. uvloop keeps timers in whole milliseconds and
+truncates, so `call_later(0.0005)` fires on the next iteration (a 0.5 ms
+window silently becomes 0) and 1.5 ms becomes ~2 ms; the default asyncio loop
+rounds every wait up to the next millisecond. A condition-variable wait on a
+thread wakes within ~0.1 ms of the target on Linux, costs one thread wake-up
+per window (not per request), and keeps the loop free, where spinning on the
+loop would steal the core the gRPC server needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class InstanceWorkers:
+    """`count` threads; thread i runs only the jobs submitted for instance i, one at a time."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._name = name
+        self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(count)]
+        self._threads: list[threading.Thread] = []
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        for index, inbox in enumerate(self._inboxes):
+            thread = threading.Thread(
+                target=_work, args=(inbox, loop), name=f"tidal-{self._name}-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, index: int, job: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run `job()` on thread `index`, then `done(result)` on the loop. `job` must not raise."""
+        self._inboxes[index].put((job, done))
+
+    def close(self) -> None:
+        """Let every thread finish its current job and exit; blocks until they have."""
+        for inbox in self._inboxes:
+            inbox.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+
+def _work(inbox: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
+    while (item := inbox.get()) is not None:
+        job, done = item
+        result = job()
+        try:
+            loop.call_soon_threadsafe(done, result)
+        except RuntimeError:  # the loop closed without stopping the scheduler: nobody is waiting
+            return
+
+
+class PreciseTimer:
+    """Calls `callback` on the loop once the armed delay has passed; re-arming replaces the target."""
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self._name = name
+        self._callback = callback
+        self._cond = threading.Condition()
+        self._target: float | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._thread = threading.Thread(target=self._run, args=(loop,), name=f"tidal-{self._name}-timer", daemon=True)
+        self._thread.start()
+
+    def arm(self, delay_s: float) -> None:
+        with self._cond:
+            self._target = time.monotonic() + max(delay_s, 0.0)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._target is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._target - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._target = None
+                try:
+                    loop.call_soon_threadsafe(self._callback)
+                except RuntimeError:  # the loop closed without stopping the scheduler
+                    return
