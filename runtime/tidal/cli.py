@@ -1,0 +1,79 @@
+"""Command line: parse flags, set up logging, hand over to the composition root."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tidal import __version__
+from tidal.app import ServeOptions, run
+from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
+    p.add_argument("--model-repository", type=Path, help="Triton-style repository; omitted: the built-in demo")
+    p.add_argument("--grpc-address", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="port to bind; 0 picks a free one")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
+    p.add_argument("--drain-grace-s", type=float, default=30.0, help="time for in-flight requests on shutdown")
+    p.add_argument(
+        "--strict-readiness",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="ServerReady is false until this model is ready (repeat)",
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    repository = args.model_repository
+    if repository is None:
+        from tidal.demo import ensure_demo_repository
+
+        repository = ensure_demo_repository()
+        logging.getLogger("tidal").info("serving the demo repository at %s", repository)
+    if not repository.is_dir():
+        print(f"tidal: model repository {repository} is not a folder", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        model_repository=repository,
+        grpc_address=args.grpc_address,
+        grpc_port=args.grpc_port,
+        load_models=tuple(args.load_model),
+        max_message_bytes=args.max_message_bytes,
+        drain_grace_s=args.drain_grace_s,
+        strict_readiness=tuple(args.strict_readiness),
+    )
+    return run(options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="hardware-aware inference serving runtime")
+    parser.add_argument("--version", action="version", version=f"tidal {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command")
+    _add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `tidal` serves the demo, like `tidal serve`
+        args = parser.parse_args([*argv, "serve"])
+    _setup_logging(args.log_level)
+    return args.func(args)

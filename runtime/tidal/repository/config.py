@@ -1,0 +1,244 @@
+"""From config.pbtxt (and the ONNX graph) to the typed settings the server acts on.
+
+The protobuf ModelConfig is kept only as the answer to the ModelConfig RPC;
+everything else reads `ModelSpec`, whose fields say their units.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from tidal.backends.base import BackendOptions
+from tidal.errors import ConfigError
+from tidal.repository.pbtxt import ParsedConfig, parse_model_config
+from tidal.scheduling.knobs import Knobs
+from tidal.scheduling.queue import QueuePolicy, SchedulerConfig, TimeoutAction
+from tidal.transport._gen import model_config_pb2 as mc
+from tidal.types import DataType, TensorSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 4  # what Triton's ONNX auto-complete chooses for a dynamic dim 0
+ONNX_PLATFORM = "onnxruntime_onnx"
+
+_CONFIG_TO_DTYPE = {
+    mc.TYPE_BOOL: DataType.BOOL,
+    mc.TYPE_UINT8: DataType.UINT8,
+    mc.TYPE_UINT16: DataType.UINT16,
+    mc.TYPE_UINT32: DataType.UINT32,
+    mc.TYPE_UINT64: DataType.UINT64,
+    mc.TYPE_INT8: DataType.INT8,
+    mc.TYPE_INT16: DataType.INT16,
+    mc.TYPE_INT32: DataType.INT32,
+    mc.TYPE_INT64: DataType.INT64,
+    mc.TYPE_FP16: DataType.FP16,
+    mc.TYPE_FP32: DataType.FP32,
+    mc.TYPE_FP64: DataType.FP64,
+    mc.TYPE_STRING: DataType.BYTES,
+}
+_DTYPE_TO_CONFIG = {v: k for k, v in _CONFIG_TO_DTYPE.items()}
+
+_ONNX_TO_DTYPE = {
+    onnx.TensorProto.BOOL: DataType.BOOL,
+    onnx.TensorProto.UINT8: DataType.UINT8,
+    onnx.TensorProto.UINT16: DataType.UINT16,
+    onnx.TensorProto.UINT32: DataType.UINT32,
+    onnx.TensorProto.UINT64: DataType.UINT64,
+    onnx.TensorProto.INT8: DataType.INT8,
+    onnx.TensorProto.INT16: DataType.INT16,
+    onnx.TensorProto.INT32: DataType.INT32,
+    onnx.TensorProto.INT64: DataType.INT64,
+    onnx.TensorProto.FLOAT16: DataType.FP16,
+    onnx.TensorProto.FLOAT: DataType.FP32,
+    onnx.TensorProto.DOUBLE: DataType.FP64,
+    onnx.TensorProto.STRING: DataType.BYTES,
+}
+
+_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "all"}  # Triton: -1 basic only, 1 (or unset) everything
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Everything tidal acts on for one model, with the batch dim excluded from shapes."""
+
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    scheduler: SchedulerConfig
+    knobs: Knobs
+    instance_count: int
+    backend_options: BackendOptions
+    default_model_filename: str
+    slo_p99_ms: float = 0.0
+    variants: tuple[str, ...] = ()
+    config: mc.ModelConfig = field(default_factory=mc.ModelConfig, compare=False)
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+
+def _onnx_tensors(values: list[onnx.ValueInfoProto], skip: set[str]) -> list[tuple[str, DataType, list[int]]]:
+    out = []
+    for value in values:
+        if value.name in skip:
+            continue
+        elem = value.type.tensor_type.elem_type
+        if elem not in _ONNX_TO_DTYPE:
+            raise ConfigError(f"tensor '{value.name}' has an ONNX element type tidal does not serve ({elem})")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        out.append((value.name, _ONNX_TO_DTYPE[elem], dims))
+    return out
+
+
+def autocomplete(config: mc.ModelConfig, model_path: Path, present: frozenset[str] = frozenset()) -> None:
+    """Fill what config.pbtxt leaves out from the ONNX graph, as Triton's auto-complete does."""
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises several unrelated types for a bad file
+        raise ConfigError(f"{model_path}: not a readable ONNX model: {exc}") from exc
+    initializers = {init.name for init in graph.initializer}
+    inputs = _onnx_tensors(list(graph.input), initializers)
+    outputs = _onnx_tensors(list(graph.output), set())
+    if not config.platform and not config.backend:
+        config.platform = ONNX_PLATFORM
+    dynamic_first = all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
+    if "max_batch_size" not in present and not config.input and not config.output and dynamic_first:
+        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    skip = 1 if config.max_batch_size > 0 else 0
+    if config.max_batch_size > 0 and not dynamic_first:
+        raise ConfigError(f"{model_path}: max_batch_size > 0 needs a dynamic first dim on every input and output")
+    for declared, found, kind in ((config.input, inputs, "input"), (config.output, outputs, "output")):
+        by_name = {name: (dtype, dims) for name, dtype, dims in found}
+        if not declared:
+            for name, dtype, dims in found:
+                entry = declared.add(name=name, data_type=_DTYPE_TO_CONFIG[dtype])
+                entry.dims.extend(dims[skip:])
+            continue
+        for entry in declared:
+            if entry.name not in by_name:
+                raise ConfigError(f"{kind} '{entry.name}' is not in the ONNX graph (it has {', '.join(by_name)})")
+            dtype, dims = by_name[entry.name]
+            if entry.data_type != mc.TYPE_INVALID and _CONFIG_TO_DTYPE.get(entry.data_type) != dtype:
+                raise ConfigError(
+                    f"{kind} '{entry.name}': config says {mc.DataType.Name(entry.data_type)}, "
+                    f"the model has {dtype.wire_name}"
+                )
+            entry.data_type = _DTYPE_TO_CONFIG[dtype]
+            if not entry.dims:
+                entry.dims.extend(dims[skip:])
+    if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
+        config.dynamic_batching.SetInParent()
+
+
+def _tensor_specs(entries, kind: str) -> tuple[TensorSpec, ...]:
+    specs = []
+    for entry in entries:
+        dtype = _CONFIG_TO_DTYPE.get(entry.data_type)
+        if dtype is None:
+            raise ConfigError(f"{kind} '{entry.name}': unsupported data_type {mc.DataType.Name(entry.data_type)}")
+        specs.append(TensorSpec(entry.name, dtype, tuple(int(d) for d in entry.dims)))
+    return tuple(specs)
+
+
+def _queue_policy(policy: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        timeout_action=TimeoutAction.DELAY
+        if policy.timeout_action == mc.ModelQueuePolicy.DELAY
+        else TimeoutAction.REJECT,
+        default_timeout_us=int(policy.default_timeout_microseconds),
+        allow_timeout_override=policy.allow_timeout_override,
+        max_queue_size=int(policy.max_queue_size),
+    )
+
+
+def _scheduling(config: mc.ModelConfig) -> tuple[SchedulerConfig, Knobs]:
+    db = config.dynamic_batching
+    batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
+    levels = int(db.priority_levels) or 1
+    default_level = int(db.default_priority_level) or (levels + 1) // 2 if db.priority_levels else 1
+    if db.priority_levels and not 1 <= default_level <= levels:
+        raise ConfigError(f"default_priority_level {default_level} is outside 1..{levels}")
+    for level in db.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise ConfigError(f"priority_queue_policy for level {level} but priority_levels is {levels}")
+    for size in db.preferred_batch_size:
+        if not 0 < size <= config.max_batch_size:
+            raise ConfigError(f"preferred_batch_size {size} is outside 1..max_batch_size ({config.max_batch_size})")
+    scheduler = SchedulerConfig(
+        batching=batching,
+        max_batch_size=max(config.max_batch_size, 0),
+        priority_levels=levels,
+        default_priority_level=default_level,
+        default_policy=_queue_policy(db.default_queue_policy),
+        level_policies={int(k): _queue_policy(v) for k, v in db.priority_queue_policy.items()},
+        preserve_ordering=db.preserve_ordering,
+    )
+    instances = sum(max(group.count, 1) for group in config.instance_group) or 1
+    knobs = Knobs(
+        max_batch_size=config.max_batch_size if batching else 0,
+        max_queue_delay_us=int(db.max_queue_delay_microseconds),
+        preferred_batch_sizes=tuple(int(s) for s in db.preferred_batch_size),
+        instance_count=instances,
+    )
+    return scheduler, knobs
+
+
+def _backend_options(config: mc.ModelConfig) -> BackendOptions:
+    params = {key: value.string_value for key, value in config.parameters.items()}
+
+    def int_param(key: str) -> int:
+        try:
+            return int(params.get(key, "0"))
+        except ValueError:
+            raise ConfigError(f"parameter '{key}' must be an integer, got '{params[key]}'") from None
+
+    level = config.optimization.graph.level if config.optimization.HasField("graph") else 1
+    return BackendOptions(
+        intra_op_threads=int_param("intra_op_thread_count"),
+        inter_op_threads=int_param("inter_op_thread_count"),
+        graph_optimization_level=_GRAPH_LEVELS.get(level, "all"),
+        allow_spinning=params.get("allow_spinning", "false").lower() in ("1", "true", "yes"),
+        parameters=params,
+    )
+
+
+def build_spec(config: mc.ModelConfig) -> ModelSpec:
+    if config.max_batch_size < 0:
+        raise ConfigError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    for group in config.instance_group:
+        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
+            raise ConfigError(f"instance_group kind {mc.ModelInstanceGroup.Kind.Name(group.kind)} needs a GPU backend")
+    scheduler, knobs = _scheduling(config)
+    return ModelSpec(
+        name=config.name,
+        max_batch_size=max(config.max_batch_size, 0),
+        inputs=_tensor_specs(config.input, "input"),
+        outputs=_tensor_specs(config.output, "output"),
+        scheduler=scheduler,
+        knobs=knobs,
+        instance_count=knobs.instance_count,
+        backend_options=_backend_options(config),
+        default_model_filename=config.default_model_filename or "model.onnx",
+        slo_p99_ms=config.slo.p99_ms,
+        variants=tuple(config.variants),
+        config=config,
+    )
+
+
+def load_config(model_dir: Path, name: str) -> ParsedConfig:
+    """The model's config, or an empty one to auto-complete when config.pbtxt is absent."""
+    path = model_dir / "config.pbtxt"
+    parsed = parse_model_config(path) if path.exists() else ParsedConfig(mc.ModelConfig(), [], frozenset())
+    config, ignored = parsed.config, parsed.ignored
+    if config.name and config.name != name:
+        raise ConfigError(f"{path}: name '{config.name}' does not match the folder '{name}'")
+    config.name = name
+    if ignored:
+        log.warning("model %s: accepted but not acted on by tidal: %s", name, ", ".join(ignored))
+    return parsed

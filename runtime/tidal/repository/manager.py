@@ -1,0 +1,238 @@
+"""Loading, serving and unloading models: the repository's live side.
+
+Each ready version owns its backend instances and one ModelScheduler. A
+reload builds the new versions completely before swapping them in; requests
+already holding the old version finish on it while it drains. A model that
+fails to load is UNAVAILABLE with its reason, and nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tidal import backends
+from tidal.backends.base import Backend, BackendOptions
+from tidal.clock import Clock, SystemClock
+from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
+from tidal.repository import layout
+from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config
+from tidal.repository.pbtxt import ParsedConfig
+from tidal.repository.variants import load_manifest
+from tidal.scheduling.engine import ModelScheduler
+from tidal.transport._gen import model_config_pb2 as mc
+from tidal.types import TensorSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANT = ""
+
+
+class ModelState(enum.Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ServedVersion:
+    """One ready version: its spec, its backends (per variant) and its scheduler."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    runners: dict[str, list[Backend]]
+    scheduler: ModelScheduler
+
+    @property
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.spec.outputs}
+
+    async def close(self) -> None:
+        """Drain the scheduler, then release every backend instance."""
+        await self.scheduler.stop(drain=True)
+        for instances in self.runners.values():
+            for backend in instances:
+                backend.close()
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _load_instances(path: Path, names: Iterable[str], options: BackendOptions, count: int) -> list[Backend]:
+    """`count` instances from the first backend in `names` that accepts the file."""
+    errors = []
+    for name in names:
+        try:
+            loader = backends.factory(name)
+            instances: list[Backend] = []
+            try:
+                for index in range(count):
+                    instances.append(loader(path, replace(options, instance_index=index)))
+            except TidalError:
+                for backend in instances:
+                    backend.close()
+                raise
+            return instances
+        except TidalError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ConfigError(f"{path.name}: no backend could load it ({'; '.join(errors)})")
+
+
+def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> tuple[ModelSpec, dict[str, list[Backend]]]:
+    """Blocking: parse, auto-complete and load every variant of one version."""
+    version_dir = model_path / str(version)
+    version_config = mc.ModelConfig()
+    version_config.CopyFrom(parsed.config)
+    default_file = version_dir / (version_config.default_model_filename or "model.onnx")
+    if not default_file.is_file():
+        raise ConfigError(f"{default_file} does not exist")
+    autocomplete(version_config, default_file, parsed.present)
+    spec = build_spec(version_config)
+    manifest = load_manifest(version_dir)
+    runners: dict[str, list[Backend]] = {}
+    try:
+        if manifest is None:
+            runners[DEFAULT_VARIANT] = _load_instances(
+                default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
+            )
+        else:
+            wanted = set(spec.variants)
+            for variant in manifest.variants.values():
+                if (wanted and variant.name not in wanted) or "cpu" not in variant.runnable_on:
+                    continue
+                runners[variant.name] = _load_instances(
+                    version_dir / variant.file, variant.backends, spec.backend_options, spec.instance_count
+                )
+            if not runners:
+                raise ConfigError(f"{version_dir}: no variant of {sorted(wanted) or 'the manifest'} can run here")
+    except TidalError:
+        for instances in runners.values():
+            for backend in instances:
+                backend.close()
+        raise
+    if manifest is not None:
+        default = manifest.default if manifest.default in runners else next(iter(runners))
+        spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
+    return spec, runners
+
+
+class ModelManager:
+    """Owns every model's state; the only writer of it. Call from the event loop."""
+
+    def __init__(self, root: Path, clock: Clock | None = None) -> None:
+        self.root = root.resolve()
+        self.clock = clock or SystemClock()
+        self._entries: dict[str, ModelEntry] = {}
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = ModelEntry(name)
+        return entry
+
+    async def load_all(self, names: Iterable[str] | None = None) -> None:
+        """Start-up load; a failure marks that model unavailable and is logged, never raised."""
+        for name in list(names) if names is not None else layout.list_models(self.root):
+            with contextlib.suppress(TidalError):  # load() recorded and logged the reason
+                await self.load(name)
+
+    async def load(self, name: str) -> None:
+        path = layout.require_model_dir(self.root, name)
+        entry = self._entry(name)
+        async with entry.lock:
+            if not entry.versions:
+                entry.state = ModelState.LOADING
+            try:
+                parsed = load_config(path, name)
+                versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
+                if not versions:
+                    raise ConfigError(f"{path}: no numeric version folder")
+                built = await asyncio.gather(*(asyncio.to_thread(_build_version, path, parsed, v) for v in versions))
+            except TidalError as exc:
+                entry.reason = str(exc)
+                if not entry.versions:
+                    entry.state = ModelState.UNAVAILABLE
+                log.error("model %s: load failed: %s", name, exc)
+                raise
+            new: dict[int, ServedVersion] = {}
+            for version, (spec, runners) in zip(versions, built, strict=True):
+                scheduler = ModelScheduler(
+                    f"{name}:{version}", spec.scheduler, spec.knobs, runners, [o.name for o in spec.outputs], self.clock
+                )
+                await scheduler.start()
+                new[version] = ServedVersion(name, version, spec, runners, scheduler)
+            old, entry.versions = entry.versions, new
+            entry.state, entry.reason = ModelState.READY, ""
+            log.info("model %s: ready, version(s) %s", name, ", ".join(map(str, versions)))
+        for served in old.values():
+            await served.close()
+
+    async def unload(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None or entry.state is ModelState.UNAVAILABLE:
+            layout.model_dir(self.root, name)
+            raise NotFound(f"model '{name}' is not loaded")
+        async with entry.lock:
+            old, entry.versions = entry.versions, {}
+            entry.state = ModelState.UNLOADING
+            for served in old.values():
+                await served.close()
+            entry.state, entry.reason = ModelState.UNAVAILABLE, "unloaded"
+        log.info("model %s: unloaded", name)
+
+    def get(self, name: str, version: str = "") -> ServedVersion:
+        """The version to serve: `version` exactly, or the newest ready one for ""."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"model '{name}' is not in the repository")
+        if entry.state is not ModelState.READY or not entry.versions:
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise Unavailable(f"model '{name}' is not ready ({entry.state.value}{detail})")
+        if not version:
+            return entry.versions[max(entry.versions)]
+        try:
+            return entry.versions[int(version)]
+        except (ValueError, KeyError):
+            raise NotFound(f"model '{name}' has no ready version '{version}'") from None
+
+    def ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except TidalError:
+            return False
+        return True
+
+    def served(self) -> list[ServedVersion]:
+        return [v for e in self._entries.values() for v in e.versions.values()]
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk or known, as RepositoryIndex reports."""
+        rows = []
+        names = sorted(set(layout.list_models(self.root)) | set(self._entries))
+        for name in names:
+            entry = self._entries.get(name)
+            if entry is None:
+                rows.append((name, "", ModelState.UNAVAILABLE.value, ""))
+            elif entry.versions:
+                rows.extend((name, str(v), entry.state.value, entry.reason) for v in sorted(entry.versions))
+            else:
+                rows.append((name, "", entry.state.value, entry.reason))
+        return rows
+
+    async def close(self) -> None:
+        for name, entry in list(self._entries.items()):
+            if entry.versions:
+                await self.unload(name)

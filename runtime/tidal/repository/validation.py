@@ -1,0 +1,51 @@
+"""Checks a decoded request against the model's declared signature.
+
+Done before queueing so a bad request fails alone, with a message naming the
+input, and never reaches a batch where it would fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from tidal.errors import InvalidArgument
+from tidal.repository.config import ModelSpec
+from tidal.types import DataType, InferRequest
+
+
+def validate_request(spec: ModelSpec, request: InferRequest) -> None:
+    declared = {s.name: s for s in spec.inputs}
+    extra = sorted(set(request.inputs) - set(declared))
+    if extra:
+        raise InvalidArgument(f"model '{spec.name}' has no input(s) {', '.join(extra)}")
+    missing = sorted(set(declared) - set(request.inputs))
+    if missing:
+        raise InvalidArgument(f"model '{spec.name}' is missing input(s) {', '.join(missing)}")
+    batch: int | None = None
+    for name, arr in request.inputs.items():
+        want = declared[name]
+        got = DataType.from_numpy(arr.dtype)
+        if got is not want.datatype:
+            raise InvalidArgument(f"input '{name}': datatype {got.wire_name}, model expects {want.datatype.wire_name}")
+        shape = arr.shape
+        if spec.batching:
+            if len(shape) != len(want.shape) + 1:
+                raise InvalidArgument(
+                    f"input '{name}': shape {list(shape)}, model expects [-1, {', '.join(map(str, want.shape))}]"
+                )
+            if batch is None:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise InvalidArgument(f"input '{name}': batch size {shape[0]} differs from the other inputs' {batch}")
+            if not 1 <= shape[0] <= spec.max_batch_size:
+                raise InvalidArgument(
+                    f"input '{name}': batch size {shape[0]} is outside 1..{spec.max_batch_size} (max_batch_size)"
+                )
+            shape = shape[1:]
+        if len(shape) != len(want.shape) or any(w not in (-1, g) for w, g in zip(want.shape, shape, strict=True)):
+            prefix = "[-1, " if spec.batching else "["
+            raise InvalidArgument(
+                f"input '{name}': shape {list(arr.shape)}, model expects {prefix}{', '.join(map(str, want.shape))}]"
+            )
+    outputs = {s.name for s in spec.outputs}
+    unknown = [name for name in request.requested_outputs if name not in outputs]
+    if unknown:
+        raise InvalidArgument(f"model '{spec.name}' has no output(s) {', '.join(unknown)}")

@@ -1,0 +1,179 @@
+"""Protobuf <-> tidal types, in one place. Nothing else touches the wire format."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from tidal.errors import InvalidArgument
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.types import DataType, InferRequest, InferResponse, TensorSpec
+
+# Which InferTensorContents field carries each datatype (FP16 travels raw only).
+_CONTENTS_FIELD = {
+    DataType.BOOL: "bool_contents",
+    DataType.INT8: "int_contents",
+    DataType.INT16: "int_contents",
+    DataType.INT32: "int_contents",
+    DataType.INT64: "int64_contents",
+    DataType.UINT8: "uint_contents",
+    DataType.UINT16: "uint_contents",
+    DataType.UINT32: "uint_contents",
+    DataType.UINT64: "uint64_contents",
+    DataType.FP32: "fp32_contents",
+    DataType.FP64: "fp64_contents",
+    DataType.BYTES: "bytes_contents",
+}
+_LEN = struct.Struct("<I")
+
+
+def param_value(param: pb.InferParameter) -> Any:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def int_param(params: dict[str, Any], key: str) -> int | None:
+    """An integer request parameter; tritonclient sends uint64, others int64."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"parameter '{key}' must be an integer, got {value!r}")
+    if value < 0:
+        raise InvalidArgument(f"parameter '{key}' must not be negative, got {value}")
+    return value
+
+
+def decode_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
+    """Split KServe's length-prefixed BYTES encoding into `count` elements."""
+    out: list[bytes] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        if pos + 4 > end:
+            raise InvalidArgument(f"input '{name}': truncated BYTES element length")
+        (length,) = _LEN.unpack_from(buf, pos)
+        pos += 4
+        if pos + length > end:
+            raise InvalidArgument(f"input '{name}': BYTES element overruns the buffer")
+        out.append(buf[pos : pos + length])
+        pos += length
+    if len(out) != count:
+        raise InvalidArgument(f"input '{name}': expected {count} BYTES elements, got {len(out)}")
+    arr = np.empty(count, dtype=object)
+    arr[:] = out
+    return arr
+
+
+def encode_bytes(arr: np.ndarray) -> bytes:
+    parts = []
+    for value in arr.reshape(-1):
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _decode_raw(raw: bytes, dtype: DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype is DataType.BYTES:
+        return decode_bytes(raw, count, name).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input '{name}': expected {expected} bytes for shape {list(shape)} {dtype.wire_name}, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype.np_dtype).reshape(shape)
+
+
+def _decode_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, dtype: DataType, shape: tuple[int, ...]
+) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(dtype)
+    if field is None:
+        raise InvalidArgument(f"input '{tensor.name}': {dtype.wire_name} must be sent in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{tensor.name}': expected {count} elements for shape {list(shape)}, got {len(values)}"
+        )
+    if dtype is DataType.BYTES:
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    try:
+        return np.asarray(values, dtype=dtype.np_dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidArgument(f"input '{tensor.name}': a value does not fit {dtype.wire_name}") from None
+
+
+def decode_request(msg: pb.ModelInferRequest, arrival_s: float, deadline_s: float | None) -> InferRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(msg.inputs):
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        dtype = DataType.from_wire(tensor.datatype)
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dim")
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(f"input '{tensor.name}': typed contents and raw_input_contents cannot be mixed")
+            inputs[tensor.name] = _decode_raw(raw[i], dtype, shape, tensor.name)
+        else:
+            inputs[tensor.name] = _decode_contents(tensor, dtype, shape)
+    params = {key: param_value(value) for key, value in msg.parameters.items()}
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        inputs=inputs,
+        requested_outputs=tuple(out.name for out in msg.outputs),
+        id=msg.id,
+        priority=int_param(params, "priority") or 0,
+        timeout_us=int_param(params, "timeout"),
+        arrival_s=arrival_s,
+        deadline_s=deadline_s,
+        parameters=params,
+    )
+
+
+def _set_param(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+def encode_response(response: InferResponse, specs: dict[str, TensorSpec]) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    for key, value in response.parameters.items():
+        _set_param(msg.parameters[key], value)
+    raw = msg.raw_output_contents
+    for name, arr in response.outputs.items():
+        spec = specs.get(name)
+        dtype = spec.datatype if spec is not None else DataType.from_numpy(arr.dtype)
+        out = msg.outputs.add(name=name, datatype=dtype.wire_name)
+        out.shape.extend(arr.shape)
+        if dtype is DataType.BYTES:
+            raw.append(encode_bytes(arr))
+        else:
+            raw.append(np.ascontiguousarray(arr, dtype=dtype.np_dtype.newbyteorder("<")).tobytes())
+    return msg
+
+
+def tensor_metadata(specs: Iterable[TensorSpec], batch_dim: bool) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    prefix = (-1,) if batch_dim else ()
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype.wire_name, shape=[*prefix, *s.shape])
+        for s in specs
+    ]

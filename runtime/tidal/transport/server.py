@@ -1,0 +1,67 @@
+"""The gRPC server: binding, health, reflection, and an orderly stop."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tidal.transport._gen import POOL
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+# Triton accepts messages up to INT32_MAX bytes; so does tidal unless told otherwise.
+DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+@functools.cache
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """tidal's descriptors live in a private pool; reflection serves health's from it too."""
+    POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return POOL
+
+
+class GrpcServer:
+    """Owns the grpc.aio server and the standard health service."""
+
+    def __init__(self, servicer: InferenceServicer, address: str, port: int, max_message_bytes: int) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self._server, pool=_reflection_pool())
+        self._target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start; returns the bound port (useful with port 0)."""
+        self.port = self._server.add_insecure_port(self._target)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {self._target}")
+        await self._server.start()
+        return self.port
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting RPCs; those in flight get `grace_s` to finish."""
+        await self._server.stop(grace_s)

@@ -1,0 +1,223 @@
+"""GRPCInferenceService: each RPC converts, calls the repository or scheduler, converts back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+import tidal
+from tidal.clock import Clock
+from tidal.errors import TidalError, Unavailable, Unimplemented
+from tidal.repository.manager import ModelManager, ServedVersion
+from tidal.repository.validation import validate_request
+from tidal.scheduling.stats import Duration
+from tidal.transport import convert
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.status import GRPC_STATUS
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"]
+FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _statistics(served: ServedVersion) -> pb.ModelStatistics:
+    stats = served.scheduler.stats()
+    msg = pb.ModelStatistics(
+        name=served.name,
+        version=str(served.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input),
+            compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output),
+        ),
+    )
+    for size, (c_in, c_infer, c_out) in sorted(stats.batch_stats.items()):
+        msg.batch_stats.add(
+            batch_size=size,
+            compute_input=_duration(c_in),
+            compute_infer=_duration(c_infer),
+            compute_output=_duration(c_out),
+        )
+    return msg
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Thin adapter: protobuf never leaves this module and convert.py."""
+
+    def __init__(
+        self, manager: ModelManager, clock: Clock, is_ready: Callable[[], bool], is_accepting: Callable[[], bool]
+    ) -> None:
+        self._manager = manager
+        self._clock = clock
+        self._is_ready = is_ready
+        self._is_accepting = is_accepting
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: TidalError) -> None:
+        await context.abort(GRPC_STATUS[exc.code], str(exc))
+
+    # -- health and metadata ------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self._manager.ready(request.name, request.version))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="tidal", version=tidal.__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            served = self._manager.get(request.name, request.version)
+        except TidalError as exc:
+            return await self._abort(context, exc)
+        spec = served.spec
+        versions = [v for n, v, state, _ in self._manager.index() if n == request.name and state == "READY"]
+        return pb.ModelMetadataResponse(
+            name=spec.name,
+            versions=versions,
+            platform=spec.config.platform or spec.config.backend,
+            inputs=convert.tensor_metadata(spec.inputs, spec.batching),
+            outputs=convert.tensor_metadata(spec.outputs, spec.batching),
+        )
+
+    async def ModelConfig(self, request, context):
+        try:
+            served = self._manager.get(request.name, request.version)
+        except TidalError as exc:
+            return await self._abort(context, exc)
+        return pb.ModelConfigResponse(config=served.spec.config)
+
+    async def ModelStatistics(self, request, context):
+        try:
+            served = [self._manager.get(request.name, request.version)] if request.name else self._manager.served()
+        except TidalError as exc:
+            return await self._abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in served])
+
+    # -- inference ----------------------------------------------------------------------
+    async def _infer(self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        now = self._clock.now()
+        remaining = context.time_remaining()
+        request = convert.decode_request(msg, now, None if remaining is None else now + remaining)
+        if not self._is_accepting():
+            raise Unavailable("server is not accepting requests (starting or shutting down)")
+        served = self._manager.get(request.model_name, request.model_version)
+        validate_request(served.spec, request)
+        response = await served.scheduler.infer(request)
+        response.model_name, response.model_version = served.name, str(served.version)
+        if request.parameters.get(FINAL_RESPONSE_PARAM):
+            response.parameters["triton_final_response"] = True
+        return convert.encode_response(response, served.output_specs)
+
+    async def ModelInfer(self, request, context):
+        try:
+            return await self._infer(request, context)
+        except TidalError as exc:
+            log.debug("ModelInfer %s id=%s: %s %s", request.model_name, request.id, exc.code.value, exc)
+            return await self._abort(context, exc)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; responses return as they finish, matched by id."""
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(msg: pb.ModelInferRequest) -> None:
+            try:
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, context)))
+            except TidalError as exc:
+                failed = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
+                results.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc), infer_response=failed))
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                results.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            read_task.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # -- repository ---------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        rows = self._manager.index()
+        if request.ready:
+            rows = [r for r in rows if r[2] == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r) for n, v, s, r in rows]
+        )
+
+    async def RepositoryModelLoad(self, request, context):
+        if request.parameters:
+            names = ", ".join(sorted(request.parameters))
+            return await self._abort(context, Unimplemented(f"load parameters are not supported by tidal: {names}"))
+        try:
+            await self._manager.load(request.model_name)
+        except TidalError as exc:
+            return await self._abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self._manager.unload(request.model_name)
+        except TidalError as exc:
+            return await self._abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- not implemented ----------------------------------------------------------------
+    async def _unimplemented(self, what: str, context) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"tidal does not implement {what}")
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._unimplemented("system shared memory", context)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def TraceSetting(self, request, context):
+        await self._unimplemented("trace settings", context)
+
+    async def LogSettings(self, request, context):
+        await self._unimplemented("log settings", context)
