@@ -1,0 +1,119 @@
+"""Small real ONNX models the tests build with onnx.helper, and Triton-style repositories of them."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+DTYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def add_sub(path: Path, width: int = 16, dtype: int = TensorProto.FLOAT) -> Path:
+    """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1, batch dim 0 dynamic."""
+    shape = ["batch", width]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "add_sub",
+        [helper.make_tensor_value_info("INPUT0", dtype, shape), helper.make_tensor_value_info("INPUT1", dtype, shape)],
+        [
+            helper.make_tensor_value_info("OUTPUT0", dtype, shape),
+            helper.make_tensor_value_info("OUTPUT1", dtype, shape),
+        ],
+    )
+    return _save(graph, path)
+
+
+def identity_all(path: Path, exclude: tuple[str, ...] = ()) -> Path:
+    """One Identity per KServe datatype: IN_<DT> -> OUT_<DT>, shape [batch, n]."""
+    nodes, inputs, outputs = [], [], []
+    for name, elem in DTYPES.items():
+        if name in exclude:
+            continue
+        nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
+        inputs.append(helper.make_tensor_value_info(f"IN_{name}", elem, ["batch", "n"]))
+        outputs.append(helper.make_tensor_value_info(f"OUT_{name}", elem, ["batch", "n"]))
+    return _save(helper.make_graph(nodes, "identity_all", inputs, outputs), path)
+
+
+def scale(path: Path, factor: float, width: int = 4) -> Path:
+    """OUTPUT = INPUT * factor: versions differ by factor, so tests can tell which answered."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["INPUT", "factor"], ["OUTPUT"])],
+        "scale",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.array([factor], dtype=np.float32), "factor")],
+    )
+    return _save(graph, path)
+
+
+def reshape3(path: Path) -> Path:
+    """OUTPUT = reshape(INPUT, [-1, 3]): ONNX Runtime fails when the element count is not a multiple of 3."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["INPUT", "shape"], ["OUTPUT"])],
+        "reshape3",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["rows", 3])],
+        [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape")],
+    )
+    return _save(graph, path)
+
+
+def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
+    """A ReLU MLP with seeded random weights: input INPUT [batch, sizes[0]], output OUTPUT."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "INPUT"
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "OUTPUT" if i == len(sizes) - 2 else f"h{i}"
+        pre = f"pre{i}" if out != "OUTPUT" else "OUTPUT"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [pre]))
+        if out != "OUTPUT":
+            nodes.append(helper.make_node("Relu", [pre], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        inits,
+    )
+    return _save(graph, path)
+
+
+def write_config(model_dir: Path, text: str) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(text)
