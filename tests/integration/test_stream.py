@@ -1,0 +1,45 @@
+"""ModelStreamInfer: tritonclient's bidirectional stream, errors in-band, ids matched."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import tritonclient.grpc as tc
+
+
+def _pair(value: float) -> list[tc.InferInput]:
+    data = np.full((1, 16), value, np.float32)
+    inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(data)
+    return inputs
+
+
+def test_stream_many_requests_and_an_error(server) -> None:
+    client = tc.InferenceServerClient(server.url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i in range(20):
+            client.async_stream_infer("simple", _pair(float(i)), request_id=str(i))
+        client.async_stream_infer("nope", _pair(0.0), request_id="bad")
+        client.async_stream_infer(
+            "simple", _pair(7.0), request_id="final", enable_empty_final_response=True
+        )
+        seen, errors, final = {}, [], None
+        for _ in range(22):
+            result, error = results.get(timeout=30)
+            if error is not None:
+                errors.append(error)
+                continue
+            response = result.get_response()
+            if response.id == "final":
+                final = response
+            seen[response.id] = result.as_numpy("OUTPUT0")
+    finally:
+        client.stop_stream()
+    for i in range(20):
+        np.testing.assert_array_equal(seen[str(i)], np.full((1, 16), 2.0 * i, np.float32))
+    assert len(errors) == 1 and "nope" in str(errors[0])
+    assert final is not None and final.parameters["triton_final_response"].bool_param
