@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+from tritonclient.utils import InferenceServerException
+
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
-from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")

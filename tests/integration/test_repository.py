@@ -6,10 +6,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
 from conftest import start_server
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
-from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")

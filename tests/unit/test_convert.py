@@ -1,0 +1,58 @@
+"""Wire conversion: zero-copy raw decoding, BYTES framing, parameters, response encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tidal.errors import InvalidArgument
+from tidal.transport import convert
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.types import DataType, InferResponse, TensorSpec
+
+
+@given(st.lists(st.binary(max_size=40), max_size=20))
+def test_bytes_framing_roundtrip(values: list[bytes]) -> None:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    decoded = convert.decode_bytes(convert.encode_bytes(arr), len(values), "x")
+    assert list(decoded) == values
+
+
+def test_raw_decoding_is_zero_copy_and_checked() -> None:
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    msg.raw_input_contents.append(data.tobytes())
+    request = convert.decode_request(msg, 1.0, None)
+    arr = request.inputs["x"]
+    np.testing.assert_array_equal(arr, data)
+    assert not arr.flags.owndata  # a view over the message's bytes
+    msg.inputs[0].shape[:] = [3, 3]
+    with pytest.raises(InvalidArgument, match="expected 36 bytes"):
+        convert.decode_request(msg, 1.0, None)
+
+
+def test_parameters_accept_uint64_and_int64_priority() -> None:
+    for field in ("uint64_param", "int64_param"):
+        msg = pb.ModelInferRequest(model_name="m")
+        setattr(msg.parameters["priority"], field, 2)
+        setattr(msg.parameters["timeout"], field, 5000)
+        request = convert.decode_request(msg, 0.0, 9.0)
+        assert (request.priority, request.timeout_us, request.deadline_s) == (2, 5000, 9.0)
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.parameters["timeout"].int64_param = -1
+    with pytest.raises(InvalidArgument, match="timeout"):
+        convert.decode_request(msg, 0.0, None)
+
+
+def test_response_is_raw_and_keeps_declared_types() -> None:
+    strings = np.array([["a", "bc"]], dtype=object)
+    response = InferResponse("m", "1", {"s": strings, "f": np.ones((1, 2), np.float64)}, id="r")
+    specs = {"s": TensorSpec("s", DataType.BYTES, (2,)), "f": TensorSpec("f", DataType.FP64, (2,))}
+    msg = convert.encode_response(response, specs)
+    assert [(o.name, o.datatype, list(o.shape)) for o in msg.outputs] == [("s", "BYTES", [1, 2]), ("f", "FP64", [1, 2])]
+    assert msg.raw_output_contents[0] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"
+    assert np.frombuffer(msg.raw_output_contents[1], np.float64).tolist() == [1.0, 1.0]

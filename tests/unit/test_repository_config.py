@@ -1,0 +1,144 @@
+"""config.pbtxt parsing, field classification, auto-complete and version policy, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import onnx_models as models
+from tidal.errors import ConfigError, InvalidArgument, NotFound
+from tidal.repository import layout
+from tidal.repository.config import autocomplete, build_spec, load_config
+from tidal.repository.pbtxt import parse_model_config_text
+from tidal.scheduling.queue import TimeoutAction
+from tidal.transport._gen import model_config_pb2 as mc
+from tidal.types import DataType
+
+
+def test_triton_fields_not_acted_on_are_accepted_and_named() -> None:
+    text = """
+    name: "m"
+    max_batch_size: 2
+    input [ { name: "a" data_type: TYPE_FP32 dims: [ 3 ] reshape { shape: [ 3 ] } } ]
+    sequence_batching { control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START } ] } ] }
+    instance_group [ { count: 1 gpus: [ 0 ] } ]
+    """
+    parsed = parse_model_config_text(text, "m/config.pbtxt")
+    assert parsed.ignored == ["input.reshape", "instance_group.gpus", "sequence_batching"]
+    assert parsed.config.max_batch_size == 2 and parsed.config.input[0].name == "a"
+    assert "max_batch_size" in parsed.present
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("bogus: 1", "bogus"),
+        ('input { name: "a" colour: "red" }', "input.colour"),
+        ("dynamic_batching { max_delay: 5 }", "dynamic_batching.max_delay"),
+    ],
+)
+def test_unknown_fields_are_errors_naming_field_and_file(text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_model_config_text(text, "repo/m/config.pbtxt")
+    assert named in str(err.value) and "repo/m/config.pbtxt" in str(err.value)
+
+
+def test_syntax_errors_name_the_file() -> None:
+    with pytest.raises(ConfigError, match="x/config.pbtxt"):
+        parse_model_config_text('max_batch_size: "eight"', "x/config.pbtxt")
+
+
+def test_autocomplete_fills_signature_and_batching(tmp_path: Path) -> None:
+    path = models.add_sub(tmp_path / "model.onnx", width=5)
+    config = mc.ModelConfig(name="m")
+    autocomplete(config, path)
+    spec = build_spec(config)
+    assert spec.max_batch_size == 4 and spec.batching and spec.scheduler.batching
+    assert [(s.name, s.datatype, s.shape) for s in spec.inputs] == [
+        ("INPUT0", DataType.FP32, (5,)),
+        ("INPUT1", DataType.FP32, (5,)),
+    ]
+
+
+def test_explicit_zero_batch_size_is_kept(tmp_path: Path) -> None:
+    path = models.add_sub(tmp_path / "model.onnx")
+    parsed = parse_model_config_text("max_batch_size: 0", "c")
+    autocomplete(parsed.config, path, parsed.present)
+    spec = build_spec(parsed.config)
+    assert spec.max_batch_size == 0 and [s.shape for s in spec.inputs] == [(-1, 16), (-1, 16)]
+
+
+def test_config_disagreeing_with_the_graph_is_an_error(tmp_path: Path) -> None:
+    path = models.add_sub(tmp_path / "model.onnx")
+    config = parse_model_config_text('input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] } ]', "c").config
+    with pytest.raises(ConfigError, match="TYPE_INT32"):
+        autocomplete(config, path)
+    config = parse_model_config_text('input [ { name: "X" data_type: TYPE_FP32 dims: [ 16 ] } ]', "c").config
+    with pytest.raises(ConfigError, match=r"'X' is not in the ONNX graph"):
+        autocomplete(config, path)
+
+
+def test_dynamic_batching_becomes_scheduler_settings() -> None:
+    text = """
+    max_batch_size: 8
+    input [ { name: "a" data_type: TYPE_FP32 dims: [ 3 ] } ]
+    output [ { name: "b" data_type: TYPE_FP32 dims: [ 3 ] } ]
+    instance_group [ { count: 2 kind: KIND_CPU }, { count: 1 } ]
+    dynamic_batching {
+      preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 300 priority_levels: 3 default_priority_level: 2
+      default_queue_policy { max_queue_size: 10 }
+      priority_queue_policy { key: 3 value { timeout_action: DELAY default_timeout_microseconds: 900 } }
+    }
+    """
+    spec = build_spec(parse_model_config_text(text, "c").config)
+    assert spec.knobs.max_batch_size == 8 and spec.knobs.max_queue_delay_us == 300
+    assert spec.knobs.preferred_batch_sizes == (4,) and spec.instance_count == 3
+    assert spec.scheduler.priority_levels == 3 and spec.scheduler.default_priority_level == 2
+    assert spec.scheduler.default_policy.max_queue_size == 10
+    assert spec.scheduler.level_policies[3].timeout_action is TimeoutAction.DELAY
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }",
+        "max_batch_size: 4 dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
+        "max_batch_size: 4 dynamic_batching { priority_levels: 2 priority_queue_policy { key: 5 value { } } }",
+        "max_batch_size: -1",
+        "instance_group [ { kind: KIND_GPU } ]",
+    ],
+)
+def test_inconsistent_settings_are_rejected(text: str) -> None:
+    with pytest.raises(ConfigError):
+        build_spec(parse_model_config_text(text, "c").config)
+
+
+def test_config_name_must_match_folder(tmp_path: Path) -> None:
+    models.write_config(tmp_path / "a", 'name: "b"')
+    with pytest.raises(ConfigError, match="does not match"):
+        load_config(tmp_path / "a", "a")
+
+
+def test_version_policies() -> None:
+    available = [1, 2, 5]
+    assert layout.select_versions(available, mc.ModelVersionPolicy(), "s") == [5]
+    latest = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=2))
+    assert layout.select_versions(available, latest, "s") == [2, 5]
+    assert layout.select_versions(available, mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()), "s") == available
+    specific = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[1, 5]))
+    assert layout.select_versions(available, specific, "s") == [1, 5]
+    missing = mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=[3]))
+    with pytest.raises(ConfigError, match=r"\[3\]"):
+        layout.select_versions(available, missing, "s")
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/etc", "", ".hidden", "a\\b", "x\0y"])
+def test_model_names_are_confined(tmp_path: Path, name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        layout.model_dir(tmp_path, name)
+
+
+def test_missing_model_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        layout.require_model_dir(tmp_path, "absent")
