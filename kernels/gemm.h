@@ -1,0 +1,97 @@
+// u8 x s8 -> s32 GEMM with prepacked weights and a fused epilogue.
+//
+// C[m][n] = sum_k (A[m][k] - za) * (B[k][n] - zb[n]), then per column:
+//   v = C * scale[n]; optional mid rounding point (a QuantizeLinear/DequantizeLinear
+//   pair between the product and the bias); v += bias[n]; v = max(v, lo);
+//   output as int32 (raw C), fp32 (v) or u8 (round-half-even(v / out_scale) + out_zp, saturated).
+//
+// Signed activations are handled by the caller: s8 x with zero point z is u8 (x + 128) with z + 128.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace tidal {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx_vnni = 2, avx512_vnni = 3 };
+
+const char* isa_name(Isa isa);
+bool isa_from_name(const char* name, Isa* out);
+// Whether this CPU (and OS) can execute `isa`; scalar always can.
+bool cpu_supports(Isa isa);
+// Whether this build compiled `isa` (the compiler may lack -mavxvnni).
+bool isa_compiled(Isa isa);
+// The fastest compiled ISA this CPU runs, chosen once per process; scalar only when nothing else runs.
+Isa best_isa();
+
+// Weights packed once: panels of 16 columns, K in groups of 4 bytes, so one 64-byte block feeds one
+// 512-bit vpdpbusd (or two 256-bit ones). The AVX2 path stores each weight as two halves in [-64, 64]
+// (two 64-byte blocks per group) unless every weight already lies there, so vpmaddubsw never saturates.
+struct PackedWeights {
+    Isa isa = Isa::scalar;
+    int64_t k = 0, n = 0;        // logical shape of B (K x N)
+    int64_t k_groups = 0;        // ceil(K / 4)
+    int64_t panels = 0;          // ceil(N / 16)
+    int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when split
+    std::vector<int8_t> data;    // [panels][k_groups][block_bytes], zero padded
+    std::vector<int32_t> col_sums;     // [panels * 16] sum over k of B, for the activation zero point
+    std::vector<int32_t> zero_points;  // [panels * 16] weight zero points (zeros when symmetric)
+    bool has_zero_points = false;
+
+    int64_t panel_stride() const { return k_groups * block_bytes; }
+};
+
+// Packs a row-major K x N int8 matrix (or N x K when transposed) for `isa`.
+PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transposed, const int32_t* zero_points,
+                           Isa isa);
+
+enum class OutKind : int { s32 = 0, f32 = 1, u8 = 2 };
+
+struct Epilogue {
+    OutKind kind = OutKind::s32;
+    const float* scale = nullptr;  // [N]; required unless kind == s32
+    const float* bias = nullptr;   // [N] or null
+    float lower = -3.4e38f;        // 0 fuses a ReLU
+    bool has_mid = false;          // a rounding point between the product and the bias
+    float mid_scale = 1.f, mid_zero_point = 0.f;
+    float out_scale = 1.f, out_zero_point = 0.f;  // kind == u8
+};
+
+struct GemmArgs {
+    const uint8_t* a = nullptr;  // M x lda, row-major, lda >= K
+    int64_t m = 0, lda = 0;
+    int32_t a_zero_point = 0;
+    const PackedWeights* w = nullptr;
+    Epilogue ep;
+    void* out = nullptr;  // M x N of int32, float or uint8
+    // Filled by gemm() so tile kernels touch raw pointers only (no std:: code compiled with ISA flags):
+    int64_t k_groups = 0, panels = 0, block_bytes = 0, n = 0;
+    const int8_t* b = nullptr;
+    const int32_t* zero_points = nullptr;  // [panels*16]
+    const int32_t* col_terms = nullptr;    // [panels*16]: -za * colsum[n] + K * za * zb[n]
+    const int32_t* row_sums = nullptr;     // [M] sum over k of A; null when the weights are symmetric
+};
+
+// Runs on the calling thread plus up to `threads - 1` pool workers (0: all cores); the pool is only
+// woken when the product is large enough to pay for it. Pads A internally when lda < 4 * k_groups.
+void gemm(const GemmArgs& args, int threads);
+
+// Quantizes fp32 to u8: saturate(round_half_even(x / scale) + zero_point), rows padded with
+// zeros from `cols` to `ld`.
+void quantize_u8(const float* x, int64_t rows, int64_t cols, float scale, int32_t zero_point, uint8_t* out,
+                 int64_t ld);
+
+// Tile kernels, one per ISA translation unit: rows [m0, m1) and panels [p0, p1) of the output.
+// scratch holds (m1 - m0) x 64 int32.
+using TileFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch);
+void tile_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*);
+void tile_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*);
+void tile_avx_vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*);
+void tile_avx512_vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*);
+
+// Multiply-accumulate throughput of a register-only vpdpbusd loop: the ceiling the GEMM is measured against.
+// Returns the number of int8 operations (2 per multiply-add) performed by `iterations` loop trips.
+int64_t peak_loop_avx512_vnni(int64_t iterations);
+int64_t peak_loop_avx_vnni(int64_t iterations);
+
+}  // namespace tidal
