@@ -1,0 +1,131 @@
+"""The demo repository: a real classifier with real variants, built once and cached.
+
+`digits` is an MLP (64 -> 1024 -> 1024 -> 10) trained here on scikit-learn's
+bundled 8x8 handwritten digits (no download), exported to ONNX and turned into
+variants by the same code as `tidal optimize`, with accuracies measured on
+held-out digits. `add_sub` is a two-input, two-output model for trying the
+protocol by hand. The build takes well under two minutes on two cores; later
+calls return the cached folder at once. The cache lives in
+$TIDAL_CACHE_DIR/demo (default ~/.cache/tidal/demo) under a recipe version,
+so a tidal with a different recipe builds its own instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEMO_VERSION = "1"  # bump whenever what the build produces changes
+DEMO_MODEL = "digits"
+ADD_SUB_MODEL = "add_sub"
+HIDDEN = (1024, 1024)  # wide enough that INT8 GEMMs, not per-call overhead, decide the speed
+MAX_BATCH_SIZE = 128
+SEED = 0
+_COMPLETE = "COMPLETE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TIDAL_CACHE_DIR") or Path.home() / ".cache" / "tidal")
+
+
+def ensure_demo_repository(cache_dir: Path | None = None, progress: bool = True, rebuild: bool = False) -> Path:
+    """The demo model repository, built on first use; `cache_dir` replaces the cache root."""
+    base = Path(cache_dir) if cache_dir is not None else cache_root() / "demo"
+    home = base / f"v{DEMO_VERSION}"
+    if (home / _COMPLETE).is_file() and not rebuild:
+        return home / "repository"
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _build(staging, progress)
+        (staging / _COMPLETE).write_text(DEMO_VERSION + "\n")
+        if home.exists():
+            if (home / _COMPLETE).is_file() and not rebuild:
+                return home / "repository"  # another process finished first
+            shutil.rmtree(home)
+        # A rename is atomic, so another process never sees a half-built repository.
+        os.replace(staging, home)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stale in base.glob("v*"):
+        if stale != home and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return home / "repository"
+
+
+def _log(message: str) -> None:
+    print(f"tidal demo: {message}", file=sys.stderr)
+
+
+def _build(home: Path, progress: bool) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    from sklearn.datasets import load_digits
+    from tqdm import tqdm
+
+    from tidal.optimize.graph import IoSpec, build_mlp
+    from tidal.optimize.pipeline import OptimizeOptions, optimize
+    from tidal.optimize.train import MlpTrainer, TrainConfig
+
+    data = home / "data"
+    data.mkdir(parents=True)
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target.astype(np.int64)
+    order = np.random.default_rng(SEED).permutation(len(x))
+    train, held_out = order[: int(0.7 * len(x))], order[int(0.7 * len(x)) :]
+    np.savez(data / "calibration.npz", pixels=x[train])
+    np.savez(data / "validation.npz", pixels=x[held_out], labels=y[held_out])
+
+    config = TrainConfig(epochs=30, seed=SEED)
+    trainer = MlpTrainer(x.shape[1], HIDDEN, 10, config)
+    trainer.fit_scaler(x[train])
+    with tqdm(range(config.epochs), desc="training digits MLP", disable=not progress, leave=False) as epochs:
+        for _ in epochs:
+            epochs.set_postfix(loss=f"{trainer.epoch(x[train], y[train], soft=False):.4f}")
+    pixels = IoSpec("pixels", TensorProto.FLOAT, (None, 64))
+    logits = IoSpec("logits", TensorProto.FLOAT, (None, 10))
+    source = data / "digits-fp32.onnx"
+    onnx.save(build_mlp(trainer.export(), pixels, logits, name=DEMO_MODEL), str(source))
+
+    repository = home / "repository"
+    options = OptimizeOptions(
+        model=source,
+        repository=repository,
+        name=DEMO_MODEL,
+        calibration=data / "calibration.npz",
+        validation=data / "validation.npz",
+        max_batch_size=MAX_BATCH_SIZE,
+        progress=progress,
+    )
+    optimize(options, _log)
+    _write_add_sub(repository / ADD_SUB_MODEL)
+
+
+def _write_add_sub(folder: Path) -> None:
+    """OUTPUT0 = INPUT0 + INPUT1 and OUTPUT1 = INPUT0 - INPUT1 on [N, 16] fp32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tidal.optimize.graph import OPSET
+    from tidal.optimize.modelconfig import write_config
+
+    def tensor(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 16])
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        ADD_SUB_MODEL,
+        [tensor("INPUT0"), tensor("INPUT1")],
+        [tensor("OUTPUT0"), tensor("OUTPUT1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidal")
+    (folder / "1").mkdir(parents=True)
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+    write_config(folder, ADD_SUB_MODEL, model, max_batch_size=8)

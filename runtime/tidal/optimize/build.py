@@ -1,0 +1,148 @@
+"""Builders of each variant kind: model in, files in the version folder out.
+
+Every builder starts from the fp32 variant (model.onnx after the offline graph
+optimizations), so all variants share its inputs, outputs and folded
+constants. A builder that does not apply to a model raises ConfigError with
+the reason; `tidal optimize` reports it and goes on with the other kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from tidal.errors import ConfigError
+from tidal.optimize import distill, prune, quantize
+from tidal.optimize.data import Dataset
+from tidal.optimize.graph import flops_per_row, parameter_count
+from tidal.optimize.train import TrainConfig
+
+KINDS = ("fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16")
+FP32_FILE = "model.onnx"
+
+# Backends that may run each kind, in order of preference; profiling keeps those that load it here.
+CANDIDATE_BACKENDS = {
+    "fp32": ("onnxruntime",),
+    "int8": ("int8", "onnxruntime"),
+    "int8-dynamic": ("onnxruntime",),
+    "pruned": ("onnxruntime",),
+    "distilled": ("onnxruntime",),
+    "fp16": ("tensorrt",),
+}
+RUNNABLE_ON = {"fp16": ("gpu",)}  # the rest: ("cpu",)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSettings:
+    prune_ratios: tuple[float, ...] = (0.5, 0.75)
+    student_hidden: tuple[int, ...] | None = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40))
+    calibration_method: str = "minmax"
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A variant file written to the version folder, not yet measured."""
+
+    name: str
+    kind: str
+    file: str
+    parameters: int
+    flops_per_row: int | None
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    version_dir: Path
+    fp32: onnx.ModelProto
+    calibration: Dataset
+    settings: BuildSettings
+    on_epoch: Callable[[int, float], None] | None = None
+
+    @property
+    def fp32_path(self) -> Path:
+        return self.version_dir / FP32_FILE
+
+    def save(self, name: str, kind: str, model: onnx.ModelProto, details: dict[str, Any]) -> Built:
+        file = f"model.{name}.onnx"
+        onnx.save(model, str(self.version_dir / file))
+        return Built(name, kind, file, parameter_count(model), flops_per_row(model), details)
+
+    def like_fp32(self, name: str, kind: str, details: dict[str, Any]) -> Built:
+        """Quantized files keep fp32's topology, so they inherit its counts."""
+        return Built(name, kind, f"model.{name}.onnx", parameter_count(self.fp32), flops_per_row(self.fp32), details)
+
+
+def build_fp32(source: Path, version_dir: Path) -> tuple[Built, onnx.ModelProto]:
+    path = version_dir / FP32_FILE
+    quantize.optimize_fp32(source, path)
+    model = onnx.load(str(path))
+    details = {"graph_optimization": "basic", "source": source.name}
+    return Built("fp32", "fp32", FP32_FILE, parameter_count(model), flops_per_row(model), details), model
+
+
+def build_int8(ctx: Context) -> list[Built]:
+    quantize.quantize_int8_static(
+        ctx.fp32_path, ctx.version_dir / "model.int8.onnx", ctx.calibration, ctx.settings.calibration_method
+    )
+    details = {
+        "format": "QDQ",
+        "activations": "int8 per-tensor",
+        "weights": "int8 per-channel, symmetric",
+        "calibration": ctx.calibration.source,
+        "calibration_rows": ctx.calibration.rows,
+        "calibration_method": ctx.settings.calibration_method,
+    }
+    return [ctx.like_fp32("int8", "int8", details)]
+
+
+def build_int8_dynamic(ctx: Context) -> list[Built]:
+    if not quantize.suits_dynamic(ctx.fp32):
+        raise ConfigError("dynamic INT8 suits MatMul/Gemm graphs without convolutions; this graph has convolutions")
+    quantize.quantize_int8_dynamic(ctx.fp32_path, ctx.version_dir / "model.int8-dynamic.onnx")
+    details = {"activations": "uint8, quantized per batch at run time", "weights": "int8 per-tensor"}
+    return [ctx.like_fp32("int8-dynamic", "int8-dynamic", details)]
+
+
+def build_pruned(ctx: Context) -> list[Built]:
+    built = []
+    for ratio in ctx.settings.prune_ratios:
+        model = prune.prune(ctx.fp32, ratio)
+        name = f"pruned-{round(ratio * 100):02d}"
+        details = {"ratio": ratio, "method": "structured: whole neurons/channels by |w_in| x |w_out|"}
+        built.append(ctx.save(name, "pruned", model, details))
+    return built
+
+
+def build_distilled(ctx: Context) -> list[Built]:
+    result = distill.distill(ctx.fp32, ctx.calibration, ctx.settings.student_hidden, ctx.settings.train, ctx.on_epoch)
+    train = ctx.settings.train
+    details = {
+        "hidden": list(result.hidden),
+        "epochs": train.epochs,
+        "seed": train.seed,
+        "temperature": train.temperature,
+        "loss": "KL(teacher || student) at the temperature, x T^2",
+        "losses": [round(v, 6) for v in result.losses],
+        "trained_on": ctx.calibration.source,
+    }
+    return [ctx.save("distilled", "distilled", result.model, details)]
+
+
+def build_fp16(ctx: Context) -> list[Built]:
+    details = {"io": "fp32 at the edges (Cast), fp16 inside", "note": "for GPU backends; not profiled on CPU"}
+    return [ctx.save("fp16", "fp16", quantize.convert_fp16(ctx.fp32), details)]
+
+
+BUILDERS: dict[str, Callable[[Context], list[Built]]] = {
+    "int8": build_int8,
+    "int8-dynamic": build_int8_dynamic,
+    "pruned": build_pruned,
+    "distilled": build_distilled,
+    "fp16": build_fp16,
+}

@@ -1,0 +1,227 @@
+"""`tidal optimize` and `tidal profile`: build, measure and record variants.
+
+optimize: check the inputs, write the fp32 variant, build every other kind
+that applies, measure accuracy (validation labels, else agreement with fp32
+on the calibration rows), leave out what falls below --min-accuracy, profile
+the rest on each backend that can load them, then write variants.json (and a
+config.pbtxt when the model has none yet). profile: only the last step, for a
+repository moved to other hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from tidal import backends
+from tidal.errors import ConfigError, NotFound, TidalError
+from tidal.optimize import evaluate
+from tidal.optimize.build import (
+    BUILDERS,
+    CANDIDATE_BACKENDS,
+    KINDS,
+    RUNNABLE_ON,
+    BuildSettings,
+    Built,
+    Context,
+    build_fp32,
+)
+from tidal.optimize.data import Dataset, load_dataset
+from tidal.optimize.graph import check_batchable, graph_inputs, graph_outputs, load_model
+from tidal.optimize.modelconfig import CONFIG_FILE, existing_max_batch_size, write_config
+from tidal.optimize.profile import ProfileSettings, current_hardware, measure
+from tidal.repository.layout import list_versions, model_dir
+from tidal.repository.variants import (
+    Accuracy,
+    LatencyProfile,
+    Variant,
+    VariantManifest,
+    load_manifest,
+    save_manifest,
+)
+
+Log = Callable[[str], None]
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeOptions:
+    model: Path
+    repository: Path
+    name: str
+    calibration: Path
+    validation: Path | None = None
+    version: int = 1
+    kinds: tuple[str, ...] = KINDS
+    build: BuildSettings = field(default_factory=BuildSettings)
+    calibration_rows: int = 2048
+    min_accuracy: float = 0.0
+    max_batch_size: int | None = None  # None: the existing config's, else DEFAULT_MAX_BATCH_SIZE
+    instances: int = 1
+    intra_op_threads: int = 0
+    profile_seconds: float = 0.3
+    progress: bool = True
+
+
+def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
+    unknown = sorted(set(options.kinds) - set(KINDS))
+    if unknown or "fp32" not in options.kinds:
+        raise ConfigError(f"variant kinds must include fp32 and come from {', '.join(KINDS)}; got {options.kinds}")
+    source = load_model(options.model)
+    check_batchable(source, options.model)
+    _check_classifier(source, options.model)
+    inputs = graph_inputs(source)
+    calibration = load_dataset(options.calibration, inputs, "calibration").take(options.calibration_rows)
+    validation = load_dataset(options.validation, inputs, "validation") if options.validation else None
+    folder = model_dir(Path(options.repository), options.name)
+    version_dir = folder / str(options.version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    max_batch = options.max_batch_size or existing_max_batch_size(folder) or DEFAULT_MAX_BATCH_SIZE
+    built = _build(options, calibration, version_dir, log)
+    accuracy = _accuracies(built, version_dir, validation or calibration, options.progress)
+    kept = [b for b in built if _passes(b, accuracy[b.name], options.min_accuracy, version_dir, log)]
+    settings = ProfileSettings(max_batch, options.instances, options.intra_op_threads, options.profile_seconds)
+    variants = {}
+    for b in kept:
+        runnable = RUNNABLE_ON.get(b.kind, ("cpu",))
+        try:
+            usable, profiles = _profile(
+                version_dir / b.file, b.name, CANDIDATE_BACKENDS[b.kind], runnable, settings, options.progress, log
+            )
+        except ConfigError as exc:
+            if b.kind == "fp32":
+                raise
+            log(f"left out {b.name}: {exc}")
+            continue
+        variants[b.name] = Variant(
+            b.name, b.file, b.kind, usable, runnable, (version_dir / b.file).stat().st_size,
+            b.parameters, b.flops_per_row, accuracy[b.name], profiles, b.details,
+        )  # fmt: skip
+    if not (folder / CONFIG_FILE).is_file():
+        write_config(folder, options.name, source, max_batch)
+    manifest = VariantManifest(options.name, "fp32", current_hardware(), variants)
+    save_manifest(version_dir, manifest)
+    for stale in version_dir.glob("model.*.onnx"):
+        if stale.name not in {v.file for v in variants.values()}:
+            stale.unlink()
+    return manifest
+
+
+def _check_classifier(model: onnx.ModelProto, path: Path) -> None:
+    out = graph_outputs(model)[0]
+    if len(out.shape) != 2 or (out.shape[1] or 0) < 2:
+        raise ConfigError(
+            f"{path}: tidal optimize measures variants by top-1 accuracy, so the first output must be "
+            f"[N, classes]; '{out.name}' has {len(out.shape)} dims"
+        )
+
+
+def _build(options: OptimizeOptions, calibration: Dataset, version_dir: Path, log: Log) -> list[Built]:
+    kinds = [k for k in KINDS if k in options.kinds and k != "fp32"]
+    with tqdm(total=len(kinds) + 1, desc="building variants", disable=not options.progress, leave=False) as bar:
+        fp32, fp32_model = build_fp32(options.model, version_dir)
+        bar.update()
+        built = [fp32]
+        for kind in kinds:
+            bar.set_postfix_str(kind)
+            built += _run_builder(kind, Context(version_dir, fp32_model, calibration, options.build), options, log)
+            bar.update()
+    return built
+
+
+def _run_builder(kind: str, ctx: Context, options: OptimizeOptions, log: Log) -> list[Built]:
+    """One kind's variants, with a per-epoch bar for training; [] (reported) when the kind does not apply."""
+    show = options.progress and kind == "distilled"
+    with tqdm(total=options.build.train.epochs, desc="distilling", leave=False, disable=not show) as epochs:
+
+        def on_epoch(_epoch: int, loss: float) -> None:
+            epochs.set_postfix(loss=f"{loss:.4f}")
+            epochs.update()
+
+        try:
+            return BUILDERS[kind](dataclasses.replace(ctx, on_epoch=on_epoch))
+        except ConfigError as exc:
+            log(f"skipped {kind}: {exc}")
+            return []
+
+
+def _accuracies(built: list[Built], version_dir: Path, data: Dataset, progress: bool) -> dict[str, Accuracy | None]:
+    reference = evaluate.predict(version_dir / built[0].file, data)
+    found: dict[str, Accuracy | None] = {}
+    for b in tqdm(built, desc="measuring accuracy", disable=not progress, leave=False):
+        try:
+            found[b.name] = evaluate.score(evaluate.predict(version_dir / b.file, data), reference, data.labels)
+        except TidalError:  # e.g. fp16 kernels ONNX Runtime lacks on this CPU
+            found[b.name] = None
+    return found
+
+
+def _passes(b: Built, acc: Accuracy | None, minimum: float, version_dir: Path, log: Log) -> bool:
+    if b.kind == "fp32" or acc is None or acc.value >= minimum:
+        return True
+    log(f"left out {b.name}: {acc.metric} {acc.value:.4f} is below --min-accuracy {minimum}")
+    (version_dir / b.file).unlink()
+    return False
+
+
+def _profile(
+    path: Path,
+    name: str,
+    candidates: tuple[str, ...],
+    runnable_on: tuple[str, ...],
+    settings: ProfileSettings,
+    progress: bool,
+    log: Log,
+) -> tuple[tuple[str, ...], dict[str, LatencyProfile]]:
+    """Profiles on every candidate backend this host has; the backends that could load it."""
+    if "cpu" not in runnable_on:
+        return candidates, {}
+    profiles = {}
+    for backend in (b for b in candidates if b in backends.names()):
+        sizes = settings.batch_sizes()
+        with tqdm(total=len(sizes), desc=f"profiling {name} on {backend}", disable=not progress, leave=False) as bar:
+            try:
+                profiles[backend] = measure(path, backend, settings, lambda _size, bar=bar: bar.update())
+            except TidalError as exc:
+                log(f"{name}: backend {backend} cannot run it here: {exc}")
+    if not profiles:
+        raise ConfigError(f"{path}: no backend on this host can run variant {name}")
+    return tuple(b for b in candidates if b in profiles), profiles
+
+
+def profile_repository(
+    repository: Path,
+    name: str,
+    *,
+    version: int | None = None,
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    intra_op_threads: int = 0,
+    profile_seconds: float = 0.3,
+    progress: bool = True,
+    log: Log = print,
+) -> VariantManifest:
+    """Re-measure the latency profiles of NAME's variants on this host; accuracy and files stay."""
+    folder = model_dir(Path(repository), name)
+    if not folder.is_dir():
+        raise NotFound(f"model '{name}' is not in repository {repository}")
+    versions = list_versions(folder)
+    version_dir = folder / str(version if version is not None else (versions[-1] if versions else 1))
+    manifest = load_manifest(version_dir)
+    if manifest is None:
+        raise NotFound(f"{version_dir} has no variants.json; run `tidal optimize` first")
+    max_batch = max_batch_size or existing_max_batch_size(folder) or DEFAULT_MAX_BATCH_SIZE
+    settings = ProfileSettings(max_batch, instances, intra_op_threads, profile_seconds)
+    variants = {}
+    for v in manifest.variants.values():
+        tried = tuple(dict.fromkeys([*v.backends, *CANDIDATE_BACKENDS[v.kind]]))
+        usable, profiles = _profile(version_dir / v.file, v.name, tried, v.runnable_on, settings, progress, log)
+        variants[v.name] = dataclasses.replace(v, backends=usable, profiles=profiles)
+    updated = dataclasses.replace(manifest, hardware=current_hardware(), variants=variants)
+    save_manifest(version_dir, updated)
+    return updated
