@@ -33,9 +33,7 @@ class InstanceWorkers:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         for index, inbox in enumerate(self._inboxes):
-            thread = threading.Thread(
-                target=_work, args=(inbox, loop), name=f"tidal-{self._name}-{index}", daemon=True
-            )
+            thread = threading.Thread(target=_work, args=(inbox, loop), name=f"tidal-{self._name}-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
 

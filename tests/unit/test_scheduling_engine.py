@@ -1,0 +1,254 @@
+"""ModelScheduler with real threads and a real event loop, over a numpy Backend implementation.
+
+"Busy" instances are held with gates (threading.Event), never with sleeps, so every test is
+deterministic; the only real waits are the batching window and timeout timers under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from tidal.clock import FakeClock, SystemClock
+from tidal.errors import BackendError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from tidal.scheduling import Knobs, ModelScheduler, QueuePolicy, SchedulerConfig
+from tidal.types import InferRequest
+
+BATCHING = SchedulerConfig(batching=True, max_batch_size=4)
+
+
+@contextlib.asynccontextmanager
+async def serving(scheduler: ModelScheduler, *gates: threading.Event) -> AsyncIterator[ModelScheduler]:
+    """Start; on exit open every gate, drain, and require that nothing is left pending."""
+    await scheduler.start()
+    try:
+        yield scheduler
+    finally:
+        for gate in gates:
+            gate.set()
+        await scheduler.stop()
+    assert scheduler.pending() == 0
+
+
+async def started(backend) -> None:
+    """Wait until `backend` has begun one more run."""
+    await asyncio.to_thread(backend.started.acquire)
+
+
+def sched(backends, config=BATCHING, knobs=None, clock=None) -> ModelScheduler:
+    runners = backends if isinstance(backends, dict) else {"": backends}
+    return ModelScheduler("m", config, knobs or Knobs(4, 0), runners, ["y", "s"], clock or SystemClock())
+
+
+def test_queued_requests_form_full_batches_and_outputs_split_back(run_async, row_backend, make_request):
+    gate = threading.Event()
+    backend = row_backend(gate)
+
+    async def main():
+        async with serving(sched([backend]), gate) as s:
+            first = asyncio.create_task(s.infer(make_request(value=0.0)))
+            await started(backend)  # the instance is now busy with a batch of one
+            clock = SystemClock()
+            requests = [make_request(rows=1 + i % 2, value=i, arrival_s=clock.now()) for i in range(1, 7)]
+            tasks = [asyncio.create_task(s.infer(r)) for r in requests]
+            await asyncio.sleep(0)
+            assert s.pending() == 1 + 6
+            gate.set()
+            responses = await asyncio.gather(first, *tasks)
+        assert backend.batches == [1, 3, 3, 3]  # rows 1+2, 1+2, 1+2: each batch full at 4 would need 5
+        for request, response in zip(requests, responses[1:], strict=True):
+            want = backend.reference(request.inputs["x"])
+            assert set(response.outputs) == {"y", "s"}
+            assert all(np.array_equal(response.outputs[k], want[k]) for k in want)
+            assert response.parameters["tidal_variant"] == ""
+
+    run_async(main())
+
+
+def test_requested_outputs_only_and_unknown_output_is_invalid(run_async, row_backend, make_request):
+    async def main():
+        async with serving(sched([row_backend()])) as s:
+            response = await s.infer(make_request(value=2.0, outputs=("s",)))
+            assert list(response.outputs) == ["s"]
+            with pytest.raises(InvalidArgument, match="no output 'z'"):
+                await s.infer(make_request(outputs=("z",)))
+            with pytest.raises(InvalidArgument, match="exceeds"):
+                await s.infer(make_request(rows=5))
+            with pytest.raises(InvalidArgument, match="priority"):
+                await s.infer(make_request(priority=2))
+            assert s.stats().failures_by_reason["OTHER"] == 3
+
+    run_async(main())
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_sub_millisecond_window_is_honoured(run_async, row_backend, make_request, use_uvloop):
+    """A lone request waits the whole window (then leaves on the timer): uvloop would fire at once."""
+    backend = row_backend()
+    clock = SystemClock()
+
+    async def main():
+        async with serving(sched([backend], knobs=Knobs(4, 500))) as s:
+            for _ in range(5):
+                start = clock.now()
+                await s.infer(make_request(arrival_s=start))
+                assert clock.now() - start >= 0.0005
+            assert s.stats().queue.ns >= 5 * 500_000
+
+    run_async(main(), use_uvloop=use_uvloop)
+
+
+def test_backend_failure_fails_only_its_batch(run_async, row_backend, make_request):
+    gate = threading.Event()
+    backend = row_backend(gate, fail_on=13.0)
+
+    async def main():
+        async with serving(sched([backend]), gate) as s:
+            head = asyncio.create_task(s.infer(make_request(value=0.0)))
+            await started(backend)
+            doomed = [asyncio.create_task(s.infer(make_request(value=v))) for v in (1.0, 13.0, 2.0, 3.0)]
+            fine = asyncio.create_task(s.infer(make_request(value=4.0)))
+            gate.set()
+            await head
+            for task in doomed:
+                with pytest.raises(BackendError, match="contains 13"):
+                    await task
+            assert (await fine).outputs["y"][0, 0] == 9.0
+            stats = s.stats()
+            assert stats.failures_by_reason["BACKEND"] == 4 and stats.success.count == 2
+
+    run_async(main())
+
+
+def test_wrong_row_count_from_backend_is_a_backend_error(run_async, row_backend, make_request):
+    async def main():
+        async with serving(sched([row_backend(drop_row=True)])) as s:
+            with pytest.raises(BackendError, match="rows for output"):
+                await s.infer(make_request(rows=2))
+            with pytest.raises(BackendError):  # the scheduler keeps serving
+                await s.infer(make_request(rows=2))
+
+    run_async(main())
+
+
+def test_cancelled_queued_request_leaves_at_once_and_never_runs(run_async, row_backend, make_request):
+    gate = threading.Event()
+    backend = row_backend(gate)
+
+    async def main():
+        async with serving(sched([backend]), gate) as s:
+            head = asyncio.create_task(s.infer(make_request(value=0.0)))
+            await started(backend)
+            victim = asyncio.create_task(s.infer(make_request(value=7.0)))
+            other = asyncio.create_task(s.infer(make_request(value=8.0)))
+            await asyncio.sleep(0)
+            assert s.pending() == 3
+            victim.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await victim
+            assert s.pending() == 2
+            gate.set()
+            await asyncio.gather(head, other)
+            assert s.stats().failures_by_reason["CANCELED"] == 1
+        assert backend.firsts() == [[0.0], [8.0]]
+
+    run_async(main())
+
+
+def test_deadline_and_timeout_expire_in_the_queue_on_the_timer(run_async, row_backend, make_request):
+    """The fake clock jumps past both limits; the engine's own timer notices, no new arrival needed."""
+    gate = threading.Event()
+    backend = row_backend(gate)
+    clock = FakeClock(50.0)
+    config = SchedulerConfig(
+        batching=True, max_batch_size=4, default_policy=QueuePolicy(default_timeout_us=0, allow_timeout_override=True)
+    )
+
+    async def main():
+        async with serving(sched([backend], config, clock=clock), gate) as s:
+            head = asyncio.create_task(s.infer(make_request(arrival_s=clock.now())))
+            await started(backend)
+            by_deadline = asyncio.create_task(s.infer(make_request(arrival_s=clock.now(), deadline_s=50.002)))
+            by_timeout = asyncio.create_task(s.infer(make_request(arrival_s=clock.now(), timeout_us=3000)))
+            await asyncio.sleep(0)
+            clock.advance(1.0)
+            for task, match in ((by_deadline, "deadline"), (by_timeout, "timeout")):
+                with pytest.raises(DeadlineExceeded, match=match):
+                    await task
+            assert s.pending() == 1 and s.stats().failures_by_reason["REJECTED"] == 2
+            gate.set()
+            await head
+        assert backend.batches == [1]  # the expired requests never took a batch slot
+
+    run_async(main())
+
+
+def test_queue_full_is_resource_exhausted_at_once(run_async, row_backend, make_request):
+    gate = threading.Event()
+    backend = row_backend(gate)
+    config = SchedulerConfig(batching=True, max_batch_size=4, default_policy=QueuePolicy(max_queue_size=1))
+
+    async def main():
+        async with serving(sched([backend], config), gate) as s:
+            head = asyncio.create_task(s.infer(make_request()))
+            await started(backend)
+            queued = asyncio.create_task(s.infer(make_request()))
+            await asyncio.sleep(0)
+            with pytest.raises(ResourceExhausted):
+                await s.infer(make_request())
+            gate.set()
+            await asyncio.gather(head, queued)
+
+    run_async(main())
+
+
+def test_model_without_batching_runs_one_request_per_execution(run_async, row_backend):
+    gate = threading.Event()
+    backend = row_backend(gate)
+    config = SchedulerConfig(batching=False, max_batch_size=0)
+
+    async def main():
+        async with serving(sched([backend], config, Knobs(0, 1000)), gate) as s:
+            xs = [np.full((2, 3), float(i), np.float32) for i in range(4)]  # no batch dim: (2, 3) is the shape
+            tasks = [asyncio.create_task(s.infer(InferRequest("m", "1", {"x": x}, arrival_s=0.0))) for x in xs]
+            await started(backend)
+            gate.set()
+            responses = await asyncio.gather(*tasks)
+        assert backend.batches == [2, 2, 2, 2]
+        assert all(np.array_equal(r.outputs["y"], x * 2 + 1) for r, x in zip(responses, xs, strict=True))
+
+    run_async(main())
+
+
+def test_stop_drains_or_fails_the_queue_and_then_refuses(run_async, row_backend, make_request):
+    for drain in (True, False):
+        gate = threading.Event()
+        backend = row_backend(gate)
+
+        async def main(drain=drain, gate=gate, backend=backend):
+            s = sched([backend], knobs=Knobs(4, 10_000_000))  # a 10 s window: draining must not wait it out
+            await s.start()
+            running = asyncio.create_task(s.infer(make_request(rows=4)))
+            await started(backend)
+            queued = asyncio.create_task(s.infer(make_request()))
+            await asyncio.sleep(0)
+            stopping = asyncio.create_task(s.stop(drain=drain))
+            await asyncio.sleep(0)
+            with pytest.raises(Unavailable):
+                await s.infer(make_request())
+            gate.set()
+            await stopping
+            await running
+            if drain:
+                await queued
+            else:
+                with pytest.raises(Unavailable, match="unloading"):
+                    await queued
+            assert s.pending() == 0
+
+        run_async(main())
