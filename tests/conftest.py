@@ -71,6 +71,7 @@ class ServerProcess:
     proc: subprocess.Popen
     port: int
     lines: list[str] = field(default_factory=list)
+    metrics_url: str = ""
 
     @property
     def url(self) -> str:
@@ -86,7 +87,10 @@ class ServerProcess:
 
 
 def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
-    cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository), "--grpc-port", "0", *extra]
+    cmd = [
+        sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository),
+        "--grpc-port", "0", "--metrics-port", "0", *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     server = ServerProcess(proc, 0)
@@ -96,6 +100,9 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
         assert proc.stdout is not None
         for line in proc.stdout:
             server.lines.append(line.rstrip())
+            metrics = re.search(r"serving metrics on (http://\S+)$", line.strip())
+            if metrics:
+                server.metrics_url = metrics.group(1)
             match = re.search(r"serving gRPC on .*:(\d+)$", line.strip())
             if match:
                 server.port = int(match.group(1))

@@ -1,20 +1,32 @@
-"""Composition root: builds the repository, engine and transport; owns start-up and shutdown order."""
+"""Composition root: builds the repository, engine, metrics and transport; owns start-up and shutdown order."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.clock import SystemClock
-from tidal.repository.manager import ModelManager
+from tidal.metrics import ModelSnapshot, ServerMetrics
+from tidal.repository.manager import ModelManager, ModelState
+from tidal.repository.poll import RepositoryPoller
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
+
+
+class ModelControlMode(enum.Enum):
+    """As Triton's --model-control-mode, except that `explicit` loads every model at start-up unless
+    --load-model names some."""
+
+    NONE = "none"  # load everything at start-up; the load/unload RPCs are refused
+    EXPLICIT = "explicit"  # load/unload RPCs allowed
+    POLL = "poll"  # watch the repository and reload what changes; load/unload RPCs refused
 
 
 @dataclass(frozen=True)
@@ -27,7 +39,10 @@ class ServeOptions:
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_grace_s: float = 30.0  # how long queued and running requests get on shutdown
-    strict_readiness: tuple[str, ...] = field(default=())  # models that must be ready for ServerReady
+    strict_readiness: tuple[str, ...] = ()  # models that must be ready for ServerReady
+    model_control_mode: ModelControlMode = ModelControlMode.EXPLICIT
+    repository_poll_s: float = 15.0  # poll period in poll mode
+    metrics_port: int | None = 8002  # None: no /metrics endpoint
 
 
 class App:
@@ -36,23 +51,65 @@ class App:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.clock = SystemClock()
-        self.manager = ModelManager(options.model_repository, self.clock)
+        self.manager = ModelManager(options.model_repository, self.clock, on_change=self._model_changed)
+        self.metrics = ServerMetrics(self._snapshots)
+        self.poller = (
+            RepositoryPoller(self.manager, options.repository_poll_s)
+            if options.model_control_mode is ModelControlMode.POLL
+            else None
+        )
         self._accepting = False
         self._stopping = asyncio.Event()
-        servicer = InferenceServicer(self.manager, self.clock, self.ready, lambda: self._accepting)
+        servicer = InferenceServicer(
+            self.manager,
+            self.clock,
+            self.ready,
+            lambda: self._accepting,
+            self.metrics,
+            model_control=options.model_control_mode is ModelControlMode.EXPLICIT,
+        )
         self.server = GrpcServer(servicer, options.grpc_address, options.grpc_port, options.max_message_bytes)
+        self.metrics_port: int | None = None
 
     def ready(self) -> bool:
         if not self._accepting:
             return False
         return all(self.manager.ready(name) for name in self.options.strict_readiness)
 
+    async def _model_changed(self, name: str, state: ModelState, reason: str) -> None:
+        """Health follows every model state change; failed loads are counted."""
+        await self.server.set_serving(name, state is ModelState.READY)
+        if state is ModelState.UNAVAILABLE and reason and reason != "unloaded":
+            self.metrics.load_failures.labels(name).inc()
+
+    def _snapshots(self) -> list[ModelSnapshot]:
+        return [
+            ModelSnapshot(
+                model=s.name,
+                version=str(s.version),
+                stats=s.scheduler.stats(),
+                pending=s.scheduler.pending(),
+                queue_depth=s.scheduler.queue_depth(),
+                knobs=s.scheduler.knobs,
+                variants=tuple(sorted(s.runners)),
+                instances=len(next(iter(s.runners.values()))),
+                slo_p99_ms=s.spec.slo_p99_ms,
+            )
+            for s in self.manager.served()
+        ]
+
     async def start(self) -> int:
+        self.metrics.bind(asyncio.get_running_loop())
         await self.server.set_serving("", False)
         port = await self.server.start()
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.options.grpc_address, self.options.metrics_port)
+            url = f"http://{self.options.grpc_address}:{self.metrics_port}/metrics"
+            print(f"tidal: serving metrics on {url}", flush=True)
         await self.manager.load_all(self.options.load_models or None)
-        for served in self.manager.served():
-            await self.server.set_serving(served.name, True)
+        if self.poller is not None:
+            self.poller.snapshot()
+            self.poller.start()
         self._accepting = True
         await self.server.set_serving("", True)
         # A machine-readable line: tests and wrappers read the bound port from it.
@@ -69,10 +126,12 @@ class App:
         await self._stopping.wait()
 
     async def stop(self) -> None:
-        """Refuse new work, finish what was accepted, then close the transport."""
+        """Refuse new work at once, finish what was accepted, then close the transport."""
         log.info("shutting down: draining requests (grace %.1fs)", self.options.drain_grace_s)
         self._accepting = False
         await self.server.health.enter_graceful_shutdown()
+        if self.poller is not None:
+            await self.poller.stop()
         try:
             await asyncio.wait_for(self.manager.close(), self.options.drain_grace_s)
         except TimeoutError:

@@ -7,17 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from tidal import __version__
-from tidal.app import ServeOptions, run
+from tidal import __version__, logs
+from tidal.app import ModelControlMode, ServeOptions, run
+from tidal.bench.cli import add_bench_parser
+from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +29,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="ServerReady is false until this model is ready (repeat)",
     )
+    p.add_argument(
+        "--model-control-mode",
+        choices=[m.value for m in ModelControlMode],
+        default=ModelControlMode.EXPLICIT.value,
+        help="explicit: load/unload RPCs allowed; poll: reload what changes on disk; none: neither",
+    )
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll period in poll mode")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
+    p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
     p.set_defaults(func=_serve)
 
 
@@ -56,6 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         drain_grace_s=args.drain_grace_s,
         strict_readiness=tuple(args.strict_readiness),
+        model_control_mode=ModelControlMode(args.model_control_mode),
+        repository_poll_s=args.repository_poll_secs,
+        metrics_port=None if args.no_metrics else args.metrics_port,
     )
     return run(options)
 
@@ -64,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="hardware-aware inference serving runtime")
     parser.add_argument("--version", action="version", version=f"tidal {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="one line per event")
     sub = parser.add_subparsers(dest="command")
     _add_serve_parser(sub)
+    add_demo_parser(sub)
+    add_optimize_parser(sub)
+    add_profile_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -75,5 +86,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # plain `tidal` serves the demo, like `tidal serve`
         args = parser.parse_args([*argv, "serve"])
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     return args.func(args)

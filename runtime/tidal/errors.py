@@ -66,3 +66,9 @@ class ConfigError(TidalError):
     """A model config or repository layout is wrong; names the file and field."""
 
     code = Code.INVALID_ARGUMENT
+
+
+class FailedPrecondition(TidalError):
+    """The server is not in a mode that allows the call (e.g. load/unload while polling)."""
+
+    code = Code.FAILED_PRECONDITION

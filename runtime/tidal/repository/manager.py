@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -129,13 +129,24 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> tupl
     return spec, runners
 
 
-class ModelManager:
-    """Owns every model's state; the only writer of it. Call from the event loop."""
+StateListener = Callable[[str, ModelState, str], Awaitable[None]]
 
-    def __init__(self, root: Path, clock: Clock | None = None) -> None:
+
+class ModelManager:
+    """Owns every model's state; the only writer of it. Call from the event loop.
+
+    `on_change(name, state, reason)` is awaited after every transition (health, metrics and logs follow it).
+    """
+
+    def __init__(self, root: Path, clock: Clock | None = None, on_change: StateListener | None = None) -> None:
         self.root = root.resolve()
         self.clock = clock or SystemClock()
         self._entries: dict[str, ModelEntry] = {}
+        self._on_change = on_change
+
+    async def _changed(self, entry: ModelEntry) -> None:
+        if self._on_change is not None:
+            await self._on_change(entry.name, entry.state, entry.reason)
 
     def _entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)
@@ -166,6 +177,7 @@ class ModelManager:
                 if not entry.versions:
                     entry.state = ModelState.UNAVAILABLE
                 log.error("model %s: load failed: %s", name, exc)
+                await self._changed(entry)
                 raise
             new: dict[int, ServedVersion] = {}
             for version, (spec, runners) in zip(versions, built, strict=True):
@@ -177,6 +189,7 @@ class ModelManager:
             old, entry.versions = entry.versions, new
             entry.state, entry.reason = ModelState.READY, ""
             log.info("model %s: ready, version(s) %s", name, ", ".join(map(str, versions)))
+            await self._changed(entry)
         for served in old.values():
             await served.close()
 
@@ -188,9 +201,11 @@ class ModelManager:
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state = ModelState.UNLOADING
+            await self._changed(entry)
             for served in old.values():
                 await served.close()
             entry.state, entry.reason = ModelState.UNAVAILABLE, "unloaded"
+            await self._changed(entry)
         log.info("model %s: unloaded", name)
 
     def get(self, name: str, version: str = "") -> ServedVersion:

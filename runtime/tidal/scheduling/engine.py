@@ -179,6 +179,10 @@ class ModelScheduler:
         """The controller's view; drains the latency and batch samples collected since the last call."""
         return self._stats.observe(self._clock.now(), self._queue.depth_by_level(), self._running)
 
+    def queue_depth(self) -> dict[int, int]:
+        """Requests waiting per priority level, without draining the controller's samples."""
+        return self._queue.depth_by_level()
+
     def pending(self) -> int:
         """Requests queued or inside a running batch."""
         return len(self._queue) + self._running

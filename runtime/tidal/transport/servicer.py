@@ -10,7 +10,8 @@ import grpc
 
 import tidal
 from tidal.clock import Clock
-from tidal.errors import TidalError, Unavailable, Unimplemented
+from tidal.errors import Code, FailedPrecondition, TidalError, Unavailable, Unimplemented
+from tidal.metrics import ServerMetrics
 from tidal.repository.manager import ModelManager, ServedVersion
 from tidal.repository.validation import validate_request
 from tidal.scheduling.stats import Duration
@@ -23,6 +24,20 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"]
 FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
+
+
+_NO_MODEL_CONTROL = FailedPrecondition(
+    "explicit model load/unload is disabled in this --model-control-mode (use 'explicit')"
+)
+# Client mistakes are routine; failures on tidal's side deserve a warning.
+_CLIENT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED})
+
+
+def _log_failure(msg: pb.ModelInferRequest, exc: TidalError) -> None:
+    """Each failed request is logged once, with its id and the gRPC status it gets."""
+    level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
+    extra = {"request_id": msg.id, "model": msg.model_name, "status": GRPC_STATUS[exc.code].name}
+    log.log(level, "infer %s id=%r failed: %s %s", msg.model_name, msg.id, extra["status"], exc, extra=extra)
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -60,12 +75,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Thin adapter: protobuf never leaves this module and convert.py."""
 
     def __init__(
-        self, manager: ModelManager, clock: Clock, is_ready: Callable[[], bool], is_accepting: Callable[[], bool]
+        self,
+        manager: ModelManager,
+        clock: Clock,
+        is_ready: Callable[[], bool],
+        is_accepting: Callable[[], bool],
+        metrics: ServerMetrics | None = None,
+        model_control: bool = True,
     ) -> None:
         self._manager = manager
         self._clock = clock
         self._is_ready = is_ready
         self._is_accepting = is_accepting
+        self._metrics = metrics
+        self._model_control = model_control
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: TidalError) -> None:
         await context.abort(GRPC_STATUS[exc.code], str(exc))
@@ -121,17 +144,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("server is not accepting requests (starting or shutting down)")
         served = self._manager.get(request.model_name, request.model_version)
         validate_request(served.spec, request)
-        response = await served.scheduler.infer(request)
+        try:
+            response = await served.scheduler.infer(request)
+        except TidalError:
+            self._observe(served, request.priority, now, ok=False)
+            raise
+        self._observe(served, request.priority, now, ok=True)
         response.model_name, response.model_version = served.name, str(served.version)
         if request.parameters.get(FINAL_RESPONSE_PARAM):
             response.parameters["triton_final_response"] = True
         return convert.encode_response(response, served.output_specs)
 
+    def _observe(self, served: ServedVersion, priority: int, arrival_s: float, ok: bool) -> None:
+        if self._metrics is not None:
+            level = served.spec.scheduler.level_of(priority)
+            latency = self._clock.now() - arrival_s
+            self._metrics.observe(served.name, str(served.version), level, latency, served.spec.slo_p99_ms, ok)
+
     async def ModelInfer(self, request, context):
         try:
             return await self._infer(request, context)
         except TidalError as exc:
-            log.debug("ModelInfer %s id=%s: %s %s", request.model_name, request.id, exc.code.value, exc)
+            _log_failure(request, exc)
             return await self._abort(context, exc)
 
     async def ModelStreamInfer(
@@ -145,6 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, context)))
             except TidalError as exc:
+                _log_failure(msg, exc)
                 failed = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
                 results.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc), infer_response=failed))
 
@@ -178,6 +213,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def RepositoryModelLoad(self, request, context):
+        if not self._model_control:
+            return await self._abort(context, _NO_MODEL_CONTROL)
         if request.parameters:
             names = ", ".join(sorted(request.parameters))
             return await self._abort(context, Unimplemented(f"load parameters are not supported by tidal: {names}"))
@@ -188,6 +225,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        if not self._model_control:
+            return await self._abort(context, _NO_MODEL_CONTROL)
         try:
             await self._manager.unload(request.model_name)
         except TidalError as exc:

@@ -1,0 +1,189 @@
+"""Prometheus metrics: Triton-compatible `nv_*` counters plus tidal's own `tidal_*`.
+
+Counters that ModelStatistics also reports are not kept twice: a collector
+reads the schedulers' statistics at scrape time, so `/metrics` and the RPC
+agree by construction and the request path pays nothing for them. Only what
+needs a per-request observation (end-to-end latency, SLO attainment) is
+recorded as it happens, on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+GOODPUT_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One served version, read on the event loop for a scrape."""
+
+    model: str
+    version: str
+    stats: object  # tidal.scheduling.stats.ModelStats
+    pending: int
+    queue_depth: dict[int, int]
+    knobs: object  # tidal.scheduling.knobs.Knobs
+    variants: tuple[str, ...]
+    instances: int
+    slo_p99_ms: float
+
+
+class _SnapshotCollector(Collector):
+    """Builds the scrape from snapshots taken on the event loop (the HTTP thread never touches live state)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        snaps = self._metrics.snapshots()
+        labels = ["model", "version"]
+
+        def family(kind, name: str, doc: str, extra: tuple[str, ...] = ()):
+            return kind(name, doc, labels=[*labels, *extra])
+
+        success = family(CounterMetricFamily, "nv_inference_request_success", "Successful inference requests")
+        failure = family(CounterMetricFamily, "nv_inference_request_failure", "Failed inference requests", ("reason",))
+        count = family(CounterMetricFamily, "nv_inference_count", "Inferences performed (batch rows)")
+        execs = family(CounterMetricFamily, "nv_inference_exec_count", "Model executions (batches)")
+        pending = family(GaugeMetricFamily, "nv_inference_pending_request_count", "Requests queued or running")
+        durations = {
+            key: family(CounterMetricFamily, f"nv_inference_{key}_duration_us", f"Cumulative {key} duration (us)")
+            for key in ("request", "queue", "compute_input", "compute_infer", "compute_output")
+        }
+        batch = family(HistogramMetricFamily, "tidal_batch_size", "Rows per executed batch")
+        depth = family(GaugeMetricFamily, "tidal_queue_depth", "Requests waiting, per priority level", ("priority",))
+        busy = family(CounterMetricFamily, "tidal_backend_busy_seconds", "Time backend instances spent executing")
+        instances = family(
+            GaugeMetricFamily, "tidal_backend_instances", "Backend instances loaded for the active variant"
+        )
+        variant = family(GaugeMetricFamily, "tidal_active_variant", "1 for the variant serving now", ("variant",))
+        knob = family(GaugeMetricFamily, "tidal_knob", "Current scheduler knob values", ("knob",))
+        target = family(GaugeMetricFamily, "tidal_slo_target_ms", "p99 latency target (0: none)")
+        for s in snaps:
+            lv = [s.model, s.version]
+            st = s.stats
+            success.add_metric(lv, st.success.count)
+            for reason, n in st.failures_by_reason.items():
+                failure.add_metric([*lv, reason], n)
+            count.add_metric(lv, st.inference_count)
+            execs.add_metric(lv, st.execution_count)
+            pending.add_metric(lv, s.pending)
+            durations["request"].add_metric(lv, (st.success.ns + st.fail.ns) / 1e3)
+            for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+                durations[key].add_metric(lv, getattr(st, key).ns / 1e3)
+            buckets, running, total_rows, busy_ns = [], 0, 0, 0
+            for size in sorted(st.batch_stats):
+                c_in, c_inf, c_out = st.batch_stats[size]
+                running += c_inf.count
+                total_rows += size * c_inf.count
+                busy_ns += c_in.ns + c_inf.ns + c_out.ns
+                buckets.append((str(size), running))
+            buckets.append(("+Inf", running))
+            batch.add_metric(lv, buckets, total_rows)
+            for level, n in sorted(s.queue_depth.items()):
+                depth.add_metric([*lv, str(level)], n)
+            busy.add_metric(lv, busy_ns / 1e9)
+            instances.add_metric(lv, s.instances)
+            for name in s.variants:
+                variant.add_metric([*lv, name], 1.0 if name == s.knobs.active_variant else 0.0)
+            for name in ("max_batch_size", "max_queue_delay_us", "instance_count"):
+                knob.add_metric([*lv, name], getattr(s.knobs, name))
+            target.add_metric(lv, s.slo_p99_ms)
+        yield from (success, failure, count, execs, pending, *durations.values())
+        yield from (batch, depth, busy, instances, variant, knob, target)
+        yield from self._metrics.slo_gauges(snaps)
+
+
+class ServerMetrics:
+    """The registry of one server process and the per-request metrics fed from the transport."""
+
+    def __init__(self, snapshot: Callable[[], list[ModelSnapshot]]) -> None:
+        self.registry = CollectorRegistry()
+        self._snapshot = snapshot
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.latency = Histogram(
+            "tidal_request_duration_seconds",
+            "End-to-end latency of successful requests, arrival to response",
+            ["model", "version", "priority"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        # (model, version) -> [judged, met]; read by the collector at scrape time.
+        self._slo: dict[tuple[str, str], list[int]] = {}
+        self.load_failures = Counter(
+            "tidal_model_load_failures", "Model loads that failed", ["model"], registry=self.registry
+        )
+        self._goodput: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self.registry.register(_SnapshotCollector(self))
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def serve_http(self, address: str, port: int) -> int:
+        """Start the /metrics endpoint on its own thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=address, registry=self.registry)
+        return server.server_port
+
+    def snapshots(self) -> list[ModelSnapshot]:
+        """Take the snapshot on the event loop, where the schedulers live."""
+        if self._loop is None:
+            return []
+        future = asyncio.run_coroutine_threadsafe(_call(self._snapshot), self._loop)
+        return future.result(timeout=10)
+
+    def observe(self, model: str, version: str, priority: int, latency_s: float, slo_ms: float, ok: bool) -> None:
+        """One finished request (on the loop): latency histogram and SLO bookkeeping."""
+        if ok:
+            self.latency.labels(model, version, str(priority)).observe(latency_s)
+        if slo_ms > 0:
+            counts = self._slo.setdefault((model, version), [0, 0])
+            counts[0] += 1
+            if ok and latency_s * 1e3 <= slo_ms:
+                counts[1] += 1
+
+    def slo_gauges(self, snaps: list[ModelSnapshot]) -> Iterable[Metric]:
+        judged_f = CounterMetricFamily(
+            "tidal_slo_requests", "Requests judged against the SLO", labels=["model", "version"]
+        )
+        met_f = CounterMetricFamily(
+            "tidal_slo_met", "Requests answered successfully within the SLO", labels=["model", "version"]
+        )
+        attainment = GaugeMetricFamily(
+            "tidal_slo_attainment", "Fraction of judged requests within the SLO", labels=["model", "version"]
+        )
+        goodput = GaugeMetricFamily(
+            "tidal_goodput_rps", f"Requests within the SLO per second, last {GOODPUT_WINDOW_S:.0f}s",
+            labels=["model", "version"],
+        )
+        now = time.monotonic()
+        for s in snaps:
+            if s.slo_p99_ms <= 0:
+                continue
+            judged, met = self._slo.get((s.model, s.version), (0, 0))
+            judged_f.add_metric([s.model, s.version], judged)
+            met_f.add_metric([s.model, s.version], met)
+            attainment.add_metric([s.model, s.version], met / judged if judged else 1.0)
+            history = self._goodput.setdefault((s.model, s.version), deque())
+            history.append((now, met))
+            while len(history) > 2 and now - history[1][0] >= GOODPUT_WINDOW_S:
+                history.popleft()
+            (t0, m0) = history[0]
+            goodput.add_metric([s.model, s.version], (met - m0) / (now - t0) if now > t0 else 0.0)
+        yield from (judged_f, met_f, attainment, goodput)
+
+
+async def _call(fn: Callable[[], list[ModelSnapshot]]) -> list[ModelSnapshot]:
+    return fn()
