@@ -63,13 +63,11 @@ def _log(message: str) -> None:
 def _build(home: Path, progress: bool) -> None:
     import numpy as np
     import onnx
-    from onnx import TensorProto
     from sklearn.datasets import load_digits
-    from tqdm import tqdm
 
-    from tidal.optimize.graph import IoSpec, build_mlp
     from tidal.optimize.pipeline import OptimizeOptions, optimize
-    from tidal.optimize.train import MlpTrainer, TrainConfig
+    from tidal.optimize.reference import train_classifier
+    from tidal.optimize.train import TrainConfig
 
     data = home / "data"
     data.mkdir(parents=True)
@@ -79,17 +77,10 @@ def _build(home: Path, progress: bool) -> None:
     train, held_out = order[: int(0.7 * len(x))], order[int(0.7 * len(x)) :]
     np.savez(data / "calibration.npz", pixels=x[train])
     np.savez(data / "validation.npz", pixels=x[held_out], labels=y[held_out])
-
     config = TrainConfig(epochs=30, seed=SEED)
-    trainer = MlpTrainer(x.shape[1], HIDDEN, 10, config)
-    trainer.fit_scaler(x[train])
-    with tqdm(range(config.epochs), desc="training digits MLP", disable=not progress, leave=False) as epochs:
-        for _ in epochs:
-            epochs.set_postfix(loss=f"{trainer.epoch(x[train], y[train], soft=False):.4f}")
-    pixels = IoSpec("pixels", TensorProto.FLOAT, (None, 64))
-    logits = IoSpec("logits", TensorProto.FLOAT, (None, 10))
+    model = train_classifier(x[train], y[train], HIDDEN, config, "pixels", "logits", DEMO_MODEL, progress)
     source = data / "digits-fp32.onnx"
-    onnx.save(build_mlp(trainer.export(), pixels, logits, name=DEMO_MODEL), str(source))
+    onnx.save(model, str(source))
 
     repository = home / "repository"
     options = OptimizeOptions(
