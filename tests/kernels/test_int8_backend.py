@@ -1,0 +1,159 @@
+"""The int8 backend against ONNX Runtime's own int8 execution of the same QDQ model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from mlp_qdq import mlp, quantize
+from onnx import TensorProto, helper
+
+from tidal import _kernels
+from tidal.backends import factory
+from tidal.backends.base import BackendOptions
+from tidal.backends.int8 import Int8Unsupported, load
+from tidal.errors import ConfigError, InvalidArgument
+from tidal.types import DataType, TensorSpec
+
+# K = 37 is not a multiple of 4 and N = 51 is odd; the last layer is narrower than a 16-column panel.
+DIMS = [37, 96, 51, 10]
+
+
+def _ort(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _output_scale(path: Path) -> float:
+    """Scale of the QuantizeLinear that feeds the graph output: one step of the model's own resolution."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq = producer[model.graph.output[0].name]
+    scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
+    return float(onnx.numpy_helper.to_array(scale))
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul-add", "gemm"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8-act", "s8-act"])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_matches_onnxruntime_int8(tmp_path: Path, gemm: bool, signed: bool, per_channel: bool) -> None:
+    path = quantize(mlp(DIMS, gemm=gemm), tmp_path, signed=signed, per_channel=per_channel)
+    session = _ort(path)
+    x = np.random.default_rng(1).standard_normal((33, DIMS[0])).astype(np.float32)
+    expected = session.run(None, {"x": x})[0]
+    tolerance = _output_scale(path) * 1.001  # at most one quantization step, from float rounding order
+    for isa in _kernels.isas():
+        backend = load(path, BackendOptions(parameters={"isa": isa}))
+        got = backend.run({"x": x}, [backend.outputs()[0].name])[backend.outputs()[0].name]
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance, err_msg=f"isa={isa}")
+        backend.close()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 64])
+def test_batches_and_threads(tmp_path: Path, batch: int) -> None:
+    path = quantize(mlp([64, 256, 512, 16]), tmp_path)
+    x = np.random.default_rng(batch).standard_normal((batch, 64)).astype(np.float32)
+    expected = _ort(path).run(None, {"x": x})[0]
+    tolerance = _output_scale(path) * 1.001
+    for threads in (0, 1):
+        backend = load(path, BackendOptions(intra_op_threads=threads))
+        name = backend.outputs()[0].name
+        np.testing.assert_allclose(backend.run({"x": x}, [name])[name], expected, rtol=0, atol=tolerance)
+
+
+def test_leading_dims_are_kept(tmp_path: Path) -> None:
+    path = quantize(mlp([24, 32, 8], leading=("B", "S")), tmp_path, calibration_shape=(2, 5, 24))
+    x = np.random.default_rng(2).standard_normal((3, 4, 24)).astype(np.float32)
+    expected = _ort(path).run(None, {"x": x})[0]
+    backend = load(path, BackendOptions())
+    name = backend.outputs()[0].name
+    got = backend.run({"x": x}, [name])[name]
+    assert got.shape == (3, 4, 8)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=_output_scale(path) * 1.001)
+
+
+def test_describes_inputs_and_outputs(tmp_path: Path) -> None:
+    backend = load(quantize(mlp(DIMS), tmp_path), BackendOptions())
+    assert backend.inputs() == [TensorSpec("x", DataType.FP32, (-1, 37))]
+    [out] = backend.outputs()
+    assert (out.datatype, out.shape) == (DataType.FP32, (-1, 10))
+    assert backend.isa == _kernels.best_isa()
+
+
+def test_registered_as_int8(tmp_path: Path) -> None:
+    backend = factory("int8")(quantize(mlp(DIMS), tmp_path), BackendOptions())
+    assert backend.inputs()[0].name == "x"
+
+
+def test_bad_requests_are_invalid_argument(tmp_path: Path) -> None:
+    backend = load(quantize(mlp(DIMS), tmp_path), BackendOptions())
+    name = backend.outputs()[0].name
+    with pytest.raises(InvalidArgument, match="float32"):
+        backend.run({"x": np.ones((2, 37), np.float64)}, [name])
+    with pytest.raises(InvalidArgument, match=r"\[..., 37\]"):
+        backend.run({"x": np.ones((2, 36), np.float32)}, [name])
+    with pytest.raises(InvalidArgument):
+        backend.run({"y": np.ones((2, 37), np.float32)}, [name])
+    with pytest.raises(InvalidArgument, match="unknown output"):
+        backend.run({"x": np.ones((2, 37), np.float32)}, ["nope"])
+
+
+def test_unknown_isa_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown isa"):
+        load(quantize(mlp(DIMS), tmp_path), BackendOptions(parameters={"isa": "mmx"}))
+
+
+def _with_node_after_first_layer(model: onnx.ModelProto, op: str) -> onnx.ModelProto:
+    """Inserts `op` between the first ReLU and the next layer of a float MLP."""
+    graph = model.graph
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    for node in graph.node:
+        node.input[:] = ["extra_out" if i == relu.output[0] else i for i in node.input]
+    graph.node.insert(list(graph.node).index(relu) + 1,
+                      helper.make_node(op, [relu.output[0]], ["extra_out"], name="the_extra_node"))
+    return model
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
+def test_unsupported_node_is_refused_by_name(tmp_path: Path, op: str) -> None:
+    path = quantize(_with_node_after_first_layer(mlp(DIMS), op), tmp_path)
+    with pytest.raises(Int8Unsupported, match=rf"the_extra_node.*\({op}\)"):
+        load(path, BackendOptions())
+
+
+def test_float_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fp32.onnx"
+    onnx.save(mlp(DIMS), path)
+    with pytest.raises(Int8Unsupported, match="DequantizeLinear of a constant"):
+        load(path, BackendOptions())
+
+
+def test_residual_add_is_refused(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"], name="residual")], "g", [x], [y])
+    path = tmp_path / "residual.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(Int8Unsupported, match=r"residual.*'x' must be a constant"):
+        load(path, BackendOptions())
+
+
+def test_two_inputs_are_refused(tmp_path: Path) -> None:
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 8])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y])
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(Int8Unsupported, match="exactly one input"):
+        load(path, BackendOptions())
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"not a model")
+    with pytest.raises(ConfigError):
+        load(path, BackendOptions())
