@@ -92,7 +92,7 @@ class _GraphReader:
                 continue
             for name in node.output:
                 self.producer[name] = node
-            for name in node.input:
+            for name in dict.fromkeys(node.input):  # Add(x, x) consumes x once
                 if name:
                     self.consumers.setdefault(name, []).append(node)
 
