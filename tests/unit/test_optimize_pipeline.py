@@ -1,0 +1,191 @@
+"""`tidal optimize` / `tidal profile` end to end on a small trained classifier, through the CLI too."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tidal.optimize.cli import add_optimize_parser, add_profile_parser
+from tidal.optimize.data import load_dataset
+from tidal.optimize.evaluate import predict, score
+from tidal.optimize.graph import graph_inputs
+from tidal.optimize.reference import synthetic_classification, train_classifier
+from tidal.optimize.train import TrainConfig
+from tidal.repository.manager import ModelManager
+from tidal.repository.pbtxt import parse_model_config
+from tidal.repository.variants import load_manifest
+from tidal.types import DataType
+
+FAST = ["--max-batch-size", "4", "--profile-seconds", "0.01", "--no-progress", "--distill-epochs", "15"]
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tidal")
+    sub = parser.add_subparsers(dest="command")
+    add_optimize_parser(sub)
+    add_profile_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("optimize")
+    x, y = synthetic_classification(1600, 16, 4, seed=5, spread=1.5)
+    model = train_classifier(x[:1000], y[:1000], (96, 64), TrainConfig(epochs=12, seed=5), "features", "scores")
+    onnx.save(model, str(folder / "model.onnx"))
+    np.savez(folder / "cal.npz", features=x[:1000])
+    np.savez(folder / "val.npz", features=x[1000:], labels=y[1000:])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def repo(files: Path) -> Path:
+    repository = files / "repo"
+    argv = ["optimize", str(files / "model.onnx"), "--repository", str(repository), "--name", "clf"]
+    argv += ["--calibration", str(files / "cal.npz"), "--validation", str(files / "val.npz"), *FAST]
+    assert _cli(argv) == 0
+    return repository
+
+
+def test_every_kind_is_written_and_recorded(repo: Path) -> None:
+    manifest = load_manifest(repo / "clf" / "1")
+    assert manifest is not None and manifest.default == "fp32"
+    assert list(manifest.variants) == ["fp32", "int8", "int8-dynamic", "pruned-50", "pruned-75", "distilled", "fp16"]
+    for v in manifest.variants.values():
+        assert (repo / "clf" / "1" / v.file).stat().st_size == v.size_bytes
+    assert manifest.variants["fp32"].file == "model.onnx"
+    assert manifest.variants["fp16"].runnable_on == ("gpu",) and not manifest.variants["fp16"].profiles
+    for name in ("fp32", "int8", "pruned-50", "distilled"):
+        profile = manifest.variants[name].profiles["onnxruntime"]
+        assert profile.batch_sizes == (1, 2, 4) and profile.allow_spinning is False
+        assert all(p99 >= p50 > 0 for p50, p99 in zip(profile.p50_ms, profile.p99_ms, strict=True))
+        assert profile.hardware == manifest.hardware
+    assert manifest.variants["int8"].size_bytes < manifest.variants["fp32"].size_bytes / 2
+    losses = manifest.variants["distilled"].details["losses"]
+    assert len(losses) == 15 and losses[-1] < losses[0]
+
+
+def test_config_is_written_for_batching(repo: Path) -> None:
+    config = parse_model_config(repo / "clf" / "config.pbtxt").config
+    assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
+    assert [(i.name, list(i.dims)) for i in config.input] == [("features", [16])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("scores", [4])]
+
+
+def test_recorded_accuracies_match_a_fresh_measurement(repo: Path, files: Path) -> None:
+    manifest = load_manifest(repo / "clf" / "1")
+    assert manifest is not None
+    folder = repo / "clf" / "1"
+    val = load_dataset(files / "val.npz", graph_inputs(onnx.load(str(folder / "model.onnx"))), "validation")
+    reference = predict(folder / "model.onnx", val)
+    for v in manifest.variants.values():
+        assert v.accuracy is not None and v.accuracy.metric == "top1_accuracy" and v.accuracy.samples == 600
+        fresh = score(predict(folder / v.file, val), reference, val.labels)
+        assert fresh.value == pytest.approx(v.accuracy.value, abs=1.01 / 600), v.name  # at most one row flips
+        assert fresh.top1_agreement == pytest.approx(v.accuracy.top1_agreement, abs=1.01 / 600), v.name
+    fp32 = manifest.variants["fp32"].accuracy
+    assert fp32 is not None and fp32.value > 0.7
+    assert manifest.variants["int8"].accuracy.value >= fp32.value - 0.02
+
+
+def test_pruned_and_distilled_variants_do_less_work(repo: Path) -> None:
+    manifest = load_manifest(repo / "clf" / "1")
+    assert manifest is not None
+    fp32 = manifest.variants["fp32"]
+    p50, p75, student = (manifest.variants[n] for n in ("pruned-50", "pruned-75", "distilled"))
+    assert fp32.flops_per_row == 2 * (16 * 96 + 96 * 64 + 64 * 4)
+    assert p50.flops_per_row == 2 * (16 * 48 + 48 * 32 + 32 * 4)
+    assert p75.flops_per_row < p50.flops_per_row < fp32.flops_per_row
+    assert p50.parameters < fp32.parameters / 2 and p50.size_bytes < fp32.size_bytes / 2
+    assert student.details["hidden"] == [24] and student.parameters < fp32.parameters / 4
+
+
+def test_the_repository_loader_serves_every_cpu_variant(repo: Path) -> None:
+    async def load() -> dict[str, tuple[int, ...]]:
+        manager = ModelManager(repo)
+        await manager.load("clf")
+        served = manager.get("clf")
+        x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+        shapes = {name: run[0].run({"features": x}, ["scores"])["scores"].shape for name, run in served.runners.items()}
+        assert served.spec.knobs.active_variant == "fp32"
+        assert served.spec.inputs[0].datatype is DataType.FP32
+        await manager.close()
+        return shapes
+
+    shapes = asyncio.run(load())
+    assert set(shapes) == {"fp32", "int8", "int8-dynamic", "pruned-50", "pruned-75", "distilled"}
+    assert set(shapes.values()) == {(3, 4)}
+
+
+def test_profile_re_measures_only_the_profiles(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest_file = repo / "clf" / "1" / "variants.json"
+    before = json.loads(manifest_file.read_text())
+    argv = ["profile", str(repo), "clf", "--profile-seconds", "0.01", "--no-progress", "--max-batch-size", "2"]
+    assert _cli(argv) == 0
+    after = json.loads(manifest_file.read_text())
+    assert "pruned-50" in capsys.readouterr().out
+    for name, variant in after["variants"].items():
+        assert variant["accuracy"] == before["variants"][name]["accuracy"]
+        for profile in variant["profiles"].values():
+            assert profile["batch_sizes"] == [1, 2]
+
+
+def test_min_accuracy_leaves_variants_out(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["optimize", str(files / "model.onnx"), "--repository", str(tmp_path), "--name", "clf"]
+    argv += ["--calibration", str(files / "cal.npz"), "--variants", "fp32,pruned", "--prune-ratios", "0.1,0.97"]
+    assert _cli([*argv, "--min-accuracy", "0.6", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "left out pruned-97" in err and "below --min-accuracy 0.6" in err
+    manifest = load_manifest(tmp_path / "clf" / "1")
+    assert manifest is not None and list(manifest.variants) == ["fp32", "pruned-10"]
+    assert manifest.variants["pruned-10"].accuracy.metric == "top1_agreement"  # no validation labels given
+    assert sorted(p.name for p in (tmp_path / "clf" / "1").glob("*.onnx")) == ["model.onnx", "model.pruned-10.onnx"]
+
+
+def _bad_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], model: Path, cal: Path) -> str:
+    argv = ["optimize", str(model), "--repository", str(tmp_path / "r"), "--name", "m", "--calibration", str(cal)]
+    assert _cli([*argv, *FAST]) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_files_are_clear(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "model file" in _bad_run(tmp_path, capsys, tmp_path / "nope.onnx", files / "cal.npz")
+    assert "does not exist" in _bad_run(tmp_path, capsys, files / "model.onnx", tmp_path / "nope.npz")
+
+
+def test_model_without_batch_dim_is_refused(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixed = onnx.load(str(files / "model.onnx"))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    assert "variable batch dimension" in _bad_run(tmp_path, capsys, tmp_path / "fixed.onnx", files / "cal.npz")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "flat.onnx"))
+    assert "variable batch dimension" in _bad_run(tmp_path, capsys, tmp_path / "flat.onnx", files / "cal.npz")
+
+
+def test_calibration_of_the_wrong_shape_is_refused(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = files / "model.onnx"
+    np.savez(tmp_path / "cal.npz", features=np.zeros((10, 15), np.float32))
+    message = _bad_run(tmp_path, capsys, model, tmp_path / "cal.npz")
+    assert "[10, 15]" in message and "needs [rows, 16]" in message
+    np.savez(tmp_path / "cal2.npz", a=np.zeros((10, 16), np.float32), b=np.zeros((10, 16), np.float32))
+    assert "no array for model input 'features'" in _bad_run(tmp_path, capsys, model, tmp_path / "cal2.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert "cannot read calibration data" in _bad_run(tmp_path, capsys, model, tmp_path / "junk.npz")
+
+
+def test_profile_of_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(["profile", str(tmp_path), "ghost", "--no-progress"]) == 2
+    assert "not in repository" in capsys.readouterr().err
