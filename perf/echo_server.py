@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import uvloop
+
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport._gen import model_config_pb2 as mc
@@ -155,7 +156,13 @@ async def serve(args: argparse.Namespace) -> None:
         args.model or ["echo"], args.datatype, args.dims, args.max_batch_size, args.service_ms / 1e3
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    address = f"{args.host}:{args.port}"
+    if args.tls_cert:
+        with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+            creds = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     print(port, flush=True)
     stop = asyncio.Event()
@@ -177,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=64, help="0 = the model takes no batch dimension")
     parser.add_argument("--service-ms", type=float, default=0.0,
                         help="hold each request this long, one at a time per model (default 0: pure echo)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     uvloop.run(serve(args))
     return 0
 

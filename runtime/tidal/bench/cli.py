@@ -52,7 +52,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     client.add_argument("--max-inflight", type=int, default=4096, help="open-loop cap per process")
     client.add_argument("--request-timeout-s", type=float, default=60.0, help="gRPC deadline per request")
     client.add_argument("--drain-timeout-s", type=float, default=10.0, help="wait for stragglers, then cancel")
-    client.add_argument("--lag-threshold-ms", type=float, default=2.0,
+    client.add_argument("--lag-threshold-ms", type=float, default=5.0,
                         help="p99 send or event-loop lag above this flags the client as the bottleneck")
     client.add_argument("--tls", action="store_true", help="use TLS (system roots unless --tls-ca)")
     client.add_argument("--tls-ca", help="PEM root certificates")

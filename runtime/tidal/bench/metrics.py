@@ -2,8 +2,9 @@
 
 Reads `tidal_batch_size` (histogram), `tidal_queue_depth{model,priority}`
 and `tidal_active_variant{model,variant}` (1 marks the active variant).
-Any of them may be absent (another server, an older tidal): the sample
-then simply lacks that part, and an unreachable endpoint yields None.
+Only the models under load count. Any metric may be absent (another
+server, an older tidal): the sample then lacks that part, and an
+unreachable endpoint yields None.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ _VARIANT = "tidal_active_variant"
 class MetricsScraper:
     """Samples the endpoint once per tick; batch size is the mean over the interval since the last sample."""
 
-    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, models: list[str], timeout_s: float = 1.0) -> None:
         self.url = url
+        self._models = set(models)
         self._timeout_s = timeout_s
         self._last_batch: tuple[float, float] | None = None
         self.error: str | None = None
@@ -56,16 +58,20 @@ class MetricsScraper:
         seen_batch = False
         for family in families:
             for s in family.samples:
+                model = s.labels.get("model", "")
+                if model not in self._models:
+                    continue
                 if s.name == f"{_BATCH}_sum":
                     batch_sum += s.value
                     seen_batch = True
                 elif s.name == f"{_BATCH}_count":
                     batch_count += s.value
                 elif s.name == _QUEUE:
-                    key = f"{s.labels.get('model', '')}/p{s.labels.get('priority', '0')}"
-                    out.setdefault("queue_depth", {})[key] = s.value
-                elif s.name == _VARIANT and s.value >= 1:
-                    out.setdefault("active_variant", {})[s.labels.get("model", "")] = s.labels.get("variant", "")
+                    depth = out.setdefault("queue_depth", {})
+                    key = f"{model}/p{s.labels.get('priority', '0')}"
+                    depth[key] = depth.get(key, 0.0) + s.value
+                elif s.name == _VARIANT and s.value >= 1 and s.labels.get("variant"):
+                    out.setdefault("active_variant", {})[model] = s.labels.get("variant", "")
         if seen_batch:
             out["batch_size_mean"] = self._interval_mean(batch_sum, batch_count)
         return out

@@ -41,7 +41,7 @@ class Timing:
     duration_s: float | None = None  # a fixed measurement instead of stable windows
     warmup_s: float = 0.5
     drain_timeout_s: float = 10.0
-    lag_threshold_ms: float = 2.0
+    lag_threshold_ms: float = 5.0
 
     @property
     def tick_s(self) -> float:

@@ -94,9 +94,9 @@ async def run_bench(cfg: BenchConfig, progress: Callable[[dict[str, Any]], None]
         setup = WorkerSetup(cfg.target, cfg.classes, await _payloads(cfg, view), cfg.request_timeout_s,
                             cfg.max_inflight, cfg.seed)
         url = _metrics_url(cfg, server)
-        scraper = MetricsScraper(url) if url else None
-        pool = WorkerPool(setup, cfg.workers)
         models = sorted({c.model for c in cfg.classes})
+        scraper = MetricsScraper(url, models) if url else None
+        pool = WorkerPool(setup, cfg.workers)
         coordinator = Coordinator(pool, view, models, cfg.timing, scraper, progress)
         try:
             await pool.open()
