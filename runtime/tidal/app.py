@@ -14,6 +14,7 @@ from tidal.clock import SystemClock
 from tidal.metrics import ModelSnapshot, ServerMetrics
 from tidal.repository.manager import ModelManager, ModelState
 from tidal.repository.poll import RepositoryPoller
+from tidal.transport.control import ControlServicer
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
 
@@ -60,7 +61,7 @@ class App:
         )
         self._accepting = False
         self._stopping = asyncio.Event()
-        servicer = InferenceServicer(
+        self.servicer = servicer = InferenceServicer(
             self.manager,
             self.clock,
             self.ready,
@@ -68,7 +69,8 @@ class App:
             self.metrics,
             model_control=options.model_control_mode is ModelControlMode.EXPLICIT,
         )
-        self.server = GrpcServer(servicer, options.grpc_address, options.grpc_port, options.max_message_bytes)
+        control = ControlServicer(self.manager)
+        self.server = GrpcServer(servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes)
         self.metrics_port: int | None = None
 
     def ready(self) -> bool:
@@ -133,9 +135,21 @@ class App:
         if self.poller is not None:
             await self.poller.stop()
         try:
-            await asyncio.wait_for(self.manager.close(), self.options.drain_grace_s)
+            # Schedulers keep running until every accepted request has its answer.
+            await asyncio.wait_for(self.servicer.drained(), self.options.drain_grace_s)
         except TimeoutError:
             log.error("drain did not finish within %.1fs; remaining requests are cancelled", self.options.drain_grace_s)
+        for served in self.manager.served():
+            stats = served.scheduler.stats()
+            log.info(
+                "model %s version %s: %d requests succeeded, %d failed since start",
+                served.name,
+                served.version,
+                stats.success.count,
+                stats.fail.count,
+            )
+        await self.manager.close()
+        # Calls the transport received but never handed to tidal are cancelled by gRPC here.
         await self.server.stop(grace_s=1.0)
         log.info("stopped")
 

@@ -165,7 +165,8 @@ class ServerMetrics:
             "tidal_slo_attainment", "Fraction of judged requests within the SLO", labels=["model", "version"]
         )
         goodput = GaugeMetricFamily(
-            "tidal_goodput_rps", f"Requests within the SLO per second, last {GOODPUT_WINDOW_S:.0f}s",
+            "tidal_goodput_rps",
+            f"Requests within the SLO per second, last {GOODPUT_WINDOW_S:.0f}s",
             labels=["model", "version"],
         )
         now = time.monotonic()

@@ -11,8 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tidal.transport._gen import POOL
+from tidal.transport._gen import control_pb2 as cpb
+from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.control import ControlServicer
 from tidal.transport.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,14 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class GrpcServer:
     """Owns the grpc.aio server and the standard health service."""
 
-    def __init__(self, servicer: InferenceServicer, address: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        control: ControlServicer,
+        address: str,
+        port: int,
+        max_message_bytes: int,
+    ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -39,10 +49,12 @@ class GrpcServer:
         ]
         self._server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        cpb_grpc.add_TidalControlServicer_to_server(control, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            cpb.DESCRIPTOR.services_by_name["TidalControl"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )

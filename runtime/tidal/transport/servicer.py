@@ -89,6 +89,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_accepting = is_accepting
         self._metrics = metrics
         self._model_control = model_control
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drained(self) -> None:
+        """Returns once no inference RPC is running; shutdown waits on it before closing anything."""
+        await self._idle.wait()
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: TidalError) -> None:
         await context.abort(GRPC_STATUS[exc.code], str(exc))
@@ -137,6 +144,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------
     async def _infer(self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._infer_counted(msg, context)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def _infer_counted(
+        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         now = self._clock.now()
         remaining = context.time_remaining()
         request = convert.decode_request(msg, now, None if remaining is None else now + remaining)

@@ -1,0 +1,247 @@
+"""Operating tidal: /metrics moves exactly with traffic, health follows models, drain and poll lose nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+import onnx_models as models
+from conftest import SIMPLE_CONFIG, ServerProcess, start_server
+from tidal.transport._gen import control_pb2 as cpb
+from tidal.transport._gen import control_pb2_grpc as cpb_grpc
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for key, value in values.items():
+        base, _, rest = key.partition("{")
+        if base == name and want <= set(re.findall(r'\w+="[^"]*"', rest)):
+            total += value
+    return total
+
+
+def _scale_input(value: float = 1.0) -> list[tc.InferInput]:
+    tensor = tc.InferInput("INPUT", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 4), value, np.float32))
+    return [tensor]
+
+
+def _health(server: ServerProcess, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Path:
+    batching = "dynamic_batching { max_queue_delay_microseconds: 200 default_queue_policy { allow_timeout_override: true } }"
+    models.write_config(tmp_path / "scale", f"max_batch_size: 4\n{batching}\nslo {{ p99_ms: 1000 }}\n")
+    models.scale(tmp_path / "scale" / "1" / "model.onnx", 2.0)
+    models.write_config(tmp_path / "simple", SIMPLE_CONFIG)
+    models.add_sub(tmp_path / "simple" / "1" / "model.onnx")
+    return tmp_path
+
+
+def test_metrics_count_exactly_and_match_statistics(small_repo: Path) -> None:
+    srv = start_server(small_repo)
+    try:
+        client = tc.InferenceServerClient(srv.url)
+        for _ in range(7):
+            client.infer("scale", _scale_input())
+        with pytest.raises(InferenceServerException):  # not a model error: never counted per model
+            client.infer("scale", [tc.InferInput("WRONG", [1, 4], "FP32")])
+        with pytest.raises(InferenceServerException) as err:  # expires in the queue: a REJECTED failure
+            client.infer("scale", _scale_input(), timeout=1, client_timeout=5)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        values = scrape(srv)
+        labels = {"model": "scale", "version": "1"}
+        assert metric(values, "nv_inference_request_success_total", **labels) == 7
+        assert metric(values, "nv_inference_request_failure_total", **labels) == 1
+        assert metric(values, "nv_inference_request_failure_total", reason="REJECTED", **labels) == 1
+        assert metric(values, "nv_inference_count_total", **labels) == 7
+        stats = client.get_inference_statistics("scale", "1").model_stats[0]
+        assert stats.inference_stats.success.count == 7 and stats.inference_stats.fail.count == 1
+        assert metric(values, "nv_inference_exec_count_total", **labels) == stats.execution_count
+        queue_us = metric(values, "nv_inference_queue_duration_us_total", **labels)
+        assert queue_us == pytest.approx(stats.inference_stats.queue.ns / 1e3, rel=1e-6)
+        assert metric(values, "tidal_request_duration_seconds_count", **labels) == 7
+        assert metric(values, "tidal_batch_size_count", **labels) == stats.execution_count
+        assert metric(values, "tidal_slo_requests_total", **labels) == 8
+        assert metric(values, "tidal_slo_met_total", **labels) == 7
+        assert metric(values, "tidal_slo_attainment", **labels) == pytest.approx(7 / 8)
+        assert metric(values, "tidal_slo_target_ms", **labels) == 1000
+        assert metric(values, "tidal_knob", knob="max_batch_size", **labels) == 4
+        assert metric(values, "nv_inference_pending_request_count", **labels) == 0
+    finally:
+        assert srv.stop() == 0
+
+
+def test_health_follows_load_unload_and_drain(small_repo: Path) -> None:
+    srv = start_server(small_repo)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        client = tc.InferenceServerClient(srv.url)
+        assert _health(srv, "") == serving and _health(srv, "scale") == serving
+        client.unload_model("scale")
+        assert _health(srv, "scale") == not_serving and _health(srv, "") == serving
+        client.load_model("scale")
+        assert _health(srv, "scale") == serving
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_drains_every_accepted_request(tmp_path: Path) -> None:
+    """Under continuous load, SIGTERM: every request the server accepted gets its answer."""
+    batching = "dynamic_batching { max_queue_delay_microseconds: 2000 }"
+    models.write_config(tmp_path / "slow", f"max_batch_size: 8\n{batching}\n")
+    models.mlp(tmp_path / "slow" / "1" / "model.onnx", (512, 2048, 2048, 8))
+    srv = start_server(tmp_path, "--drain-grace-s", "60")
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        client = tc.InferenceServerClient(srv.url)
+        data = tc.InferInput("INPUT", [1, 512], "FP32")
+        data.set_data_from_numpy(np.ones((1, 512), np.float32))
+        while not stop.is_set():
+            try:
+                client.infer("slow", [data], client_timeout=30)
+                result = "ok"
+            except InferenceServerException as exc:
+                result = exc.status()
+            with lock:
+                outcomes.append(result)
+            if result != "ok":
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    assert srv.stop() == 0
+    stop.set()
+    for t in threads:
+        t.join(30)
+    ok = outcomes.count("ok")
+    assert ok > 16
+    # Requests that reached tidal after SIGTERM are refused (UNAVAILABLE); those the transport had not
+    # handed over yet when it closed are cancelled by gRPC. None of them was accepted.
+    assert set(outcomes) <= {"ok", "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, outcomes
+    # Every request tidal accepted was answered and reached its client: the server's own count agrees.
+    served = re.search(r"model slow version 1: (\d+) requests succeeded, (\d+) failed", srv.log())
+    assert served is not None, srv.log()
+    assert (int(served.group(1)), int(served.group(2))) == (ok, 0)
+
+
+def test_poll_mode_swaps_versions_under_load_without_failures(small_repo: Path) -> None:
+    srv = start_server(small_repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
+    failures: list[str] = []
+    answers: set[float] = set()
+    stop = threading.Event()
+
+    def worker() -> None:
+        client = tc.InferenceServerClient(srv.url)
+        while not stop.is_set():
+            try:
+                answers.add(float(client.infer("scale", _scale_input()).as_numpy("OUTPUT")[0, 0]))
+            except InferenceServerException as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        staging = small_repo / ".staging"
+        models.scale(staging / "model.onnx", 5.0)
+        (small_repo / "scale" / "2").mkdir()
+        shutil.move(staging / "model.onnx", small_repo / "scale" / "2" / "model.onnx")
+        deadline = time.monotonic() + 20
+        while 5.0 not in answers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        code = srv.stop()
+    assert answers == {2.0, 5.0}, answers
+    assert failures == []
+    assert code == 0
+
+
+@pytest.mark.parametrize("mode", ["poll", "none"])
+def test_load_rpcs_refused_outside_explicit_mode(small_repo: Path, mode: str) -> None:
+    srv = start_server(small_repo, "--model-control-mode", mode)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            tc.InferenceServerClient(srv.url).unload_model("scale")
+        assert err.value.status() == "StatusCode.FAILED_PRECONDITION" and "explicit" in err.value.message()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_json_logs_carry_request_id_and_status(small_repo: Path) -> None:
+    cmd = [sys.executable, "-m", "tidal", "--log-format", "json", "serve", "--model-repository", str(small_repo),
+           "--grpc-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srv = ServerProcess(proc, 0)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(r"serving gRPC on .*:(\d+)$", line.strip())
+        if found:
+            srv.port = int(found.group(1))
+            break
+    client = tc.InferenceServerClient(srv.url)
+    with pytest.raises(InferenceServerException):
+        client.infer("scale", [tc.InferInput("WRONG", [1, 4], "FP32")], request_id="req-42")
+    assert srv.stop() == 0
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    failed = [e for e in events if e.get("request_id") == "req-42"]
+    assert len(failed) == 1 and failed[0]["status"] == "INVALID_ARGUMENT" and failed[0]["model"] == "scale"
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+
+
+def test_control_rpc_reads_and_sets_knobs(small_repo: Path) -> None:
+    srv = start_server(small_repo)
+    try:
+        stub = cpb_grpc.TidalControlStub(grpc.insecure_channel(srv.url))
+        status = stub.Status(cpb.StatusRequest(model="simple")).models[0]
+        assert status.knobs.max_batch_size == 8 and status.knobs.instance_count == 2
+        update = cpb.KnobsUpdate(max_batch_size=2, instance_count=1, max_queue_delay_us=0)
+        status = stub.SetKnobs(cpb.SetKnobsRequest(model="simple", knobs=update)).models[0]
+        assert (status.knobs.max_batch_size, status.knobs.instance_count, status.knobs.max_queue_delay_us) == (2, 1, 0)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SetKnobs(cpb.SetKnobsRequest(model="simple", knobs=cpb.KnobsUpdate(max_batch_size=64)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Status(cpb.StatusRequest(model="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        assert srv.stop() == 0
