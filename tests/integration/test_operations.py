@@ -59,7 +59,8 @@ def _health(server: ServerProcess, service: str) -> int:
 
 @pytest.fixture
 def small_repo(tmp_path: Path) -> Path:
-    batching = "dynamic_batching { max_queue_delay_microseconds: 200 default_queue_policy { allow_timeout_override: true } }"
+    policy = "default_queue_policy { allow_timeout_override: true }"
+    batching = f"dynamic_batching {{ max_queue_delay_microseconds: 200 {policy} }}"
     models.write_config(tmp_path / "scale", f"max_batch_size: 4\n{batching}\nslo {{ p99_ms: 1000 }}\n")
     models.scale(tmp_path / "scale" / "1" / "model.onnx", 2.0)
     models.write_config(tmp_path / "simple", SIMPLE_CONFIG)
