@@ -14,6 +14,7 @@ recorded separately as send lag, the client's own health signal.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 import time
@@ -25,9 +26,11 @@ import grpc
 from tidal.bench.client import Target, raw_infer
 from tidal.bench.spec import Stage, TrafficClass
 from tidal.bench.stats import OK, ClassRecorder, ClassWindow, new_histogram
+from tidal.errors import Unavailable
 
 _NS = 1_000_000_000
 _HEARTBEAT_S = 0.005
+_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,13 @@ class LoadWorker:
     async def open(self) -> None:
         self._channel = self._target.channel()
         self._infer = raw_infer(self._channel)
-        await self._channel.channel_ready()
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), _CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(f"cannot connect to {self._target.url}") from None
+        # Everything built so far lives for the whole run: keep the collector from rescanning it,
+        # which would otherwise show up as client-made tail latency.
+        gc.freeze()
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def close(self) -> None:
@@ -218,7 +227,7 @@ class LoadWorker:
             delay = due - time.perf_counter_ns()
             if delay > 0:
                 await asyncio.sleep(delay / _NS)
-            while self._inflight >= self._max_inflight:
+            while len(self._run.tasks) >= self._max_inflight:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             self._spawn(self._one(index, deadline_us, due, from_schedule=True))
