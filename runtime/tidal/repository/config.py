@@ -105,8 +105,8 @@ def autocomplete(config: mc.ModelConfig, model_path: Path, present: frozenset[st
     initializers = {init.name for init in graph.initializer}
     inputs = _onnx_tensors(list(graph.input), initializers)
     outputs = _onnx_tensors(list(graph.output), set())
-    if not config.platform and not config.backend:
-        config.platform = ONNX_PLATFORM
+    if not config.platform and config.backend in ("", "onnxruntime"):
+        config.platform = ONNX_PLATFORM  # Triton reports this platform for ONNX Runtime models
     dynamic_first = all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
     if "max_batch_size" not in present and not config.input and not config.output and dynamic_first:
         config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
