@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,27 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
     if not server.port:
         raise RuntimeError(f"tidal exited with {proc.wait()}:\n{server.log()}")
     return server
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for key, value in values.items():
+        base, _, rest = key.partition("{")
+        if base == name and want <= set(re.findall(r'\w+="[^"]*"', rest)):
+            total += value
+    return total
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -20,30 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from conftest import SIMPLE_CONFIG, ServerProcess, start_server
+from conftest import SIMPLE_CONFIG, ServerProcess, metric, scrape, start_server
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
-
-
-def scrape(server: ServerProcess) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value}."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def metric(values: dict[str, float], name: str, **labels: str) -> float:
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for key, value in values.items():
-        base, _, rest = key.partition("{")
-        if base == name and want <= set(re.findall(r'\w+="[^"]*"', rest)):
-            total += value
-    return total
 
 
 def _scale_input(value: float = 1.0) -> list[tc.InferInput]:

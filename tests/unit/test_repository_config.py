@@ -45,7 +45,7 @@ def test_unknown_fields_are_errors_naming_field_and_file(text: str, named: str) 
 
 
 def test_syntax_errors_name_the_file() -> None:
-    with pytest.raises(ConfigError, match="x/config.pbtxt"):
+    with pytest.raises(ConfigError, match=r"x/config\.pbtxt"):
         parse_model_config_text('max_batch_size: "eight"', "x/config.pbtxt")
 
 
