@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tidal.backends.base import BackendOptions
+from tidal.backends.onnxruntime import session_options
 from tidal.errors import ConfigError
 from tidal.optimize.data import Dataset
 from tidal.optimize.graph import IoSpec, build_mlp, graph_inputs, graph_outputs
@@ -79,8 +81,8 @@ def distill(
     config = config or TrainConfig()
     in_spec, out_spec, probabilities = _teacher_io(teacher)
     hidden = tuple(hidden) if hidden else default_student(teacher)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # Serving's settings: spinning ORT threads would steal the cores numpy trains on between teacher calls.
+    so = session_options(BackendOptions())
     session = ort.InferenceSession(teacher.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def teacher_logits(x: np.ndarray) -> np.ndarray:
