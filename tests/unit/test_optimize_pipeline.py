@@ -189,3 +189,14 @@ def test_calibration_of_the_wrong_shape_is_refused(files: Path, tmp_path: Path, 
 def test_profile_of_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(["profile", str(tmp_path), "ghost", "--no-progress"]) == 2
     assert "not in repository" in capsys.readouterr().err
+
+
+def test_non_classifier_output_is_refused(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["features", "axes"], ["total"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "sum.onnx"))
+    assert "must be [N, classes]" in _bad_run(tmp_path, capsys, tmp_path / "sum.onnx", files / "cal.npz")
