@@ -187,8 +187,8 @@ def _profile(
         with tqdm(total=len(sizes), desc=f"profiling {name} on {backend}", disable=not progress, leave=False) as bar:
             try:
                 profiles[backend] = measure(path, backend, settings, lambda _size, bar=bar: bar.update())
-            except TidalError as exc:
-                log(f"{name}: backend {backend} cannot run it here: {exc}")
+            except Exception as exc:  # one failing engine must not sink the other variants
+                log(f"{name}: backend {backend} cannot run it here: {type(exc).__name__}: {exc}")
     if not profiles:
         raise ConfigError(f"{path}: no backend on this host can run variant {name}")
     return tuple(b for b in candidates if b in profiles), profiles
