@@ -117,3 +117,48 @@ def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
 def write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+SIMPLE_CONFIG = """
+name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 500 }
+instance_group [ { count: 2 kind: KIND_CPU } ]
+# Triton fields tidal accepts without acting on them:
+optimization { input_pinned_memory { enable: true } }
+model_warmup [ { name: "w" batch_size: 1
+  inputs { key: "INPUT0" value { data_type: TYPE_FP32 dims: [ 16 ] zero_data: true } } } ]
+"""
+
+
+def build_repository(root: Path) -> Path:
+    """The repository every integration test serves; each model exercises one repository feature."""
+    write_config(root / "simple", SIMPLE_CONFIG)
+    add_sub(root / "simple" / "1" / "model.onnx")
+    # No config.pbtxt: auto-completed from the graph.
+    identity_all(root / "identity" / "1" / "model.onnx")
+    # FP16 has no typed-contents field in the protocol; this one takes every other type typed.
+    identity_all(root / "identity_typed" / "1" / "model.onnx", exclude=("FP16",))
+    write_config(root / "scale", "version_policy { latest { num_versions: 2 } }\nmax_batch_size: 4\n")
+    for version in (1, 2, 3):
+        scale(root / "scale" / str(version) / "model.onnx", float(version))
+    write_config(root / "scale_specific", "version_policy { specific { versions: [1, 3] } }\n")
+    for version in (1, 2, 3):
+        scale(root / "scale_specific" / str(version) / "model.onnx", float(version))
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    # Runs fine unless the rows do not split into threes: a real backend failure at run time.
+    write_config(root / "fragile", "max_batch_size: 0\n")
+    reshape3(root / "fragile" / "1" / "model.onnx")
+    write_config(root / "misconfigured", "max_batch_size: 4\nbogus_field: 3\n")
+    add_sub(root / "misconfigured" / "1" / "model.onnx")
+    return root

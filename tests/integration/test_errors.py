@@ -147,7 +147,7 @@ def test_priority_parameter_must_be_an_integer(stub: pb_grpc.GRPCInferenceServic
 
 
 def test_message_over_the_limit_is_resource_exhausted(repository) -> None:
-    from conftest import start_server
+    from live_server import start_server
 
     small = start_server(repository, "--max-message-bytes", "600", "--load-model", "simple")
     try:

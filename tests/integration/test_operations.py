@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from conftest import SIMPLE_CONFIG, ServerProcess, metric, scrape, start_server
+from live_server import ServerProcess, metric, scrape, start_server
+from onnx_models import SIMPLE_CONFIG
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from conftest import start_server
+from live_server import start_server
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 

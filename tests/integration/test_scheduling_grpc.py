@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from conftest import ServerProcess, start_server
+from live_server import ServerProcess, start_server
 from tidal.repository.variants import Variant, VariantManifest, save_manifest
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc

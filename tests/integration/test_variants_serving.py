@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, metric, scrape, start_server
+from live_server import ServerProcess, metric, scrape, start_server
 from tidal.optimize.reference import synthetic_classification, train_classifier
 from tidal.optimize.train import TrainConfig
 from tidal.transport._gen import control_pb2 as cpb
