@@ -8,7 +8,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include <chrono>
+#include <time.h>
+
 #include <cmath>
 #include <optional>
 #include <stdexcept>
@@ -16,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "chain.h"
 #include "gemm.h"
 #include "thread_pool.h"
 #ifdef TIDAL_WITH_CUDA
@@ -140,22 +142,93 @@ std::vector<std::string> runnable_isas() {
     return names;
 }
 
+// CPU time of the calling thread, so a core shared with other processes still reads its own throughput.
+double thread_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 double peak_gops(const std::string& name, double seconds) {
     const tidal::Isa isa = parse_isa(name);
     require(isa == tidal::Isa::avx512_vnni || isa == tidal::Isa::avx_vnni, "peak_gops measures the VNNI ISAs only");
     require(seconds > 0 && seconds <= 10, "seconds must lie in (0, 10]");
     auto loop = isa == tidal::Isa::avx512_vnni ? tidal::peak_loop_avx512_vnni : tidal::peak_loop_avx_vnni;
     nb::gil_scoped_release release;
-    using clock = std::chrono::steady_clock;
     loop(1 << 20);  // warm up clocks
     int64_t ops = 0;
-    const auto start = clock::now();
+    const double start = thread_seconds();
     double elapsed = 0;
     while (elapsed < seconds) {
         ops += loop(1 << 20);
-        elapsed = std::chrono::duration<double>(clock::now() - start).count();
+        elapsed = thread_seconds() - start;
     }
     return static_cast<double>(ops) / elapsed / 1e9;
+}
+
+// A Chain plus references to the PackedWeights objects its layers point into.
+struct PyChain {
+    tidal::Chain chain;
+    std::vector<nb::object> keep_alive;
+};
+
+tidal::OutKind parse_output(const std::string& output) {
+    if (output == "u8") return tidal::OutKind::u8;
+    if (output == "f32") return tidal::OutKind::f32;
+    if (output == "dequantize") return tidal::OutKind::dq;
+    throw std::invalid_argument("output must be 'u8', 'f32' or 'dequantize'");
+}
+
+void add_layer(PyChain& self, nb::object weights, F32Vector scale, int a_zero_point, std::optional<F32Vector> bias,
+               bool relu, std::optional<Mid> mid, std::optional<Mid> out, const std::string& output) {
+    const auto& w = nb::cast<const tidal::PackedWeights&>(weights);
+    const auto& layers = self.chain.layers();
+    if (!layers.empty()) {
+        require(layers.back().ep.kind == tidal::OutKind::u8, "only the last layer may produce a float output");
+        require(layers.back().w->n == w.k, "layer K = " + std::to_string(w.k) + " does not match the previous N = " +
+                                               std::to_string(layers.back().w->n));
+    }
+    require_zero_point(a_zero_point, "a_zero_point");
+    tidal::ChainLayer layer;
+    layer.ep = float_epilogue(w, scale, bias, relu, mid);
+    layer.ep.kind = parse_output(output);
+    require((layer.ep.kind == tidal::OutKind::f32) == !out, "out=(scale, zero_point) is required unless output is 'f32'");
+    if (out) {
+        require_scale(out->first, "out scale");
+        require_zero_point(out->second, "out zero point");
+        layer.ep.out_scale = out->first;
+        layer.ep.out_zero_point = static_cast<float>(out->second);
+    }
+    layer.w = &w;
+    layer.a_zero_point = a_zero_point;
+    layer.scale.assign(scale.data(), scale.data() + w.n);
+    if (bias) layer.bias.assign(bias->data(), bias->data() + w.n);
+    layer.col_terms = tidal::column_terms(w, a_zero_point);
+    self.chain.add(std::move(layer));
+    self.keep_alive.push_back(std::move(weights));
+}
+
+nb::object run_chain(const PyChain& self, F32Matrix x, int threads) {
+    const auto& layers = self.chain.layers();
+    require(!layers.empty(), "the chain has no layers");
+    require(static_cast<int64_t>(x.shape(1)) == layers.front().w->k, "x must have K = " +
+                                                                       std::to_string(layers.front().w->k) + " columns");
+    require(threads >= 0, "threads must be >= 0 (0: all cores)");
+    const int64_t m = static_cast<int64_t>(x.shape(0)), n = layers.back().w->n;
+    void* data = nullptr;
+    nb::object result;
+    if (layers.back().ep.kind == tidal::OutKind::u8) {
+        uint8_t* p = nullptr;
+        result = nb::cast(new_matrix<uint8_t>(m, n, &p));
+        data = p;
+    } else {
+        float* p = nullptr;
+        result = nb::cast(new_matrix<float>(m, n, &p));
+        data = p;
+    }
+    nb::gil_scoped_release release;
+    self.chain.run(x.data(), m, data, threads);
+    return result;
 }
 
 #ifdef TIDAL_WITH_CUDA
@@ -250,12 +323,29 @@ NB_MODULE(_kernels, m) {
         },
         "x"_a.noconvert(), "scale"_a, "zero_point"_a,
         "saturate(round_half_even(x / scale) + zero_point) as u8.");
+    nb::class_<PyChain>(m, "Chain",
+                        "A quantized MLP run in one call: quantize, then each layer's GEMM and epilogue in turn.")
+        .def(
+            "__init__",
+            [](PyChain* self, float input_scale, int input_zero_point) {
+                require_scale(input_scale, "input_scale");
+                require_zero_point(input_zero_point, "input_zero_point");
+                new (self) PyChain{tidal::Chain(input_scale, input_zero_point), {}};
+            },
+            "input_scale"_a, "input_zero_point"_a)
+        .def("add_layer", &add_layer, "weights"_a, "scale"_a.noconvert(), "a_zero_point"_a,
+             "bias"_a.noconvert() = nb::none(), "relu"_a = false, "mid"_a = nb::none(), "out"_a = nb::none(),
+             "output"_a = "u8",
+             "Append a layer; output is 'u8' (requantized with out), 'f32', or 'dequantize' (rounded through out).")
+        .def("run", &run_chain, "x"_a.noconvert(), "threads"_a = 0,
+             "Run the whole chain on M x K float32 rows; float32 or uint8 M x N by the last layer's output.")
+        .def("__len__", [](const PyChain& self) { return self.chain.layers().size(); });
     m.def("isas", &runnable_isas, "ISAs this build and CPU can run, fastest first ('scalar' is for tests).");
     m.def("best_isa", [] { return std::string(tidal::isa_name(tidal::best_isa())); },
           "The ISA chosen at load when none is forced.");
     m.def("usable_cores", &tidal::usable_cores);
     m.def("peak_gops", &peak_gops, "isa"_a, "seconds"_a = 0.2,
-          "Single-thread int8 GOPS of a register-only dot-product loop: the ceiling for this core.");
+          "Int8 GOPS per second of this thread's CPU time in a register-only dot-product loop: one core's ceiling.");
 #ifdef TIDAL_WITH_CUDA
     m.attr("HAS_CUDA") = true;
     m.def("cuda_device_sm", &tidal::cuda::device_sm, "Compute capability * 10 of the current device; 0 if none.");

@@ -151,6 +151,12 @@ Isa best_isa() {
     return best;
 }
 
+std::vector<int32_t> column_terms(const PackedWeights& w, int32_t za) {
+    std::vector<int32_t> terms(w.col_sums.size());
+    for (size_t n = 0; n < terms.size(); ++n) terms[n] = -za * w.col_sums[n] + static_cast<int32_t>(w.k) * za * w.zero_points[n];
+    return terms;
+}
+
 void gemm(const GemmArgs& in, int threads) {
     const PackedWeights& w = *in.w;
     GemmArgs g = in;
@@ -170,10 +176,12 @@ void gemm(const GemmArgs& in, int threads) {
         g.a = padded.data();
         g.lda = ld;
     }
-    std::vector<int32_t> col_terms(w.col_sums.size());
-    const int32_t za = g.a_zero_point;
-    for (size_t n = 0; n < col_terms.size(); ++n) col_terms[n] = -za * w.col_sums[n] + w.k * za * w.zero_points[n];
-    g.col_terms = col_terms.data();
+    std::vector<int32_t> col_terms;
+    if (g.col_terms == nullptr) {
+        col_terms = column_terms(w, g.a_zero_point);
+        g.col_terms = col_terms.data();
+    }
+    if (g.ldo == 0) g.ldo = w.n;
     std::vector<int32_t> row_sums;
     if (w.has_zero_points) {
         row_sums.assign(static_cast<size_t>(g.m), 0);
@@ -199,13 +207,22 @@ void gemm(const GemmArgs& in, int threads) {
 
 void quantize_u8(const float* x, int64_t rows, int64_t cols, float scale, int32_t zero_point, uint8_t* out,
                  int64_t ld) {
+    // Round half to even without SSE4.1's roundps (this file targets baseline x86-64): for |q| <= 2^22,
+    // adding and subtracting 1.5 * 2^23 rounds in the FPU's default mode. The clamp to +-512 keeps q in
+    // that range (and maps NaN to the low end) without changing any saturated result.
+    constexpr float kMagic = 12582912.f;
     const float zp = static_cast<float>(zero_point);
     for (int64_t r = 0; r < rows; ++r) {
-        const float* src = x + r * cols;
-        uint8_t* dst = out + r * ld;
+        const float* __restrict src = x + r * cols;
+        uint8_t* __restrict dst = out + r * ld;  // uint8_t may alias anything without __restrict
         for (int64_t c = 0; c < cols; ++c) {
-            const float q = __builtin_nearbyintf(src[c] / scale) + zp;
-            dst[c] = static_cast<uint8_t>(q > 0.f ? (q < 255.f ? q : 255.f) : 0.f);  // NaN -> 0
+            float q = src[c] / scale;
+            q = q > -512.f ? q : -512.f;
+            q = q < 512.f ? q : 512.f;
+            q = ((q + kMagic) - kMagic) + zp;
+            q = q > 0.f ? q : 0.f;
+            q = q < 255.f ? q : 255.f;
+            dst[c] = static_cast<uint8_t>(q);
         }
         for (int64_t c = cols; c < ld; ++c) dst[c] = 0;
     }

@@ -3,7 +3,8 @@
 // C[m][n] = sum_k (A[m][k] - za) * (B[k][n] - zb[n]), then per column:
 //   v = C * scale[n]; optional mid rounding point (a QuantizeLinear/DequantizeLinear
 //   pair between the product and the bias); v += bias[n]; v = max(v, lo);
-//   output as int32 (raw C), fp32 (v) or u8 (round-half-even(v / out_scale) + out_zp, saturated).
+//   output as int32 (raw C), fp32 (v), u8 (q = round-half-even(v / out_scale) + out_zp, saturated) or
+//   fp32 dequantized from that q ((q - out_zp) * out_scale: a QuantizeLinear/DequantizeLinear pair).
 //
 // Signed activations are handled by the caller: s8 x with zero point z is u8 (x + 128) with z + 128.
 #pragma once
@@ -45,7 +46,7 @@ struct PackedWeights {
 PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transposed, const int32_t* zero_points,
                            Isa isa);
 
-enum class OutKind : int { s32 = 0, f32 = 1, u8 = 2 };
+enum class OutKind : int { s32 = 0, f32 = 1, u8 = 2, dq = 3 };
 
 struct Epilogue {
     OutKind kind = OutKind::s32;
@@ -54,7 +55,7 @@ struct Epilogue {
     float lower = -3.4e38f;        // 0 fuses a ReLU
     bool has_mid = false;          // a rounding point between the product and the bias
     float mid_scale = 1.f, mid_zero_point = 0.f;
-    float out_scale = 1.f, out_zero_point = 0.f;  // kind == u8
+    float out_scale = 1.f, out_zero_point = 0.f;  // kind == u8 or dq
 };
 
 struct GemmArgs {
@@ -63,14 +64,19 @@ struct GemmArgs {
     int32_t a_zero_point = 0;
     const PackedWeights* w = nullptr;
     Epilogue ep;
-    void* out = nullptr;  // M x N of int32, float or uint8
+    void* out = nullptr;  // M rows of int32, float or uint8
+    int64_t ldo = 0;      // output row stride in elements; 0 means N
+    // Optional: -za * colsum[n] + K * za * zb[n] precomputed for a fixed za (see column_terms).
+    const int32_t* col_terms = nullptr;
     // Filled by gemm() so tile kernels touch raw pointers only (no std:: code compiled with ISA flags):
     int64_t k_groups = 0, panels = 0, block_bytes = 0, n = 0;
     const int8_t* b = nullptr;
     const int32_t* zero_points = nullptr;  // [panels*16]
-    const int32_t* col_terms = nullptr;    // [panels*16]: -za * colsum[n] + K * za * zb[n]
     const int32_t* row_sums = nullptr;     // [M] sum over k of A; null when the weights are symmetric
 };
+
+// The zero-point correction of every output column for activations with zero point `za`.
+std::vector<int32_t> column_terms(const PackedWeights& w, int32_t za);
 
 // Runs on the calling thread plus up to `threads - 1` pool workers (0: all cores); the pool is only
 // woken when the product is large enough to pay for it. Pads A internally when lda < 4 * k_groups.

@@ -27,9 +27,10 @@ struct Avx2 {
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h)
-                acc[r][h] = k.accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k.c + r * kTileCols + h * 8))
-                                         : _mm256_setzero_si256();
+            for (int h = 0; h < 2; ++h) {
+                const int32_t* from = k.accumulate ? k.c + r * kTileCols + h * 8 : k.init + h * 8;
+                acc[r][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+            }
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
         for (int64_t g = 0; g < k.kg; ++g, b += kBlock, a += 4) {

@@ -14,11 +14,19 @@ struct Avx512Vnni {
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
         __m512i acc[MR][NV];
+        if (k.accumulate) {
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r)
+            for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v)
-                acc[r][v] = k.accumulate ? _mm512_loadu_si512(k.c + r * kTileCols + v * 16) : _mm512_setzero_si512();
+                for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_si512(k.c + r * kTileCols + v * 16);
+        } else {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+                const __m512i init = _mm512_loadu_si512(k.init + v * 16);
+#pragma GCC unroll 8
+                for (int r = 0; r < MR; ++r) acc[r][v] = init;
+            }
+        }
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
         for (int64_t g = 0; g < k.kg; ++g, b += 64, a += 4) {
@@ -64,7 +72,9 @@ int64_t peak_loop_avx512_vnni(int64_t iterations) {
         _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
         _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)),
                          _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11))));
-    volatile int32_t sink = _mm512_reduce_add_epi32(sum);
+    alignas(64) int32_t lanes[16];
+    _mm512_store_si512(lanes, sum);
+    volatile int32_t sink = lanes[0];
     (void)sink;
     return iterations * 12 * 64 * 2;
 }

@@ -11,7 +11,7 @@ struct Scalar {
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
         int32_t acc[16];
-        for (int j = 0; j < 16; ++j) acc[j] = k.accumulate ? k.c[j] : 0;
+        for (int j = 0; j < 16; ++j) acc[j] = k.accumulate ? k.c[j] : k.init[j];
         for (int64_t g = 0; g < k.kg; ++g) {
             const uint8_t* x = k.a + 4 * g;
             const int8_t* w = k.b + 64 * g;

@@ -1,5 +1,5 @@
 // Weight packing: done once per model load, so it favours clarity over speed.
-#include <cstdlib>
+#include <cstddef>
 
 #include "gemm.h"
 
@@ -26,9 +26,9 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
     w.panels = (n + 15) / 16;
     const bool split = isa == Isa::avx2 && !fits_half_range(b, k * n);
     w.block_bytes = split ? 128 : 64;
-    w.data.assign(static_cast<size_t>(w.panels * w.k_groups * w.block_bytes), 0);
-    w.col_sums.assign(static_cast<size_t>(w.panels * 16), 0);
-    w.zero_points.assign(static_cast<size_t>(w.panels * 16), 0);
+    w.data.assign(static_cast<std::size_t>(w.panels * w.k_groups * w.block_bytes), 0);
+    w.col_sums.assign(static_cast<std::size_t>(w.panels * 16), 0);
+    w.zero_points.assign(static_cast<std::size_t>(w.panels * 16), 0);
 
     for (int64_t kk = 0; kk < k; ++kk) {
         for (int64_t nn = 0; nn < n; ++nn) {

@@ -18,8 +18,12 @@ constexpr int64_t kTileCols = 64;  // scratch row width: 4 panels of 16 columns
 constexpr int64_t kKcGroups = 128;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-// NaN maps to `lo`, so a float-to-int conversion after it is always defined.
-inline float clampf(float v, float lo, float hi) { return v > lo ? (v < hi ? v : hi) : lo; }
+// NaN maps to `lo`, so a float-to-int conversion after it is always defined. Written as max then min
+// so it compiles to vmaxps/vminps.
+inline float clampf(float v, float lo, float hi) {
+    const float t = v > lo ? v : lo;
+    return t < hi ? t : hi;
+}
 
 inline int32_t load_i32(const uint8_t* p) {
     int32_t v;
@@ -27,52 +31,103 @@ inline int32_t load_i32(const uint8_t* p) {
     return v;
 }
 
-// Converts finished int32 tiles (rows [m0, m1), columns [col0, col0 + cols)) to the requested output.
-template <bool Mid, OutKind Kind>
-void epilogue_rows(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, int64_t cols, const int32_t* scratch) {
-    const Epilogue& ep = g.ep;
-    const float inv_mid = 1.f / ep.mid_scale, inv_out = 1.f / ep.out_scale;
-    for (int64_t m = m0; m < m1; ++m) {
-        const int32_t* acc = scratch + (m - m0) * kTileCols;
-        const int32_t rs = g.row_sums ? g.row_sums[m] : 0;
-        const int32_t* ct = g.col_terms + col0;
-        const int32_t* zp = g.zero_points + col0;
-        if constexpr (Kind == OutKind::s32) {
-            int32_t* out = static_cast<int32_t*>(g.out) + m * g.n + col0;
-            for (int64_t c = 0; c < cols; ++c) out[c] = acc[c] + ct[c] - rs * zp[c];
-            continue;
-        }
-        const float* scale = ep.scale + col0;
-        const float* bias = ep.bias ? ep.bias + col0 : nullptr;
-        float* outf = static_cast<float*>(g.out) + m * g.n + col0;
-        uint8_t* outq = static_cast<uint8_t*>(g.out) + m * g.n + col0;
-        for (int64_t c = 0; c < cols; ++c) {
-            float v = static_cast<float>(acc[c] + ct[c] - rs * zp[c]) * scale[c];
-            if constexpr (Mid) {
-                v = (clampf(__builtin_nearbyintf(v * inv_mid) + ep.mid_zero_point, 0.f, 255.f) - ep.mid_zero_point) *
-                    ep.mid_scale;
-            }
-            if (bias) v += bias[c];
-            v = v < ep.lower ? ep.lower : v;
-            if constexpr (Kind == OutKind::f32) {
-                outf[c] = v;
+// Epilogue constants copied out of GemmArgs, so stores to the output cannot alias them and the compiler
+// keeps them in registers. Zero points are folded into the clamp bounds: clamp(rint(x) + z, 0, 255) - z is
+// clamp(rint(x), -z, 255 - z) exactly, since every value involved is a small integer in float. ReLU before
+// a requantization is folded into its lower bound too: rint(max(v, 0) * inv) == max(rint(v * inv), 0).
+struct EpilogueConsts {
+    float lower;                           // ReLU bound, applied only to unrounded float output
+    float inv_mid, mid_scale, mid_lo, mid_hi;
+    float inv_out, out_scale, out_zero_point, out_lo, out_hi;
+
+    explicit EpilogueConsts(const Epilogue& ep)
+        : lower(ep.lower),
+          inv_mid(1.f / ep.mid_scale),
+          mid_scale(ep.mid_scale),
+          mid_lo(-ep.mid_zero_point),
+          mid_hi(255.f - ep.mid_zero_point),
+          inv_out(1.f / ep.out_scale),
+          out_scale(ep.out_scale),
+          out_zero_point(ep.out_zero_point),
+          out_lo(-ep.out_zero_point > __builtin_nearbyintf(ep.lower * inv_out) ? -ep.out_zero_point
+                                                                              : __builtin_nearbyintf(ep.lower * inv_out)),
+          out_hi(255.f - ep.out_zero_point) {}
+};
+
+// One output row segment. The accumulators already include the column zero-point terms (the micro-kernels
+// start from them). Cols > 0 fixes the trip count (a whole 64-column tile) so the loop vectorizes without
+// remainder handling; Cols == 0 handles the ragged last tile.
+template <bool Mid, bool Bias, OutKind Kind, int64_t Cols>
+void epilogue_row(const int32_t* __restrict acc, const float* __restrict scale, const float* __restrict bias,
+                  EpilogueConsts e, void* __restrict out, int64_t cols) {
+    const int64_t n = Cols > 0 ? Cols : cols;
+    if constexpr (Kind == OutKind::s32) {
+        int32_t* __restrict o = static_cast<int32_t*>(out);
+        for (int64_t c = 0; c < n; ++c) o[c] = acc[c];
+        return;
+    }
+    for (int64_t c = 0; c < n; ++c) {
+        float v = static_cast<float>(acc[c]) * scale[c];
+        if constexpr (Mid) v = clampf(__builtin_nearbyintf(v * e.inv_mid), e.mid_lo, e.mid_hi) * e.mid_scale;
+        if constexpr (Bias) v += bias[c];
+        if constexpr (Kind == OutKind::f32) {
+            static_cast<float*>(out)[c] = v > e.lower ? v : e.lower;
+        } else {
+            const float q = clampf(__builtin_nearbyintf(v * e.inv_out), e.out_lo, e.out_hi);
+            if constexpr (Kind == OutKind::u8) {
+                static_cast<uint8_t*>(out)[c] = static_cast<uint8_t>(q + e.out_zero_point);
             } else {
-                outq[c] = static_cast<uint8_t>(clampf(__builtin_nearbyintf(v * inv_out) + ep.out_zero_point, 0.f, 255.f));
+                static_cast<float*>(out)[c] = q * e.out_scale;
             }
         }
     }
 }
 
-inline void epilogue(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, int64_t cols, const int32_t* scratch) {
+// Converts finished int32 tiles (rows [m0, m1), columns [col0, col0 + cols)) to the requested output.
+template <bool Mid, bool Bias, OutKind Kind>
+void epilogue_rows(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, int64_t cols, int32_t* scratch) {
+    const Epilogue& ep = g.ep;
+    const EpilogueConsts e(ep);
+    const int64_t elem = Kind == OutKind::u8 ? 1 : 4;
+    const float* scale = ep.scale ? ep.scale + col0 : nullptr;
+    const float* bias = ep.bias ? ep.bias + col0 : nullptr;
+    for (int64_t m = m0; m < m1; ++m) {
+        int32_t* acc = scratch + (m - m0) * kTileCols;
+        if (g.row_sums) {  // asymmetric weights only: the -rowsum(A) * zb[n] term
+            const int32_t rs = g.row_sums[m];
+            const int32_t* zp = g.zero_points + col0;
+            for (int64_t c = 0; c < cols; ++c) acc[c] -= rs * zp[c];
+        }
+        void* out = static_cast<char*>(g.out) + (m * g.ldo + col0) * elem;
+        if (cols == kTileCols) {
+            epilogue_row<Mid, Bias, Kind, kTileCols>(acc, scale, bias, e, out, cols);
+        } else {
+            epilogue_row<Mid, Bias, Kind, 0>(acc, scale, bias, e, out, cols);
+        }
+    }
+}
+
+template <OutKind Kind>
+void epilogue_kind(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, int64_t cols, int32_t* scratch) {
+    const bool bias = g.ep.bias != nullptr;
+    if (g.ep.has_mid) {
+        return bias ? epilogue_rows<true, true, Kind>(g, m0, m1, col0, cols, scratch)
+                    : epilogue_rows<true, false, Kind>(g, m0, m1, col0, cols, scratch);
+    }
+    return bias ? epilogue_rows<false, true, Kind>(g, m0, m1, col0, cols, scratch)
+                : epilogue_rows<false, false, Kind>(g, m0, m1, col0, cols, scratch);
+}
+
+inline void epilogue(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, int64_t cols, int32_t* scratch) {
     switch (g.ep.kind) {
         case OutKind::s32:
-            return epilogue_rows<false, OutKind::s32>(g, m0, m1, col0, cols, scratch);
+            return epilogue_rows<false, false, OutKind::s32>(g, m0, m1, col0, cols, scratch);
         case OutKind::f32:
-            return g.ep.has_mid ? epilogue_rows<true, OutKind::f32>(g, m0, m1, col0, cols, scratch)
-                                : epilogue_rows<false, OutKind::f32>(g, m0, m1, col0, cols, scratch);
+            return epilogue_kind<OutKind::f32>(g, m0, m1, col0, cols, scratch);
         case OutKind::u8:
-            return g.ep.has_mid ? epilogue_rows<true, OutKind::u8>(g, m0, m1, col0, cols, scratch)
-                                : epilogue_rows<false, OutKind::u8>(g, m0, m1, col0, cols, scratch);
+            return epilogue_kind<OutKind::u8>(g, m0, m1, col0, cols, scratch);
+        case OutKind::dq:
+            return epilogue_kind<OutKind::dq>(g, m0, m1, col0, cols, scratch);
     }
 }
 
@@ -83,7 +138,8 @@ struct MicroCall {
     const int8_t* b;
     int64_t stride;  // bytes between panels
     int64_t kg;      // k groups in this block
-    int32_t* c;      // scratch, row stride kTileCols
+    int32_t* c;         // scratch, row stride kTileCols
+    const int32_t* init;  // starting value of every row (the column zero-point terms) when !accumulate
     bool accumulate;
 };
 
@@ -104,24 +160,27 @@ void call_micro(int mr, int nv, const MicroCall& k) {
 }
 
 // Loop order: column panel groups (kNV panels, kept in L1 per K block), K blocks, row blocks of kMR.
-// The int32 tile lives in `scratch` across K blocks and is finished by the epilogue once per group.
+// The int32 tile lives in `scratch` across K blocks; each row block is finished by the epilogue right
+// after its last K block, while its tile is still in L1.
 template <class Micro>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
     const int64_t stride = g.k_groups * g.block_bytes;
     for (int64_t p = p0; p < p1; p += Micro::kNV) {
         const int nv = static_cast<int>(min64(Micro::kNV, p1 - p));
         const int8_t* bp = g.b + p * stride;
+        const int64_t col0 = p * 16, cols = min64(g.n - col0, nv * 16);
         for (int64_t k0 = 0; k0 < g.k_groups; k0 += kKcGroups) {
             const int64_t kc = min64(kKcGroups, g.k_groups - k0);
+            const bool last = k0 + kc == g.k_groups;
             for (int64_t m = m0; m < m1; m += Micro::kMR) {
                 const int mr = static_cast<int>(min64(Micro::kMR, m1 - m));
-                const MicroCall k{g.a + m * g.lda + 4 * k0, g.lda, bp + k0 * g.block_bytes, stride, kc,
-                                  scratch + (m - m0) * kTileCols, k0 > 0};
+                int32_t* tile = scratch + (m - m0) * kTileCols;
+                const MicroCall k{g.a + m * g.lda + 4 * k0, g.lda, bp + k0 * g.block_bytes, stride, kc, tile,
+                                  g.col_terms + col0, k0 > 0};
                 call_micro<Micro>(mr, nv, k);
+                if (last) epilogue(g, m, m + mr, col0, cols, tile);
             }
         }
-        const int64_t col0 = p * 16;
-        epilogue(g, m0, m1, col0, min64(g.n - col0, nv * 16), scratch);
     }
 }
 

@@ -43,17 +43,6 @@ class _Quant:
     signed: bool
 
 
-@dataclass(slots=True)
-class _Layer:
-    weights: object  # tidal._kernels.PackedWeights
-    in_zero_point: int
-    scale: np.ndarray  # [N] float32: input scale * weight scale * alpha
-    bias: np.ndarray | None
-    mid: tuple[float, int] | None
-    relu: bool
-    out: _Quant | None  # None: the layer's float result is the graph output
-
-
 @dataclass(frozen=True, slots=True)
 class _Token:
     """One node of the chain, reduced to what the epilogue needs."""
@@ -271,11 +260,16 @@ def _epilogue(cur: _Cursor, gemm: _Token) -> tuple[np.ndarray | None, _Quant | N
             raise _refuse(token.node, "a MatMul output must be quantized before the next MatMul")
 
 
+_OUTPUT_KIND = {"next": "u8", "quantized": "u8", "dequantized": "dequantize", "float": "f32"}
+
+
 @dataclass(slots=True)
 class _Plan:
-    input: _Quant
-    layers: list[_Layer]
+    chain: object  # tidal._kernels.Chain
+    k: int
+    isa: str
     output: str  # float | dequantized | quantized
+    signed_output: bool
 
 
 def _compile(tokens: list[_Token], isa: str | None) -> _Plan:
@@ -284,12 +278,13 @@ def _compile(tokens: list[_Token], isa: str | None) -> _Plan:
     cur = _Cursor(tokens)
     q_in = cur.take("q", None)
     act = _qdq(cur, q_in)
-    layers: list[_Layer] = []
+    chain = _kernels.Chain(q_in.quant.scale, q_in.quant.zero_point)
+    first, n_prev = None, None
     while True:
         gemm = cur.take("gemm", None)
         k, n = gemm.weights.shape
-        if layers and layers[-1].weights.n != k:
-            raise _refuse(gemm.node, f"expects K={k} but the previous layer gives {layers[-1].weights.n}")
+        if n_prev is not None and n_prev != k:
+            raise _refuse(gemm.node, f"expects K={k} but the previous layer gives {n_prev}")
         bias, mid, relu, out, how = _epilogue(cur, gemm)
         if bias is not None and bias.size == 1:
             bias = np.full(n, bias[0], np.float32)
@@ -299,14 +294,15 @@ def _compile(tokens: list[_Token], isa: str | None) -> _Plan:
             packed = _kernels.PackedWeights(gemm.weights, gemm.w_zero_point, isa=isa)
         except ValueError as exc:
             raise ConfigError(f"int8 backend: {_describe(gemm.node)}: {exc}") from exc
-        layers.append(_Layer(
-            weights=packed, in_zero_point=act.zero_point,
-            scale=(act.scale * gemm.w_scale * gemm.alpha).astype(np.float32),
-            bias=None if bias is None else np.ascontiguousarray(bias, np.float32),
-            mid=None if mid is None else (mid.scale, mid.zero_point), relu=relu, out=out,
-        ))
+        chain.add_layer(
+            packed, (act.scale * gemm.w_scale * gemm.alpha).astype(np.float32), act.zero_point,
+            bias=None if bias is None else np.ascontiguousarray(bias, np.float32), relu=relu,
+            mid=None if mid is None else (mid.scale, mid.zero_point),
+            out=None if out is None else (out.scale, out.zero_point), output=_OUTPUT_KIND[how],
+        )
+        first, n_prev = first or packed, n
         if how != "next":
-            return _Plan(input=q_in.quant, layers=layers, output=how)
+            return _Plan(chain, first.k, first.isa, how, signed_output=how == "quantized" and out.signed)
         act = out
 
 
@@ -320,7 +316,7 @@ class Int8Backend:
 
     def __init__(self, plan: _Plan, input_spec: TensorSpec, output_spec: TensorSpec, threads: int) -> None:
         self._plan, self._input, self._output, self._threads = plan, input_spec, output_spec, threads
-        self.isa: str = plan.layers[0].weights.isa
+        self.isa: str = plan.isa
 
     def inputs(self) -> list[TensorSpec]:
         return [self._input]
@@ -329,46 +325,23 @@ class Int8Backend:
         return [self._output]
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
-        from tidal import _kernels
-
         for name in output_names:
             if name != self._output.name:
                 raise InvalidArgument(f"unknown output '{name}' (the model has '{self._output.name}')")
-        x = inputs.get(self._input.name)
-        k = self._plan.layers[0].weights.k
+        x, k = inputs.get(self._input.name), self._plan.k
         if x is None or x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != k:
             got = "nothing" if x is None else f"{x.dtype} {x.shape}"
             raise InvalidArgument(f"input '{self._input.name}' must be float32 [..., {k}], got {got}")
-        plan, lead = self._plan, x.shape[:-1]
         try:
-            a = _kernels.quantize_u8(np.ascontiguousarray(x.reshape(-1, k)), plan.input.scale, plan.input.zero_point)
-            for layer in plan.layers[:-1]:
-                a = self._gemm_u8(a, layer)
-            y = self._last(a, plan.layers[-1])
-        except (ValueError, TypeError, RuntimeError) as exc:
+            y = self._plan.chain.run(np.ascontiguousarray(x.reshape(-1, k)), self._threads)
+        except (ValueError, TypeError) as exc:
             raise BackendError(f"int8 kernels failed: {exc}") from exc
-        return {self._output.name: y.reshape(*lead, y.shape[-1])}
-
-    def _gemm_u8(self, a: np.ndarray, layer: _Layer) -> np.ndarray:
-        from tidal import _kernels
-
-        return _kernels.gemm_u8(a, layer.weights, layer.scale, layer.out.scale, layer.out.zero_point,
-                                a_zero_point=layer.in_zero_point, bias=layer.bias, relu=layer.relu,
-                                mid=layer.mid, threads=self._threads)
-
-    def _last(self, a: np.ndarray, layer: _Layer) -> np.ndarray:
-        from tidal import _kernels
-
-        if self._plan.output == "float":
-            return _kernels.gemm_f32(a, layer.weights, layer.scale, a_zero_point=layer.in_zero_point,
-                                     bias=layer.bias, relu=layer.relu, mid=layer.mid, threads=self._threads)
-        q = self._gemm_u8(a, layer)
-        if self._plan.output == "dequantized":
-            return (q.astype(np.float32) - np.float32(layer.out.zero_point)) * np.float32(layer.out.scale)
-        return (q ^ np.uint8(0x80)).view(np.int8) if layer.out.signed else q
+        if self._plan.signed_output:  # s8 results travel as u8 + 128 inside the kernels
+            y = (y ^ np.uint8(0x80)).view(np.int8)
+        return {self._output.name: y.reshape(*x.shape[:-1], y.shape[-1])}
 
     def close(self) -> None:
-        self._plan.layers.clear()
+        self._plan.chain = None
 
 
 def load(path: Path, options: BackendOptions) -> Int8Backend:
@@ -386,8 +359,9 @@ def load(path: Path, options: BackendOptions) -> Int8Backend:
         raise ConfigError(f"cannot read ONNX model '{path}': {exc}") from exc
     input_info, output_info, tokens = _chain(_GraphReader(model))
     plan = _compile(tokens, isa)
-    out_type = {"quantized": DataType.INT8 if plan.layers[-1].out and plan.layers[-1].out.signed else DataType.UINT8}
-    output_dtype = out_type.get(plan.output, DataType.FP32)
+    output_dtype = DataType.FP32
+    if plan.output == "quantized":
+        output_dtype = DataType.INT8 if plan.signed_output else DataType.UINT8
     if input_info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise _refuse(None, f"input '{input_info.name}' must be float32")
     return Int8Backend(plan, _spec(input_info, DataType.FP32), _spec(output_info, output_dtype),
