@@ -157,3 +157,63 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a model")
     with pytest.raises(ConfigError):
         load(path, BackendOptions())
+
+
+def _drop_final_dequantize(path: Path) -> Path:
+    """The same QDQ model with its last DequantizeLinear removed: the graph output is the int8/uint8 tensor."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    dq = next(n for n in graph.node if graph.output[0].name in n.output)
+    q_out = dq.input[0]
+    zero_point = next(i for i in graph.initializer if i.name == dq.input[2])
+    graph.node.remove(dq)
+    shape = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    graph.output.pop()
+    graph.output.append(helper.make_tensor_value_info(q_out, zero_point.data_type, shape))
+    out = path.with_name("quantized_output.onnx")
+    onnx.save(model, out)
+    return out
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8-out", "s8-out"])
+def test_quantized_output(tmp_path: Path, signed: bool) -> None:
+    path = _drop_final_dequantize(quantize(mlp(DIMS), tmp_path, signed=signed))
+    x = np.random.default_rng(3).standard_normal((17, DIMS[0])).astype(np.float32)
+    expected = _ort(path).run(None, {"x": x})[0]
+    backend = load(path, BackendOptions())
+    [out] = backend.outputs()
+    assert out.datatype == (DataType.INT8 if signed else DataType.UINT8)
+    got = backend.run({"x": x}, [out.name])[out.name]
+    assert got.dtype == expected.dtype
+    assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1
+
+
+def test_chain_equals_layer_by_layer_kernels() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 30)).astype(np.float32)
+    w1, w2 = (_kernels.PackedWeights(rng.integers(-128, 128, shape, dtype=np.int8)) for shape in [(30, 21), (21, 7)])
+    s1, s2 = (rng.uniform(1e-4, 1e-3, n).astype(np.float32) for n in (21, 7))
+    bias = rng.standard_normal(21).astype(np.float32)
+    chain = _kernels.Chain(0.02, 128)
+    chain.add_layer(w1, s1, 128, bias=bias, relu=True, mid=(0.05, 3), out=(0.04, 0))
+    chain.add_layer(w2, s2, 0, out=(0.1, 100), output="dequantize")
+    assert len(chain) == 2
+
+    a = _kernels.quantize_u8(x, 0.02, 128)
+    h = _kernels.gemm_u8(a, w1, s1, 0.04, 0, 128, bias=bias, relu=True, mid=(0.05, 3))
+    q = _kernels.gemm_u8(h, w2, s2, 0.1, 100, 0)
+    np.testing.assert_array_equal(chain.run(x), (q.astype(np.float32) - np.float32(100)) * np.float32(0.1))
+
+
+def test_chain_refuses_mismatched_layers() -> None:
+    chain = _kernels.Chain(0.1, 0)
+    w = _kernels.PackedWeights(np.ones((8, 4), np.int8))
+    with pytest.raises(ValueError, match="no layers"):
+        chain.run(np.ones((1, 8), np.float32))
+    chain.add_layer(w, np.ones(4, np.float32), 0, out=(0.1, 0))
+    with pytest.raises(ValueError, match="does not match"):
+        chain.add_layer(w, np.ones(4, np.float32), 0, out=(0.1, 0))
+    with pytest.raises(ValueError, match="K = 8"):
+        chain.run(np.ones((1, 5), np.float32))
+    with pytest.raises(ValueError, match="required"):
+        _kernels.Chain(0.1, 0).add_layer(w, np.ones(4, np.float32), 0)
