@@ -110,3 +110,41 @@ class InferResponse:
     outputs: dict[str, np.ndarray]
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSample:
+    """One executed batch, as the scheduler measured it."""
+
+    rows: int
+    compute_s: float  # input + infer + output
+    variant: str
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySample:
+    """One successful request, timed inside the server."""
+
+    level: int
+    total_s: float  # arrival -> answer
+    queue_s: float  # arrival -> batch start
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the scheduler shows the SLO controller each period.
+
+    Lives here, not in scheduling, because the controller may import only
+    types, config and clock. Samples cover the time since the previous
+    observation; counters are cumulative since the scheduler started.
+    """
+
+    at_s: float  # on the scheduler's clock
+    queue_depth: dict[int, int]  # priority level -> queued now
+    running: int  # requests in batches executing now
+    arrivals: dict[int, int]  # priority level -> admitted since start (cumulative)
+    completed: int  # successful requests since start
+    failed: int  # failed requests since start
+    batches: tuple[BatchSample, ...]
+    latencies: tuple[LatencySample, ...]
+    shed: dict[int, int] = field(default_factory=dict)  # priority level -> refused by admission limits (cumulative)

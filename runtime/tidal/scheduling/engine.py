@@ -139,7 +139,7 @@ class ModelScheduler:
             for output in request.requested_outputs:
                 if output not in self._declared_set:
                     raise InvalidArgument(f"model '{self._name}' has no output '{output}'")
-            entry = self._queue.admit(request, now)
+            entry = self._queue.admit(request, now, self._active.knobs.admission_limits)
         except TidalError as exc:
             reason = "REJECTED" if isinstance(exc, ResourceExhausted | DeadlineExceeded) else "OTHER"
             self._stats.failed(request.arrival_s, reason, now)
@@ -177,7 +177,8 @@ class ModelScheduler:
 
     def observe(self) -> Observation:
         """The controller's view; drains the latency and batch samples collected since the last call."""
-        return self._stats.observe(self._clock.now(), self._queue.depth_by_level(), self._running)
+        queue = self._queue
+        return self._stats.observe(self._clock.now(), queue.depth_by_level(), self._running, queue.shed_by_level())
 
     def queue_depth(self) -> dict[int, int]:
         """Requests waiting per priority level, without draining the controller's samples."""

@@ -21,6 +21,12 @@ class Knobs:
     batching off (one request per execution). `preferred_batch_sizes` above the
     current `max_batch_size` are ignored, which lets the controller lower the
     batch limit without rewriting them.
+
+    `admission_limits` holds (level, limit) pairs: a new request of `level` is
+    refused at arrival (RESOURCE_EXHAUSTED) while `limit` or more requests of
+    that level or a higher priority are queued; 0 refuses the level entirely,
+    and unlisted levels are never refused. The SLO controller sets them to
+    shed, lowest priority first, what could not be served in time anyway.
     """
 
     max_batch_size: int  # rows per execution; 0 or 1 = no batching
@@ -28,6 +34,7 @@ class Knobs:
     preferred_batch_sizes: tuple[int, ...] = ()
     instance_count: int = 1  # backend instances that may run at once (<= instances loaded)
     active_variant: str = ""  # key into the engine's runners; "" = the first (default) one
+    admission_limits: tuple[tuple[int, int], ...] = ()  # (priority level, max queued at or above it)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -38,5 +45,10 @@ class Knobs:
             raise InvalidArgument(f"instance_count must be >= 1, got {self.instance_count}")
         if any(size < 1 for size in self.preferred_batch_sizes):
             raise InvalidArgument(f"preferred batch sizes must be >= 1, got {self.preferred_batch_sizes}")
+        levels = [level for level, _ in self.admission_limits]
+        if len(set(levels)) != len(levels) or any(lv < 1 or limit < 0 for lv, limit in self.admission_limits):
+            raise InvalidArgument(
+                f"admission limits need distinct levels >= 1 and limits >= 0, got {self.admission_limits}"
+            )
         # Sorted and unique, so the batcher can take the largest with [-1].
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))

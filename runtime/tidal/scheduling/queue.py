@@ -107,6 +107,7 @@ class RequestQueue:
         # removal from anywhere (cancel) is O(1) and iteration stays in insertion order.
         self._lanes: list[OrderedDict[int, Entry]] = [OrderedDict() for _ in range(2 * config.priority_levels)]
         self._level_sizes = [0] * config.priority_levels
+        self._shed = [0] * config.priority_levels  # refused by admission limits, per level
         self._size = 0
         # (when, seq, entry) for every entry with a timeout or deadline; stale rows are skipped lazily.
         self._events: list[tuple[float, int, Entry]] = []
@@ -115,8 +116,8 @@ class RequestQueue:
     def __len__(self) -> int:
         return self._size
 
-    def admit(self, request: InferRequest, now: float) -> Entry:
-        """Queue `request` or raise the error its client gets at once."""
+    def admit(self, request: InferRequest, now: float, limits: tuple[tuple[int, int], ...] = ()) -> Entry:
+        """Queue `request` or raise the error its client gets at once; `limits` as in `Knobs.admission_limits`."""
         config = self._config
         level = config.level_of(request.priority)
         rows, key = _rows_and_key(request, config)
@@ -126,6 +127,13 @@ class RequestQueue:
             raise DeadlineExceeded("the request deadline passed before it was queued")
         if policy.max_queue_size and self._level_sizes[level - 1] >= policy.max_queue_size:
             raise ResourceExhausted(f"queue of priority level {level} is full ({policy.max_queue_size} requests)")
+        for limited, limit in limits:
+            if limited == level and sum(self._level_sizes[:level]) >= limit:
+                self._shed[level - 1] += 1
+                raise ResourceExhausted(
+                    f"shed at arrival to hold the latency SLO of model '{request.model_name}': priority {level} "
+                    f"admits at most {limit} queued requests at or above it now; retry later or with a higher priority"
+                )
         timeout_us = policy.default_timeout_us
         if policy.allow_timeout_override and request.timeout_us and (not timeout_us or request.timeout_us < timeout_us):
             timeout_us = request.timeout_us
@@ -192,6 +200,10 @@ class RequestQueue:
 
     def depth_by_level(self) -> dict[int, int]:
         return {level: size for level, size in enumerate(self._level_sizes, start=1)}
+
+    def shed_by_level(self) -> dict[int, int]:
+        """Requests refused by admission limits since start, per level."""
+        return {level: count for level, count in enumerate(self._shed, start=1)}
 
     def _lane(self, entry: Entry) -> OrderedDict[int, Entry]:
         return self._lanes[2 * (entry.level - 1) + entry.delayed]

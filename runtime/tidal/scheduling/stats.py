@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tidal.scheduling.execute import BatchOutcome
 from tidal.scheduling.queue import Entry
+from tidal.types import BatchSample, LatencySample, Observation
 
 REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 SAMPLE_LIMIT = 8192  # samples kept between two observe() calls; older ones are dropped
@@ -46,34 +47,6 @@ class ModelStats:
     # batch size -> (compute_input, compute_infer, compute_output), counted per execution
     batch_stats: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
     failures_by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-
-
-@dataclass(frozen=True, slots=True)
-class BatchSample:
-    rows: int
-    compute_s: float  # input + infer + output
-    variant: str
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySample:
-    level: int
-    total_s: float  # arrival -> answer
-    queue_s: float  # arrival -> batch start
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What the controller sees each period. Samples cover the time since the previous observe()."""
-
-    at_s: float  # on the scheduler's clock
-    queue_depth: dict[int, int]  # priority level -> queued now
-    running: int  # requests in batches executing now
-    arrivals: dict[int, int]  # priority level -> admitted since start (cumulative)
-    completed: int  # successful requests since start
-    failed: int  # failed requests since start
-    batches: tuple[BatchSample, ...]
-    latencies: tuple[LatencySample, ...]
 
 
 class StatsRecorder:
@@ -116,7 +89,7 @@ class StatsRecorder:
     def snapshot(self) -> ModelStats:
         return copy.deepcopy(self._stats)
 
-    def observe(self, now: float, queue_depth: dict[int, int], running: int) -> Observation:
+    def observe(self, now: float, queue_depth: dict[int, int], running: int, shed: dict[int, int]) -> Observation:
         """A copy for the controller; drains the sample buffers."""
         batches, latencies = tuple(self._batches), tuple(self._latencies)
         self._batches.clear()
@@ -130,4 +103,5 @@ class StatsRecorder:
             failed=self._stats.fail.count,
             batches=batches,
             latencies=latencies,
+            shed=shed,
         )
