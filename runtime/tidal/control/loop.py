@@ -1,0 +1,98 @@
+"""The loop that runs the controller: observe every plant, step, apply what changed.
+
+It knows models only as `Plant`s, which the composition root builds from
+the schedulers it owns, so this package never imports the scheduler.
+Runs on the event loop as one task; every call into a plant happens there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from tidal.clock import Clock
+from tidal.control.api import DEFAULT_PERIOD_S, Decision, ModelInfo, Setpoint, Slo
+from tidal.control.slo import SloController
+from tidal.types import Observation
+
+log = logging.getLogger(__name__)
+
+
+class Plant(Protocol):
+    """One served model version under control."""
+
+    key: str  # stable across periods; a reload brings a new plant with the same key
+    generation: object  # changes when the model is reloaded, so its memory starts afresh
+
+    def info(self) -> ModelInfo: ...
+
+    def configured_slo(self) -> Slo: ...
+
+    def observe(self) -> Observation: ...
+
+    def setpoint(self) -> Setpoint: ...
+
+    def apply(self, setpoint: Setpoint) -> None:
+        """Put the setpoint in force; may raise TidalError, which the loop logs and survives."""
+        ...
+
+
+class ControlLoop:
+    """Steps each plant once per its own control period."""
+
+    def __init__(
+        self,
+        controller: SloController,
+        plants: Callable[[], Iterable[Plant]],
+        clock: Clock,
+        on_decision: Callable[[Plant, Decision], None] = lambda plant, decision: None,
+    ) -> None:
+        self.controller = controller
+        self._plants = plants
+        self._clock = clock
+        self._on_decision = on_decision
+        self._generations: dict[str, object] = {}
+        self._due: dict[str, float] = {}
+
+    def tick(self) -> float:
+        """Step every plant whose period is up; returns the seconds until the next one is due."""
+        now = self._clock.now()
+        seen = set()
+        wait = DEFAULT_PERIOD_S
+        for plant in self._plants():
+            key = plant.key
+            seen.add(key)
+            if self._generations.get(key) is not plant.generation:
+                self.controller.track(key, plant.info(), plant.configured_slo())
+                self._generations[key] = plant.generation
+                self._due[key] = now
+            period = self.controller.slo(key).period_s
+            if now >= self._due[key]:
+                self._step(plant)
+                self._due[key] = max(self._due[key] + period, now)
+            wait = min(wait, self._due[key] - now)
+        for key in set(self._generations) - seen:
+            self.controller.forget(key)
+            del self._generations[key], self._due[key]
+        return max(wait, 0.001)
+
+    def _step(self, plant: Plant) -> None:
+        active = plant.setpoint()
+        decision = self.controller.step(plant.key, plant.observe(), active)
+        if decision.changed:
+            log.info(
+                "controller %s: %s: %s", plant.key, decision.reason.value, decision.detail,
+                extra={"model": plant.key, "reason": decision.reason.value},
+            )
+            try:
+                plant.apply(decision.setpoint)
+            except Exception:  # one model's failure must not stop the others' control
+                log.exception("controller %s: applying %s failed", plant.key, decision.setpoint)
+        self._on_decision(plant, decision)
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        while True:
+            await asyncio.sleep(self.tick())

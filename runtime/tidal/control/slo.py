@@ -1,0 +1,399 @@
+"""The SLO controller: from what each model's scheduler observed to the knobs it should run with.
+
+Deterministic and free of I/O, threads and clocks: `step` takes one
+`Observation` (whose `at_s` is the only notion of time) and the setpoint in
+force, and returns a `Decision`. Per-model memory (sliding windows, the
+latency models, hysteresis timers) lives in the controller object, so the
+same sequence of observations always yields the same decisions. The loop
+that feeds it is the composition root's business.
+
+Each period, for the variants the mode allows (FULL: every variant at or
+above the accuracy floor, most accurate first; BATCH: the active one), the
+queueing estimate of `plan.py` gives the largest batch that meets the
+target and the utilisation at the offered rate. Then:
+
+- the active variant stays while its utilisation is under
+  `leave_utilisation`, its predicted p99 meets the target and the measured
+  p99 meets the SLO;
+- otherwise it moves down at once, to the most accurate variant that fits
+  under `settle_utilisation` (only to a faster one when the measurements,
+  not the estimate, showed the breach);
+- it moves up to a more accurate variant only after that variant has fitted
+  under `up_utilisation` for `up_hold_s` without a break: the gap between
+  the three thresholds is the hysteresis that stops flapping;
+- when nothing fits, the fastest variant runs and admission limits refuse
+  at arrival the requests that could not leave in time, lowest priority
+  first (see `plan.admission_limits`); measured breaches while shedding
+  shrink the capacity the limits assume, quiet periods restore it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tidal.control.api import Decision, Mode, ModelInfo, Reason, Setpoint, Slo, VariantInfo
+from tidal.control.latency import BatchLatency
+from tidal.control.plan import Line, Load, Plan, admission_limits, plan_variant, predict_p99
+from tidal.control.window import Ewma, LatencyWindow, RateMeter
+from tidal.errors import NotFound
+from tidal.types import Observation
+
+HISTORY = 32  # changed decisions kept per model for `tidal control status`
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The controller's constants; the defaults are what the perf runs in perf/RESULTS.md used."""
+
+    window_s: float = 2.0  # latency percentiles and the long rate span
+    fast_rate_s: float = 0.3  # short rate span: a step up shows within a few periods
+    tail_factor: float = 2.0  # p99 ~ window + tail * L(batch) + offset
+    latency_margin: float = 0.85  # plans aim at this fraction of the SLO
+    max_delay_share: float = 0.25  # the batching window keeps at most this share of the target
+    up_utilisation: float = 0.6  # a more accurate variant must run at most this loaded ...
+    up_hold_s: float = 2.0  # ... for this long before the controller moves up
+    settle_utilisation: float = 0.7  # where a move down lands
+    leave_utilisation: float = 0.85  # above this the active variant is left at once
+    min_samples: int = 100  # latencies needed before a measured p99 is judged
+    half_life_s: float = 5.0  # of measured batch times in the latency models
+    batch_hysteresis: float = 0.25  # the batch limit moves up only by more than this fraction
+    offset_utilisation: float = 0.7  # the model's offset is learned only below this load
+    accuracy_resolution: float = 0.005  # accuracies closer than this are ties
+
+
+@dataclass
+class _Model:
+    """Everything the controller remembers about one model version."""
+
+    info: ModelInfo
+    slo: Slo
+    tuning: Tuning
+    window: LatencyWindow = field(init=False)
+    offered: RateMeter = field(init=False)
+    latency: dict[str, BatchLatency] = field(init=False)
+    drift: Ewma = field(default_factory=lambda: Ewma(0.3))
+    offset: Ewma = field(default_factory=lambda: Ewma(0.2))
+    rows: Ewma = field(default_factory=lambda: Ewma(0.2))
+    last_at: float | None = None
+    fit_since: float | None = None  # when a better variant (or the way out of shedding) started to fit
+    shedding: bool = False
+    scale: float = 1.0  # the share of the estimated capacity that admission limits assume
+    engaged: bool = False  # the controller changed knobs since it last restored the configured ones
+    history: deque[Decision] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    last: Decision | None = None
+
+    def __post_init__(self) -> None:
+        self.window = LatencyWindow(self.tuning.window_s)
+        self.offered = RateMeter(self.tuning.window_s)
+        self.latency = {v.name: BatchLatency(v.batch_sizes, v.p50_ms) for v in self.info.variants}
+
+
+@dataclass(frozen=True)
+class _Period:
+    """What one period's decision is based on."""
+
+    load: Load
+    rates: dict[int, float]  # offered rows per ms, per level
+    request_rps: float
+    slo_ms: float  # the tightest target of the levels with traffic
+    breach: str  # why the measurements say the SLO is broken; "" when they do not
+    p50: float | None
+    p99: float | None
+
+
+class SloController:
+    """Per-model SLO control; call `step` once per period for each tracked model, from one thread."""
+
+    def __init__(self, tuning: Tuning | None = None) -> None:
+        self.tuning = tuning or Tuning()
+        self._models: dict[str, _Model] = {}
+
+    # -- tracking -------------------------------------------------------------------------
+    def track(self, key: str, info: ModelInfo, slo: Slo) -> None:
+        """Start (or restart, after a reload) controlling a model version."""
+        self._models[key] = _Model(info, slo, self.tuning)
+
+    def forget(self, key: str) -> None:
+        self._models.pop(key, None)
+
+    def tracks(self, key: str) -> bool:
+        return key in self._models
+
+    def _model(self, key: str) -> _Model:
+        try:
+            return self._models[key]
+        except KeyError:
+            raise NotFound(f"the controller does not track '{key}'") from None
+
+    def slo(self, key: str) -> Slo:
+        return self._model(key).slo
+
+    def set_slo(self, key: str, slo: Slo) -> None:
+        """Takes effect at the next step; hysteresis timers restart."""
+        model = self._model(key)
+        model.slo, model.fit_since = slo, None
+
+    def history(self, key: str) -> tuple[Decision, ...]:
+        """The latest decisions that changed something, oldest first."""
+        return tuple(self._model(key).history)
+
+    def last(self, key: str) -> Decision | None:
+        return self._model(key).last
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self, key: str, observation: Observation, active: Setpoint) -> Decision:
+        model = self._model(key)
+        self._ingest(model, observation)
+        period = self._period(model, observation)
+        if not model.slo.engaged:
+            decision = self._off(model, observation.at_s, active, period)
+        else:
+            decision = self._control(model, observation.at_s, active, period)
+        model.last = decision
+        if decision.changed:
+            model.engaged = decision.reason is not Reason.OFF
+            model.history.append(decision)
+            if decision.setpoint.variant != active.variant or bool(decision.setpoint.admission_limits) != bool(
+                active.admission_limits
+            ):
+                model.window.clear()  # latencies of the old setting say nothing about the new one
+        return decision
+
+    def _ingest(self, model: _Model, obs: Observation) -> None:
+        dt = 0.0 if model.last_at is None else max(obs.at_s - model.last_at, 0.0)
+        model.last_at = obs.at_s
+        model.window.add(obs.at_s, obs.latencies)
+        levels = set(obs.arrivals) | set(obs.shed)
+        model.offered.add(obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) for lv in levels})
+        for latency in model.latency.values():
+            latency.decay(dt, self.tuning.half_life_s)
+        drift = model.drift.value or 1.0
+        ratios = []
+        for batch in obs.batches:
+            latency = model.latency.get(batch.variant)
+            if latency is None:
+                continue
+            profiled = latency.profiled_ms(batch.rows)
+            if profiled and profiled > 0:
+                ratios.append(batch.compute_s * 1e3 / profiled)
+            latency.add(batch.rows, batch.compute_s, drift)
+        if ratios:
+            model.drift.add(min(max(float(np.median(ratios)), 0.1), 10.0))
+        if obs.batches and obs.latencies:
+            model.rows.add(max(sum(b.rows for b in obs.batches) / len(obs.latencies), 1.0))
+
+    def _period(self, model: _Model, obs: Observation) -> _Period:
+        t, slo = self.tuning, model.slo
+        rows = model.rows.value or 1.0
+        levels = range(1, model.info.priority_levels + 1)
+        rps = {lv: max(model.offered.rate(t.fast_rate_s, lv), model.offered.rate(t.window_s, lv)) for lv in levels}
+        busy = [lv for lv in levels if rps[lv] > 0] or list(levels)
+        slo_ms = min(slo.target_ms(lv) for lv in busy) if slo.p99_ms > 0 else 0.0
+        target = slo_ms * t.latency_margin
+        delay_ms = min(model.info.configured.max_queue_delay_us / 1e3, target * t.max_delay_share)
+        load = Load(
+            rate=sum(rps.values()) * rows / 1e3,
+            rows_per_request=rows,
+            queued_rows=sum(obs.queue_depth.values()) * rows,
+            target_ms=target,
+            delay_ms=delay_ms,
+            offset_ms=model.offset.value or 0.0,
+            tail=t.tail_factor,
+        )
+        window = model.window
+        breach = ""
+        for level in sorted(window.levels()):
+            count, limit = window.count(level), slo.target_ms(level)
+            if limit > 0 and count >= t.min_samples and window.exceeding(limit, level) > max(2, 0.01 * count):
+                breach = f"measured p99 {window.percentile(99, level):.1f} ms > {limit:g} ms at priority {level}"
+                break
+        return _Period(
+            load,
+            {lv: r * rows / 1e3 for lv, r in rps.items()},
+            sum(rps.values()),
+            slo_ms,
+            breach,
+            window.percentile(50),
+            window.percentile(99),
+        )
+
+    def _decision(
+        self, model: _Model, at_s: float, active: Setpoint, setpoint: Setpoint, reason: Reason, detail: str, p: _Period,
+        predicted: float | None = None,
+    ) -> Decision:
+        changed = setpoint != active
+        if reason is Reason.HOLD and changed:
+            reason = Reason.RETUNE
+        return Decision(
+            model.info.name, at_s, setpoint, changed, reason, detail, p.p50, p.p99, predicted, p.request_rps
+        )
+
+    def _off(self, model: _Model, at_s: float, active: Setpoint, p: _Period) -> Decision:
+        """Off (or no SLO): hand back the configured knobs once, then only observe."""
+        setpoint = active
+        detail = "controller off" if model.slo.p99_ms > 0 else "no SLO set"
+        if model.engaged:
+            setpoint, model.engaged = model.info.configured, False
+            detail += ": configured knobs restored"
+        model.shedding, model.scale, model.fit_since = False, 1.0, None
+        return self._decision(model, at_s, active, setpoint, Reason.OFF, detail, p)
+
+    # -- choosing -------------------------------------------------------------------------
+    def _candidates(self, model: _Model, active: Setpoint) -> list[str]:
+        """Variants the mode allows, most accurate first.
+
+        Accuracies closer than `accuracy_resolution` to each other are ties (a
+        few hundred validation samples cannot tell them apart); a tie goes to
+        the variant that agrees most with the reference. Unmeasured ones come last.
+        """
+        if model.slo.mode is Mode.BATCH:
+            return [active.variant] if active.variant in model.latency else [model.info.configured.variant]
+        floor = model.slo.min_accuracy
+        allowed = [
+            v for v in model.info.variants if (v.accuracy is None and floor == 0) or (v.accuracy or 0.0) >= floor
+        ]
+        best = max((v.accuracy for v in allowed if v.accuracy is not None), default=0.0)
+        resolution = self.tuning.accuracy_resolution
+
+        def rank(v: VariantInfo) -> tuple[bool, float, float]:
+            below = math.inf if v.accuracy is None else (best - v.accuracy) // resolution
+            return v.accuracy is None, below, -v.agreement
+
+        return [v.name for v in sorted(allowed, key=rank)] or [active.variant]
+
+    def _control(self, model: _Model, at_s: float, active: Setpoint, p: _Period) -> Decision:
+        candidates = self._candidates(model, active)
+        if not any(model.latency[v].known() for v in candidates if v in model.latency):
+            return self._decision(model, at_s, active, active, Reason.WARMUP, "no profile or measured batch yet", p)
+        drift = model.drift.value or 1.0
+        limit = max(model.info.max_batch_size, 1)
+        plans = {
+            v: plan_variant(v, Line(*model.latency[v].line(drift)), p.load, model.info.instances, limit)
+            for v in candidates
+            if model.latency[v].known()
+        }
+        self._learn_offset(model, active, p, drift)
+        if not any(plan.max_batch for plan in plans.values()):
+            fastest = min(plans.values(), key=lambda plan: plan.batch_ms)
+            setpoint = self._setpoint(model, fastest, active, p, shedding=False)
+            detail = f"{fastest.variant} needs {fastest.batch_ms:.2f} ms a batch; p99 {p.slo_ms:g} ms is out of reach"
+            return self._decision(model, at_s, active, setpoint, Reason.UNATTAINABLE, detail, p)
+        plan, reason, why = self._choose(model, at_s, active, plans, p)
+        if reason is Reason.SHED:
+            self._adapt_scale(model, p)
+        setpoint = self._setpoint(model, plan, active, p, shedding=reason is Reason.SHED)
+        return self._decision(model, at_s, active, setpoint, reason, _describe(why, plan, setpoint, p), p,
+                              None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
+
+    def _choose(
+        self, model: _Model, at_s: float, active: Setpoint, plans: dict[str, Plan], p: _Period
+    ) -> tuple[Plan, Reason, str]:
+        t, target = self.tuning, p.load.target_ms
+        ranked = [plans[v] for v in plans]  # most accurate first
+        current = plans.get(active.variant)
+        fastest = max(ranked, key=lambda plan: plan.capacity)
+        if model.shedding:
+            fits = [plan for plan in ranked if plan.fits(t.settle_utilisation, target)]
+            if not fits or p.breach:
+                model.fit_since = None
+                return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
+            if self._held(model, at_s):
+                model.shedding = False
+                up = [plan for plan in fits if plan.fits(t.up_utilisation, target)]
+                return (up or fits)[0], Reason.UP, "load fell: the SLO holds without shedding"
+            return fastest, Reason.SHED, "load falling: waiting out the hold before admitting all"
+        if current is not None and not p.breach and current.fits(t.leave_utilisation, p.slo_ms):
+            index = ranked.index(current)
+            better = [plan for plan in ranked[:index] if plan.fits(t.up_utilisation, target)]
+            if not better:
+                model.fit_since = None
+                return current, Reason.HOLD, "holding"
+            if self._held(model, at_s):
+                return better[0], Reason.UP, f"{better[0].variant} is more accurate and holds the SLO with margin"
+            return current, Reason.HOLD, f"{better[0].variant} fits; holding until it has for {t.up_hold_s:g} s"
+        model.fit_since = None
+        pool = ranked
+        if p.breach and current is not None:
+            pool = [plan for plan in ranked if plan.capacity > 1.1 * current.capacity]
+        for plan in pool:
+            if plan.fits(t.settle_utilisation, target):
+                if p.breach:
+                    return plan, Reason.DOWN_OBSERVED, p.breach
+                return plan, Reason.DOWN_PREDICTED, f"{active.variant} cannot hold the SLO at the offered load"
+        model.shedding, model.scale = True, 1.0
+        return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
+
+    def _held(self, model: _Model, at_s: float) -> bool:
+        """Whether the condition being timed has held for `up_hold_s` (starting the timer if it was not running)."""
+        if model.fit_since is None:
+            model.fit_since = at_s
+        if at_s - model.fit_since >= self.tuning.up_hold_s:
+            model.fit_since = None
+            return True
+        return False
+
+    def _learn_offset(self, model: _Model, active: Setpoint, p: _Period, drift: float) -> None:
+        """What the latencies show beyond the queueing estimate, measured while the load is moderate."""
+        t = self.tuning
+        latency = model.latency.get(active.variant)
+        if latency is None or not latency.known() or p.p99 is None or model.shedding:
+            return
+        if model.window.count() < t.min_samples:
+            return
+        line = Line(*latency.line(drift))
+        batch = max(active.max_batch_size, 1)
+        if p.load.rate * line.ms(batch) / (model.info.instances * batch) > t.offset_utilisation:
+            return
+        unexplained = predict_p99(line, replace(p.load, offset_ms=0.0), model.info.instances, batch)
+        if math.isfinite(unexplained):
+            model.offset.add(min(max(p.p99 - unexplained, 0.0), 0.5 * p.slo_ms))
+
+    def _setpoint(self, model: _Model, plan: Plan, active: Setpoint, p: _Period, shedding: bool) -> Setpoint:
+        t = self.tuning
+        batch = max(plan.max_batch, 1)
+        same = plan.variant == active.variant
+        if same and (1 - t.batch_hysteresis) * batch <= active.max_batch_size <= batch:
+            batch = active.max_batch_size  # small gains are not worth a change
+        if model.info.max_batch_size == 0:
+            batch = 0
+        limits: tuple[tuple[int, int], ...] = ()
+        if shedding:
+            levels = range(1, model.info.priority_levels + 1)
+            targets = {lv: model.slo.target_ms(lv) * t.latency_margin for lv in levels}
+            limits = admission_limits(plan, p.rates, targets, p.load, model.info.instances, model.scale)
+            if same and _close(limits, active.admission_limits, t.batch_hysteresis):
+                limits = active.admission_limits
+        return Setpoint(plan.variant, batch, round(p.load.delay_ms * 1e3), limits)
+
+    def _adapt_scale(self, model: _Model, p: _Period) -> None:
+        """Shrink the assumed capacity on a measured breach, grow it back while latencies stay well inside."""
+        if p.breach:
+            model.scale = max(model.scale * 0.8, 0.25)
+            model.window.clear()  # judge the new limits on their own latencies
+        elif p.p99 is not None and model.window.count() >= self.tuning.min_samples and p.p99 < 0.7 * p.slo_ms:
+            model.scale = min(model.scale * 1.1, 1.0)
+
+
+def _close(new: tuple[tuple[int, int], ...], old: tuple[tuple[int, int], ...], tolerance: float) -> bool:
+    """Same levels, no level opened or closed, and every limit within `tolerance` of the old one."""
+    if [lv for lv, _ in new] != [lv for lv, _ in old]:
+        return False
+    pairs = zip(new, old, strict=True)
+    return all((a == 0) == (b == 0) and abs(a - b) <= tolerance * max(a, b) for (_, a), (_, b) in pairs)
+
+
+def _describe(why: str, plan: Plan, setpoint: Setpoint, p: _Period) -> str:
+    predicted = "inf" if math.isinf(plan.predicted_p99_ms) else f"{plan.predicted_p99_ms:.1f}"
+    observed = "-" if p.p99 is None else f"{p.p99:.1f}"
+    text = (
+        f"{why}; {setpoint.variant or 'default'} max batch {setpoint.max_batch_size} "
+        f"delay {setpoint.max_queue_delay_us} us; {p.request_rps:.0f} rps offered, utilisation "
+        f"{plan.utilisation:.2f}, p99 predicted {predicted} ms / observed {observed} ms / SLO {p.slo_ms:g} ms"
+    )
+    if setpoint.admission_limits:
+        text += "; admit " + ", ".join(f"p{lv}<={n}" for lv, n in setpoint.admission_limits)
+    return text
