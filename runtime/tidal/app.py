@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import logging
 import signal
@@ -11,12 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.clock import SystemClock
+from tidal.control.api import Decision, Mode, ModelInfo, Setpoint, Slo, VariantInfo, model_key
+from tidal.control.loop import ControlLoop
+from tidal.control.slo import SloController
+from tidal.errors import TidalError
 from tidal.metrics import ModelSnapshot, ServerMetrics
-from tidal.repository.manager import ModelManager, ModelState
+from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.poll import RepositoryPoller
+from tidal.repository.variants import load_manifest
 from tidal.transport.control import ControlServicer
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
+from tidal.types import Observation
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,66 @@ class ServeOptions:
     metrics_port: int | None = 8002  # None: no /metrics endpoint
 
 
+class _Plant:
+    """A served model version as the control loop sees it: knobs <-> setpoints, variants <-> manifest."""
+
+    def __init__(self, served: ServedVersion, root: Path) -> None:
+        self.served, self.root = served, root
+        self.key = model_key(served.name, served.version)
+        self.generation = served
+
+    def info(self) -> ModelInfo:
+        served, knobs = self.served, self.served.spec.knobs
+        try:
+            manifest = load_manifest(self.root / served.name / str(served.version))
+        except TidalError as exc:  # changed on disk since the load: control from measurements alone
+            log.warning("model %s: variant profiles unavailable to the controller: %s", self.key, exc)
+            manifest = None
+        variants = []
+        for name in served.runners:
+            entry = manifest.variants.get(name) if manifest else None
+            if entry is None:
+                variants.append(VariantInfo(name, None))
+                continue
+            profile = next((entry.profiles[b] for b in entry.backends if b in entry.profiles), None)
+            accuracy = entry.accuracy
+            variants.append(VariantInfo(
+                name,
+                None if accuracy is None else accuracy.value,
+                1.0 if accuracy is None else accuracy.top1_agreement,
+                profile.batch_sizes if profile else (),
+                profile.p50_ms if profile else (),
+            ))
+        configured = Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us)
+        instances = len(next(iter(served.runners.values())))
+        spec = served.spec
+        return ModelInfo(self.key, spec.max_batch_size, instances, spec.scheduler.priority_levels, tuple(variants),
+                         configured)
+
+    def configured_slo(self) -> Slo:
+        spec = self.served.spec
+        period = {"period_s": spec.controller_period_ms / 1e3} if spec.controller_period_ms else {}
+        return Slo(spec.slo_p99_ms, spec.slo_min_accuracy, dict(spec.slo_priority_p99_ms),
+                   Mode(spec.controller_mode), **period)
+
+    def observe(self) -> Observation:
+        return self.served.scheduler.observe()
+
+    def setpoint(self) -> Setpoint:
+        k = self.served.scheduler.knobs
+        return Setpoint(k.active_variant, k.max_batch_size, k.max_queue_delay_us, k.admission_limits)
+
+    def apply(self, setpoint: Setpoint) -> None:
+        scheduler = self.served.scheduler
+        scheduler.apply(dataclasses.replace(
+            scheduler.knobs,
+            active_variant=setpoint.variant,
+            max_batch_size=setpoint.max_batch_size,
+            max_queue_delay_us=setpoint.max_queue_delay_us,
+            admission_limits=setpoint.admission_limits,
+        ))
+
+
 class App:
     """One server process. start() -> wait_for_shutdown() -> stop(), in that order."""
 
@@ -69,7 +137,15 @@ class App:
             self.metrics,
             model_control=options.model_control_mode is ModelControlMode.EXPLICIT,
         )
-        control = ControlServicer(self.manager)
+        self.controller = SloController()
+        self.control_loop = ControlLoop(
+            self.controller,
+            lambda: [_Plant(s, self.manager.root) for s in self.manager.served()],
+            self.clock,
+            self._decided,
+        )
+        self._control_task: asyncio.Task | None = None
+        control = ControlServicer(self.manager, self.controller, self.clock.now)
         self.server = GrpcServer(servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes)
         self.metrics_port: int | None = None
 
@@ -84,6 +160,17 @@ class App:
         if state is ModelState.UNAVAILABLE and reason and reason != "unloaded":
             self.metrics.load_failures.labels(name).inc()
 
+    def _decided(self, plant: _Plant, decision: Decision) -> None:
+        served = plant.served
+        self.metrics.controller_decision(
+            served.name, str(served.version), decision.reason.value, decision.observed_p99_ms,
+            decision.predicted_p99_ms, decision.arrival_rps, bool(decision.setpoint.admission_limits),
+        )
+
+    def _slo_ms(self, served: ServedVersion) -> float:
+        key = model_key(served.name, served.version)
+        return self.controller.slo(key).p99_ms if self.controller.tracks(key) else served.spec.slo_p99_ms
+
     def _snapshots(self) -> list[ModelSnapshot]:
         return [
             ModelSnapshot(
@@ -95,7 +182,7 @@ class App:
                 knobs=s.scheduler.knobs,
                 variants=tuple(sorted(s.runners)),
                 instances=len(next(iter(s.runners.values()))),
-                slo_p99_ms=s.spec.slo_p99_ms,
+                slo_p99_ms=self._slo_ms(s),
             )
             for s in self.manager.served()
         ]
@@ -112,6 +199,7 @@ class App:
         if self.poller is not None:
             self.poller.snapshot()
             self.poller.start()
+        self._control_task = asyncio.create_task(self.control_loop.run(), name="tidal-control")
         self._accepting = True
         await self.server.set_serving("", True)
         # A machine-readable line: tests and wrappers read the bound port from it.
@@ -134,6 +222,10 @@ class App:
         await self.server.health.enter_graceful_shutdown()
         if self.poller is not None:
             await self.poller.stop()
+        if self._control_task is not None:
+            self._control_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._control_task
         try:
             # Schedulers keep running until every accepted request has its answer.
             await asyncio.wait_for(self.servicer.drained(), self.options.drain_grace_s)

@@ -10,6 +10,7 @@ from pathlib import Path
 from tidal import __version__, logs
 from tidal.app import ModelControlMode, ServeOptions, run
 from tidal.bench.cli import add_bench_parser
+from tidal.errors import InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -66,6 +67,51 @@ def _serve(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def _add_control_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("control", help="read and steer the SLO controller of a running server")
+    p.add_argument("-u", "--url", default="127.0.0.1:8001", help="server host:port (default %(default)s)")
+    commands = p.add_subparsers(dest="control_command", required=True)
+    status = commands.add_parser("status", help="per model: SLO, observed latency, rate, variant, knobs, decisions")
+    status.add_argument("model", nargs="?", default="", help="one model (default: all)")
+    status.add_argument("--decisions", type=int, default=8, help="latest decisions to show per model")
+    change = commands.add_parser("set", help="change a model's SLO or controller mode live")
+    change.add_argument("model")
+    change.add_argument("--version", default="", help="one version (default: every served one)")
+    change.add_argument("--p99-ms", type=float, help="p99 latency target; 0 removes the SLO")
+    change.add_argument("--min-accuracy", type=float, help="lowest variant accuracy to serve (0..1)")
+    change.add_argument("--mode", choices=["off", "batch", "full"], help="what the controller may change")
+    change.add_argument("--period-ms", type=int, help="control period")
+    change.add_argument("--priority-p99-ms", action="append", metavar="LEVEL=MS",
+                        help="per-priority target (repeat); replaces all of them")
+    change.add_argument("--clear-priority-p99", action="store_true", help="drop the per-priority targets")
+    change.set_defaults(decisions=8)
+    p.set_defaults(func=_control)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from tidal.transport.control import control_set_slo, control_status, format_status
+
+    try:
+        if args.control_command == "status":
+            models = control_status(args.url, args.model)
+        else:
+            priority = {} if args.clear_priority_p99 else None
+            for item in args.priority_p99_ms or []:
+                level, _, ms = item.partition("=")
+                try:
+                    priority = {**(priority or {}), int(level): float(ms)}
+                except ValueError:
+                    raise InvalidArgument(f"--priority-p99-ms '{item}': expected LEVEL=MS") from None
+            models = control_set_slo(
+                args.url, args.model, args.version, args.p99_ms, args.min_accuracy, args.mode, args.period_ms, priority
+            )
+    except TidalError as exc:
+        print(f"tidal control: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(models, args.decisions))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="hardware-aware inference serving runtime")
     parser.add_argument("--version", action="version", version=f"tidal {__version__}")
@@ -77,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimize_parser(sub)
     add_profile_parser(sub)
     add_bench_parser(sub)
+    _add_control_parser(sub)
     return parser
 
 

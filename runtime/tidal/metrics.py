@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -128,6 +128,34 @@ class ServerMetrics:
         )
         self._goodput: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self.registry.register(_SnapshotCollector(self))
+        mv = ["model", "version"]
+        self.decisions = Counter(
+            "tidal_controller_decisions", "SLO controller periods, by outcome", [*mv, "reason"], registry=self.registry
+        )
+        self.controller_p99 = Gauge(
+            "tidal_controller_p99_ms",
+            "p99 latency inside the server as the controller measured it and predicted it (0: none)",
+            [*mv, "kind"],
+            registry=self.registry,
+        )
+        self.arrival_rps = Gauge(
+            "tidal_controller_arrival_rps", "Offered requests per second, shed included", mv, registry=self.registry
+        )
+        self.shedding = Gauge(
+            "tidal_controller_shedding", "1 while admission limits refuse requests to hold the SLO", mv,
+            registry=self.registry,
+        )
+
+    def controller_decision(
+        self, model: str, version: str, reason: str, observed_ms: float | None, predicted_ms: float | None,
+        arrival_rps: float, shedding: bool,
+    ) -> None:
+        """One control period's outcome (on the loop)."""
+        self.decisions.labels(model, version, reason).inc()
+        self.controller_p99.labels(model, version, "observed").set(observed_ms or 0.0)
+        self.controller_p99.labels(model, version, "predicted").set(predicted_ms or 0.0)
+        self.arrival_rps.labels(model, version).set(arrival_rps)
+        self.shedding.labels(model, version).set(1.0 if shedding else 0.0)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

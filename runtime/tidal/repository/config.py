@@ -75,6 +75,10 @@ class ModelSpec:
     backend_options: BackendOptions
     default_model_filename: str
     slo_p99_ms: float = 0.0
+    slo_min_accuracy: float = 0.0
+    slo_priority_p99_ms: tuple[tuple[int, float], ...] = ()  # (level, p99 ms) overriding slo_p99_ms
+    controller_mode: str = "off"  # off | batch | full; an SLO without a controller block means full
+    controller_period_ms: int = 0  # 0 = the server default
     variants: tuple[str, ...] = ()
     config: mc.ModelConfig = field(default_factory=mc.ModelConfig, compare=False)
 
@@ -208,6 +212,29 @@ def _backend_options(config: mc.ModelConfig) -> BackendOptions:
     )
 
 
+def _controller(config: mc.ModelConfig, levels: int) -> dict[str, object]:
+    """The SLO and controller fields of ModelSpec, checked."""
+    slo = config.slo
+    if slo.p99_ms < 0 or not 0 <= slo.min_accuracy <= 1:
+        raise ConfigError(f"slo: p99_ms must be >= 0 and min_accuracy in 0..1, not {slo.p99_ms}, {slo.min_accuracy}")
+    if config.controller.period_ms and not 10 <= config.controller.period_ms <= 10_000:
+        raise ConfigError(f"controller.period_ms must be within 10..10000, not {config.controller.period_ms}")
+    for level, ms in slo.priority_p99_ms.items():
+        if not 1 <= level <= levels or ms <= 0:
+            raise ConfigError(f"slo.priority_p99_ms: level {level} must be within 1..{levels} and its target > 0")
+    if config.HasField("controller"):
+        mode = mc.ModelController.Mode.Name(config.controller.mode).lower()
+    else:
+        mode = "full" if slo.p99_ms > 0 else "off"
+    return {
+        "slo_p99_ms": slo.p99_ms,
+        "slo_min_accuracy": slo.min_accuracy,
+        "slo_priority_p99_ms": tuple(sorted((int(k), float(v)) for k, v in slo.priority_p99_ms.items())),
+        "controller_mode": mode,
+        "controller_period_ms": int(config.controller.period_ms),
+    }
+
+
 def build_spec(config: mc.ModelConfig) -> ModelSpec:
     if config.max_batch_size < 0:
         raise ConfigError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
@@ -225,7 +252,7 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         instance_count=knobs.instance_count,
         backend_options=_backend_options(config),
         default_model_filename=config.default_model_filename or "model.onnx",
-        slo_p99_ms=config.slo.p99_ms,
+        **_controller(config, scheduler.priority_levels),
         variants=tuple(config.variants),
         config=config,
     )

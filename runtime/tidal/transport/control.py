@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
-from tidal.errors import InvalidArgument, TidalError
+import grpc
+
+from tidal.control.api import Decision, Mode, model_key
+from tidal.control.slo import SloController
+from tidal.errors import InvalidArgument, NotFound, TidalError, Unavailable
 from tidal.repository.manager import ModelManager, ServedVersion
 from tidal.scheduling.knobs import Knobs
 from tidal.transport._gen import control_pb2 as cpb
@@ -19,6 +24,7 @@ def knobs_message(knobs: Knobs) -> cpb.Knobs:
         preferred_batch_sizes=list(knobs.preferred_batch_sizes),
         instance_count=knobs.instance_count,
         active_variant=knobs.active_variant,
+        admission_limits=[cpb.AdmissionLimit(level=lv, limit=n) for lv, n in knobs.admission_limits],
     )
 
 
@@ -33,22 +39,86 @@ def updated_knobs(current: Knobs, update: cpb.KnobsUpdate) -> Knobs:
     return dataclasses.replace(current, **changes)
 
 
-def model_status(served: ServedVersion) -> cpb.ModelStatus:
-    scheduler = served.scheduler
-    return cpb.ModelStatus(
+def _decision_message(decision: Decision, now_s: float) -> cpb.Decision:
+    setpoint = decision.setpoint
+    return cpb.Decision(
+        at_unix_s=time.time() - (now_s - decision.at_s),
+        knobs=cpb.Knobs(
+            max_batch_size=setpoint.max_batch_size,
+            max_queue_delay_us=setpoint.max_queue_delay_us,
+            active_variant=setpoint.variant,
+            admission_limits=[cpb.AdmissionLimit(level=lv, limit=n) for lv, n in setpoint.admission_limits],
+        ),
+        reason=decision.reason.value,
+        detail=decision.detail,
+        observed_p99_ms=decision.observed_p99_ms or 0.0,
+        predicted_p99_ms=decision.predicted_p99_ms or 0.0,
+        arrival_rps=decision.arrival_rps,
+    )
+
+
+def model_status(served: ServedVersion, controller: SloController, now_s: float) -> cpb.ModelStatus:
+    """What the server runs with and, once the control loop has seen the model, what the controller sees."""
+    scheduler, spec = served.scheduler, served.spec
+    status = cpb.ModelStatus(
         model=served.name,
         version=str(served.version),
-        slo_p99_ms=served.spec.slo_p99_ms,
+        slo_p99_ms=spec.slo_p99_ms,
+        controller_mode=spec.controller_mode,
+        min_accuracy=spec.slo_min_accuracy,
+        priority_p99_ms=dict(spec.slo_priority_p99_ms),
+        period_ms=spec.controller_period_ms,
         knobs=knobs_message(scheduler.knobs),
         variants=sorted(served.runners),
         queue_depth=scheduler.queue_depth(),
         pending=scheduler.pending(),
     )
+    key = model_key(served.name, served.version)
+    if not controller.tracks(key):
+        return status
+    slo, last = controller.slo(key), controller.last(key)
+    status.slo_p99_ms, status.controller_mode, status.min_accuracy = slo.p99_ms, slo.mode.value, slo.min_accuracy
+    status.period_ms = round(slo.period_s * 1e3)
+    status.priority_p99_ms.clear()
+    status.priority_p99_ms.update(slo.priority_p99_ms)
+    if last is not None:
+        status.observed_p50_ms = last.observed_p50_ms or 0.0
+        status.observed_p99_ms = last.observed_p99_ms or 0.0
+        status.predicted_p99_ms = last.predicted_p99_ms or 0.0
+        status.arrival_rps = last.arrival_rps
+    status.decisions.extend(_decision_message(d, now_s) for d in controller.history(key))
+    return status
+
+
+def updated_slo(controller: SloController, served: ServedVersion, request: cpb.SetSloRequest):
+    """The controller's SLO for `served` with the fields the request sets; InvalidArgument when they do not fit."""
+    key = model_key(served.name, served.version)
+    if not controller.tracks(key):
+        raise Unavailable(f"the controller has not picked up model '{key}' yet; retry in a moment")
+    changes: dict[str, object] = {}
+    for name in ("p99_ms", "min_accuracy"):
+        if request.HasField(name):
+            changes[name] = getattr(request, name)
+    if request.HasField("mode"):
+        try:
+            changes["mode"] = Mode(request.mode.lower())
+        except ValueError:
+            raise InvalidArgument(f"mode must be off, batch or full, not '{request.mode}'") from None
+    if request.HasField("period_ms"):
+        changes["period_s"] = request.period_ms / 1e3
+    if request.set_priority_p99_ms:
+        levels = served.spec.scheduler.priority_levels
+        if any(not 1 <= level <= levels for level in request.priority_p99_ms):
+            raise InvalidArgument(f"priority_p99_ms names a level outside 1..{levels}")
+        changes["priority_p99_ms"] = dict(request.priority_p99_ms)
+    return key, dataclasses.replace(controller.slo(key), **changes)
 
 
 class ControlServicer(cpb_grpc.TidalControlServicer):
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, controller: SloController, clock_now) -> None:
         self._manager = manager
+        self._controller = controller
+        self._now = clock_now
 
     def _select(self, model: str, version: str = "") -> list[ServedVersion]:
         if not model:
@@ -58,12 +128,16 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
         self._manager.get(model)  # NOT_FOUND / UNAVAILABLE with the usual messages
         return [s for s in self._manager.served() if s.name == model]
 
+    def _response(self, served: list[ServedVersion]) -> cpb.StatusResponse:
+        now_s = self._now()
+        return cpb.StatusResponse(models=[model_status(s, self._controller, now_s) for s in served])
+
     async def Status(self, request, context):
         try:
             served = self._select(request.model)
         except TidalError as exc:
             return await context.abort(GRPC_STATUS[exc.code], str(exc))
-        return cpb.StatusResponse(models=[model_status(s) for s in served])
+        return self._response(served)
 
     async def SetKnobs(self, request, context):
         try:
@@ -75,4 +149,92 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
                 s.scheduler.apply(knobs)
         except TidalError as exc:
             return await context.abort(GRPC_STATUS[exc.code], str(exc))
-        return cpb.StatusResponse(models=[model_status(s) for s in served])
+        return self._response(served)
+
+    async def SetSlo(self, request, context):
+        """All versions are checked before any changes, so a bad request changes nothing."""
+        try:
+            if not request.model:
+                raise InvalidArgument("SetSlo needs a model name")
+            served = self._select(request.model, request.version)
+            planned = [updated_slo(self._controller, s, request) for s in served]
+            for key, slo in planned:
+                self._controller.set_slo(key, slo)
+        except TidalError as exc:
+            return await context.abort(GRPC_STATUS[exc.code], str(exc))
+        return self._response(served)
+
+
+# -- client side, for `tidal control` ------------------------------------------------------
+_CLIENT_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def _call(url: str, method: str, request, timeout_s: float) -> list[cpb.ModelStatus]:
+    """One TidalControl RPC against a running server; failures come back as TidalError."""
+    with grpc.insecure_channel(url) as channel:
+        try:
+            reply = getattr(cpb_grpc.TidalControlStub(channel), method)(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            error = _CLIENT_ERRORS.get(exc.code(), TidalError)
+            raise error(f"{url}: {exc.code().name}: {exc.details()}") from None
+    return list(reply.models)
+
+
+def control_status(url: str, model: str = "", timeout_s: float = 10.0) -> list[cpb.ModelStatus]:
+    return _call(url, "Status", cpb.StatusRequest(model=model), timeout_s)
+
+
+def control_set_slo(
+    url: str,
+    model: str,
+    version: str = "",
+    p99_ms: float | None = None,
+    min_accuracy: float | None = None,
+    mode: str | None = None,
+    period_ms: int | None = None,
+    priority_p99_ms: dict[int, float] | None = None,
+    timeout_s: float = 10.0,
+) -> list[cpb.ModelStatus]:
+    """Fields left None keep their value; `priority_p99_ms={}` clears the per-priority targets."""
+    request = cpb.SetSloRequest(model=model, version=version)
+    for name, value in (("p99_ms", p99_ms), ("min_accuracy", min_accuracy), ("mode", mode), ("period_ms", period_ms)):
+        if value is not None:
+            setattr(request, name, value)
+    if priority_p99_ms is not None:
+        request.set_priority_p99_ms = True
+        request.priority_p99_ms.update(priority_p99_ms)
+    return _call(url, "SetSlo", request, timeout_s)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value > 0 else "-"
+
+
+def format_status(models: list[cpb.ModelStatus], decisions: int = 8) -> str:
+    """`tidal control status`: per model, the SLO, what is observed, the knobs and the latest decisions."""
+    lines = []
+    for m in models:
+        slo = f"p99 {m.slo_p99_ms:g} ms" if m.slo_p99_ms > 0 else "none"
+        extras = [f"min accuracy {m.min_accuracy:g}"] if m.min_accuracy else []
+        extras += [f"p{lv} {ms:g} ms" for lv, ms in sorted(m.priority_p99_ms.items())]
+        if extras:
+            slo += f" ({', '.join(extras)})"
+        k = m.knobs
+        limits = ", ".join(f"p{a.level}<={a.limit}" for a in k.admission_limits) or "admit all"
+        lines += [
+            f"{m.model}:{m.version}  controller {m.controller_mode or 'off'}  SLO {slo}  period {m.period_ms} ms",
+            f"  observed p50 {_ms(m.observed_p50_ms)}  p99 {_ms(m.observed_p99_ms)}  "
+            f"predicted p99 {_ms(m.predicted_p99_ms)}  arrivals {m.arrival_rps:.0f} rps  "
+            f"queued {sum(m.queue_depth.values())}  pending {m.pending}",
+            f"  variant {k.active_variant or 'default'} (of {', '.join(v or 'default' for v in m.variants)})  "
+            f"max batch {k.max_batch_size}  delay {k.max_queue_delay_us} us  "
+            f"preferred {list(k.preferred_batch_sizes) or '-'}  instances {k.instance_count}  {limits}",
+        ]
+        for d in list(m.decisions)[-decisions:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(d.at_unix_s)) + f".{int(d.at_unix_s * 1e3) % 1000:03d}"
+            lines.append(f"    {stamp} {d.reason}: {d.detail}")
+    return "\n".join(lines) if lines else "no model is served"
