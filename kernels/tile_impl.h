@@ -172,13 +172,18 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
         for (int64_t k0 = 0; k0 < g.k_groups; k0 += kKcGroups) {
             const int64_t kc = min64(kKcGroups, g.k_groups - k0);
             const bool last = k0 + kc == g.k_groups;
-            for (int64_t m = m0; m < m1; m += Micro::kMR) {
-                const int mr = static_cast<int>(min64(Micro::kMR, m1 - m));
+            // Row blocks of near-equal height (8 rows: 4 + 4, not 6 + 2), so no block is starved of
+            // accumulators while the B micro-panel it shares with the others sits in L1.
+            const int64_t blocks = (m1 - m0 + Micro::kMR - 1) / Micro::kMR;
+            const int64_t base = blocks > 0 ? (m1 - m0) / blocks : 0, taller = blocks > 0 ? (m1 - m0) % blocks : 0;
+            for (int64_t i = 0, m = m0; i < blocks; ++i) {
+                const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
                 int32_t* tile = scratch + (m - m0) * kTileCols;
                 const MicroCall k{g.a + m * g.lda + 4 * k0, g.lda, bp + k0 * g.block_bytes, stride, kc, tile,
                                   g.col_terms + col0, k0 > 0};
                 call_micro<Micro>(mr, nv, k);
                 if (last) epilogue(g, m, m + mr, col0, cols, tile);
+                m += mr;
             }
         }
     }
