@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+_ROUNDING = 1e-9  # so that 7.5 / 0.1 rows is 75, not 74
+
 
 @dataclass(frozen=True, slots=True)
 class Line:
@@ -69,7 +71,7 @@ def largest_batch(line: Line, load: Load, limit: int) -> int:
     budget = (load.target_ms - load.delay_ms - load.offset_ms) / load.tail - line.intercept
     if budget < line.slope * load.rows_per_request:
         return 0
-    return int(min(limit, budget // line.slope))
+    return int(min(limit, budget / line.slope + _ROUNDING))
 
 
 def steady_batch(line: Line, per_instance_rate: float) -> float:
@@ -125,6 +127,7 @@ def admission_limits(
         batches = math.floor((targets_ms[level] - load.delay_ms - load.offset_ms) / plan.batch_ms) - 1
         share = 1.0 - above / capacity if capacity > 0 else 0.0
         rows = batches * instances * plan.max_batch * share * scale
-        limits.append((level, max(int(rows // load.rows_per_request), 0) if batches >= 1 and share > 0 else 0))
+        count = int(rows / load.rows_per_request + _ROUNDING) if batches >= 1 and share > 0 else 0
+        limits.append((level, max(count, 0)))
         above += rates.get(level, 0.0)
     return tuple(limits)

@@ -1,0 +1,281 @@
+"""The SLO controller as a pure function: synthetic observations in, decisions out, no threads or clocks.
+
+The variants have affine profiles (fixed ms per batch + ms per row), so the
+capacity each one sustains within the SLO is known in closed form and the
+tests can place the offered load exactly below or above it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tidal.control.api import Mode, ModelInfo, Reason, Setpoint, Slo, VariantInfo
+from tidal.control.plan import Line, Load, largest_batch
+from tidal.control.slo import SloController, Tuning
+from tidal.errors import InvalidArgument
+from tidal.types import BatchSample, LatencySample, Observation
+
+SIZES = (1, 8, 32, 128)
+PERIOD = 0.1
+SLO_MS = 20.0
+LINES = {"fp32": (0.5, 0.2), "int8": (0.3, 0.05), "pruned": (0.1, 0.01)}  # (ms per batch, ms per row)
+ACCURACY = {"fp32": (0.98, 1.0), "int8": (0.97, 0.99), "pruned": (0.90, 0.93)}
+
+
+def variant(name: str, accuracy: float | None = None, agreement: float | None = None) -> VariantInfo:
+    a, c = LINES[name]
+    acc, agree = ACCURACY[name]
+    return VariantInfo(
+        name,
+        acc if accuracy is None else accuracy,
+        agree if agreement is None else agreement,
+        SIZES,
+        tuple(a + c * b for b in SIZES),
+    )
+
+
+def capacity_rps(name: str, slo_ms: float = SLO_MS) -> float:
+    """Requests (of one row) per second the controller believes `name` sustains within the SLO."""
+    tuning = Tuning()
+    line = Line(*LINES[name])
+    load = Load(0.0, 1.0, 0.0, slo_ms * tuning.latency_margin, 0.0, 0.0, tuning.tail_factor)
+    batch = largest_batch(line, load, 128)
+    return batch / line.ms(batch) * 1e3
+
+
+class Sim:
+    """Feeds one model's controller with observations at a given request rate and applies its decisions."""
+
+    def __init__(self, slo: Slo | None = None, variants=None, levels: int = 1, tuning: Tuning | None = None,
+                 max_batch: int = 128) -> None:
+        self.controller = SloController(tuning)
+        variants = variants or (variant("fp32"), variant("int8"), variant("pruned"))
+        self.configured = Setpoint(variants[0].name, max_batch, 0)
+        info = ModelInfo("m:1", max_batch, 1, levels, tuple(variants), self.configured)
+        self.controller.track("m:1", info, slo or Slo(SLO_MS, mode=Mode.FULL))
+        self.active = self.configured
+        self.now = 0.0
+        self.arrived = dict.fromkeys(range(1, levels + 1), 0)
+        self.shed = dict.fromkeys(range(1, levels + 1), 0)
+        self.decisions = []
+
+    def run(self, rps: float | dict[int, float], seconds: float, latencies_ms: float | None = None,
+            batch_ms: float | None = None, queued: int = 0) -> list:
+        """`rps` per level (a float goes to level 1); optional synthetic latency and batch-time samples."""
+        rates = rps if isinstance(rps, dict) else {1: rps}
+        changed = []
+        for _ in range(round(seconds / PERIOD)):
+            self.now += PERIOD
+            for level, rate in rates.items():
+                self.arrived[level] += round(rate * PERIOD)
+            count = round(sum(rates.values()) * PERIOD)
+            lats = () if latencies_ms is None else tuple(
+                LatencySample(1, latencies_ms / 1e3, 0.0) for _ in range(count)
+            )
+            batches = () if batch_ms is None else (BatchSample(8, batch_ms / 1e3, self.active.variant),) * 4
+            obs = Observation(self.now, {1: queued}, 0, dict(self.arrived), 0, 0, batches, lats, dict(self.shed))
+            decision = self.controller.step("m:1", obs, self.active)
+            self.decisions.append(decision)
+            if decision.changed:
+                self.active = decision.setpoint
+                changed.append(decision)
+        return changed
+
+    def variants_seen(self) -> list[str]:
+        out = [self.configured.variant]
+        for d in self.decisions:
+            if d.changed and d.setpoint.variant != out[-1]:
+                out.append(d.setpoint.variant)
+        return out
+
+
+def test_serves_the_most_accurate_variant_that_holds_the_slo() -> None:
+    fp32, int8 = capacity_rps("fp32"), capacity_rps("int8")
+    sim = Sim()
+    sim.run(0.3 * fp32, 3)
+    assert sim.active.variant == "fp32"
+    sim.run(0.6 * int8, 1)
+    assert sim.active.variant == "int8"
+    sim.run(2 * int8, 1)
+    assert sim.active.variant == "pruned"
+    assert not sim.active.admission_limits
+
+
+def test_moves_down_within_a_few_periods_and_up_only_after_the_hold() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    sim.run(0.3 * fp32, 3)
+    changed = sim.run(3 * fp32, 1)
+    assert changed and changed[0].reason is Reason.DOWN_PREDICTED
+    assert changed[0].at_s - 3.0 <= 3 * PERIOD + 1e-9
+    assert sim.active.variant != "fp32"
+    before_hold = sim.run(0.3 * fp32, Tuning().up_hold_s)  # the long rate window still remembers the peak
+    assert all(d.setpoint.variant != "fp32" for d in before_hold)
+    sim.run(0.3 * fp32, 4)
+    assert sim.active.variant == "fp32"
+    up = [d for d in sim.decisions if d.changed and d.reason is Reason.UP]
+    assert up and "more accurate" in up[-1].detail
+
+
+def test_noisy_load_near_a_threshold_does_not_flap() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    sim.run(0.7 * fp32, 2)  # between the up and the leave thresholds
+    start = len(sim.variants_seen())
+    for i in range(60):
+        sim.run((0.7 + (0.1 if i % 2 else -0.1)) * fp32, 0.5)
+    assert len(sim.variants_seen()) == start
+
+
+def test_slow_ramp_switches_a_few_times_per_direction() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    steps = 60
+    for i in range(steps + 1):
+        sim.run((0.2 + 2.8 * i / steps) * fp32, 1)
+    up_ramp = sim.variants_seen()
+    for i in range(steps, -1, -1):
+        sim.run((0.2 + 2.8 * i / steps) * fp32, 1)
+    sim.run(0.2 * fp32, 5)
+    down_ramp = sim.variants_seen()[len(up_ramp) - 1:]
+    assert up_ramp[0] == "fp32" and up_ramp[-1] != "fp32"
+    assert len(up_ramp) - 1 <= 2 and len(down_ramp) - 1 <= 2
+    assert down_ramp[-1] == "fp32"
+
+
+def test_overload_sheds_the_lowest_priority_first() -> None:
+    pruned = capacity_rps("pruned")
+    sim = Sim(levels=3)
+    sim.run({1: 0.2 * pruned, 2: 0.2 * pruned, 3: 0.2 * pruned}, 1)
+    assert not sim.active.admission_limits
+    sim.run({1: 0.3 * pruned, 2: 0.8 * pruned, 3: 0.6 * pruned}, 1)
+    limits = dict(sim.active.admission_limits)
+    assert sim.active.variant == "pruned"
+    assert sim.decisions[-1].reason is Reason.SHED
+    assert limits[1] > limits[2] > 0 and limits[3] == 0  # levels 1+2 use it all: nothing is left for level 3
+    sim.run({1: 1.2 * pruned, 2: 0.5 * pruned, 3: 0.5 * pruned}, 1)
+    limits = dict(sim.active.admission_limits)
+    assert limits[1] > 0 and limits[2] == limits[3] == 0
+
+
+def test_shedding_ends_once_load_falls_and_the_hold_passes() -> None:
+    pruned, fp32 = capacity_rps("pruned"), capacity_rps("fp32")
+    sim = Sim(levels=2)
+    sim.run({1: pruned, 2: pruned}, 2)
+    assert sim.active.admission_limits
+    sim.run({1: 0.1 * fp32, 2: 0.1 * fp32}, 2.5)  # the rate windows and then the hold
+    sim.run({1: 0.1 * fp32, 2: 0.1 * fp32}, 1)
+    assert not sim.active.admission_limits
+    assert sim.active.variant == "fp32"
+
+
+def test_a_measured_breach_moves_to_a_faster_variant_even_when_the_estimate_is_content() -> None:
+    sim = Sim()
+    fp32 = capacity_rps("fp32")
+    sim.run(0.2 * fp32, 2, latencies_ms=5.0)
+    assert sim.active.variant == "fp32"
+    changed = sim.run(0.2 * fp32, 1, latencies_ms=3 * SLO_MS)
+    assert changed[0].reason is Reason.DOWN_OBSERVED
+    assert "measured p99" in changed[0].detail
+    assert sim.active.variant in ("int8", "pruned")
+
+
+def test_measured_batch_times_correct_a_drifted_profile() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    rate = 0.5 * fp32
+    profiled = LINES["fp32"][0] + 8 * LINES["fp32"][1]
+    sim.run(rate, 3, batch_ms=profiled)
+    assert sim.active.variant == "fp32"
+    max_batch = sim.active.max_batch_size
+    sim.run(rate, 3, batch_ms=4 * profiled)  # the machine got four times slower
+    assert sim.active.variant != "fp32" or sim.active.max_batch_size < max_batch
+    assert sim.active.variant != "fp32"
+
+
+def test_accuracy_floor_is_never_crossed_shedding_instead() -> None:
+    int8 = capacity_rps("int8")
+    sim = Sim(Slo(SLO_MS, min_accuracy=0.95, mode=Mode.FULL))
+    sim.run(3 * int8, 2)
+    assert sim.active.variant == "int8"
+    assert sim.active.admission_limits
+    assert "pruned" not in sim.variants_seen()
+
+
+def test_batch_mode_retunes_knobs_but_never_the_variant() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim(Slo(SLO_MS, mode=Mode.BATCH))
+    sim.run(0.3 * fp32, 1)
+    assert sim.active.variant == "fp32" and sim.active.max_batch_size < 128
+    sim.run(3 * fp32, 1)
+    assert sim.active.variant == "fp32"
+    assert sim.active.admission_limits
+
+
+def test_turning_off_restores_the_configured_knobs_once() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    sim.run(3 * fp32, 1)
+    assert sim.active != sim.configured
+    sim.controller.set_slo("m:1", Slo(SLO_MS, mode=Mode.OFF))
+    changed = sim.run(3 * fp32, 1)
+    assert [d.reason for d in changed] == [Reason.OFF]
+    assert sim.active == sim.configured
+    assert "restored" in changed[0].detail
+
+
+def test_no_slo_means_no_control() -> None:
+    sim = Sim(Slo(0.0, mode=Mode.FULL))
+    assert sim.run(10 * capacity_rps("pruned"), 2) == []
+    assert {d.reason for d in sim.decisions} == {Reason.OFF}
+
+
+def test_accuracy_ties_go_to_the_variant_closest_to_the_reference() -> None:
+    fp32 = capacity_rps("fp32")
+    # int8 measured a hair more accurate (one validation sample) but agrees less with fp32.
+    sim = Sim(variants=(variant("int8", 0.981, 0.97), variant("fp32"), variant("pruned")))
+    sim.run(0.2 * fp32, 4)
+    assert sim.active.variant == "fp32"
+
+
+def test_an_slo_below_one_unloaded_batch_is_reported_not_shed() -> None:
+    sim = Sim(Slo(0.1, mode=Mode.FULL))
+    sim.run(100, 1)
+    assert sim.decisions[-1].reason is Reason.UNATTAINABLE
+    assert not sim.active.admission_limits
+
+
+def test_observed_percentiles_and_rate_are_reported() -> None:
+    sim = Sim()
+    sim.run(500, 2, latencies_ms=4.0)
+    last = sim.decisions[-1]
+    assert last.observed_p50_ms == pytest.approx(4.0)
+    assert last.observed_p99_ms == pytest.approx(4.0)
+    assert last.arrival_rps == pytest.approx(500, rel=0.01)
+    assert last.predicted_p99_ms is not None and math.isfinite(last.predicted_p99_ms)
+
+
+def test_a_backlog_counts_against_the_active_variant() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    sim.run(0.3 * fp32, 2)
+    changed = sim.run(0.3 * fp32, 0.2, queued=2000)  # far more queued than one batch: the estimate sees the wait
+    assert changed and changed[0].setpoint.variant != "fp32"
+
+
+def test_history_keeps_the_changes_only() -> None:
+    sim = Sim()
+    sim.run(3 * capacity_rps("fp32"), 1)
+    history = sim.controller.history("m:1")
+    assert history and all(d.changed for d in history)
+    assert len(sim.decisions) > len(history)
+
+
+def test_slo_values_are_checked() -> None:
+    for bad in ({"p99_ms": -1}, {"min_accuracy": 1.5}, {"period_s": 0.001}, {"priority_p99_ms": {1: 0.0}}):
+        with pytest.raises(InvalidArgument):
+            Slo(**bad)
+    assert Slo(10.0, priority_p99_ms={2: 30.0}).target_ms(2) == 30.0
+    assert not Slo(10.0).engaged and Slo(10.0, mode=Mode.BATCH).engaged
