@@ -25,10 +25,11 @@ def perf_analyzer() -> str:
 
 def test_perf_analyzer_concurrency_4(server, tmp_path: Path) -> None:
     report = tmp_path / "pa.csv"
+    # A fixed request count instead of stability windows: this checks compatibility, not speed, and
+    # must not fail on a busy 2-core machine.
     cmd = [
         perf_analyzer(), "-m", "simple", "-u", server.url, "-i", "grpc",
-        "--concurrency-range", "4", "--measurement-interval", "1500", "--max-trials", "10",
-        "--stability-percentage", "50", "-f", str(report),
+        "--concurrency-range", "4", "--request-count", "3000", "-f", str(report),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
