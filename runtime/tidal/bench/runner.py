@@ -45,7 +45,7 @@ class Timing:
 
     @property
     def tick_s(self) -> float:
-        return min(1.0, self.window_s)
+        return min(1.0, self.duration_s or self.window_s)
 
 
 @dataclass
