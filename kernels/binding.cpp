@@ -166,10 +166,9 @@ double peak_gops(const std::string& name, double seconds) {
     return static_cast<double>(ops) / elapsed / 1e9;
 }
 
-// A Chain plus references to the PackedWeights objects its layers point into.
+// The layers point into PackedWeights objects; nb::keep_alive on add_layer keeps them alive with the chain.
 struct PyChain {
     tidal::Chain chain;
-    std::vector<nb::object> keep_alive;
 };
 
 tidal::OutKind parse_output(const std::string& output) {
@@ -179,9 +178,9 @@ tidal::OutKind parse_output(const std::string& output) {
     throw std::invalid_argument("output must be 'u8', 'f32' or 'dequantize'");
 }
 
-void add_layer(PyChain& self, nb::object weights, F32Vector scale, int a_zero_point, std::optional<F32Vector> bias,
-               bool relu, std::optional<Mid> mid, std::optional<Mid> out, const std::string& output) {
-    const auto& w = nb::cast<const tidal::PackedWeights&>(weights);
+void add_layer(PyChain& self, const tidal::PackedWeights& w, F32Vector scale, int a_zero_point,
+               std::optional<F32Vector> bias, bool relu, std::optional<Mid> mid, std::optional<Mid> out,
+               const std::string& output) {
     const auto& layers = self.chain.layers();
     if (!layers.empty()) {
         require(layers.back().ep.kind == tidal::OutKind::u8, "only the last layer may produce a float output");
@@ -205,7 +204,6 @@ void add_layer(PyChain& self, nb::object weights, F32Vector scale, int a_zero_po
     if (bias) layer.bias.assign(bias->data(), bias->data() + w.n);
     layer.col_terms = tidal::column_terms(w, a_zero_point);
     self.chain.add(std::move(layer));
-    self.keep_alive.push_back(std::move(weights));
 }
 
 nb::object run_chain(const PyChain& self, F32Matrix x, int threads) {
@@ -330,12 +328,12 @@ NB_MODULE(_kernels, m) {
             [](PyChain* self, float input_scale, int input_zero_point) {
                 require_scale(input_scale, "input_scale");
                 require_zero_point(input_zero_point, "input_zero_point");
-                new (self) PyChain{tidal::Chain(input_scale, input_zero_point), {}};
+                new (self) PyChain{tidal::Chain(input_scale, input_zero_point)};
             },
             "input_scale"_a, "input_zero_point"_a)
         .def("add_layer", &add_layer, "weights"_a, "scale"_a.noconvert(), "a_zero_point"_a,
              "bias"_a.noconvert() = nb::none(), "relu"_a = false, "mid"_a = nb::none(), "out"_a = nb::none(),
-             "output"_a = "u8",
+             "output"_a = "u8", nb::keep_alive<1, 2>(),
              "Append a layer; output is 'u8' (requantized with out), 'f32', or 'dequantize' (rounded through out).")
         .def("run", &run_chain, "x"_a.noconvert(), "threads"_a = 0,
              "Run the whole chain on M x K float32 rows; float32 or uint8 M x N by the last layer's output.")
@@ -345,7 +343,8 @@ NB_MODULE(_kernels, m) {
           "The ISA chosen at load when none is forced.");
     m.def("usable_cores", &tidal::usable_cores);
     m.def("peak_gops", &peak_gops, "isa"_a, "seconds"_a = 0.2,
-          "Int8 GOPS per second of this thread's CPU time in a register-only dot-product loop: one core's ceiling.");
+          "Billions of int8 operations per second of thread CPU time in a register-only vpdpbusd loop: "
+          "one core's ceiling.");
 #ifdef TIDAL_WITH_CUDA
     m.attr("HAS_CUDA") = true;
     m.def("cuda_device_sm", &tidal::cuda::device_sm, "Compute capability * 10 of the current device; 0 if none.");

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,10 @@ def test_chain_refuses_mismatched_layers() -> None:
         chain.run(np.ones((1, 5), np.float32))
     with pytest.raises(ValueError, match="required"):
         _kernels.Chain(0.1, 0).add_layer(w, np.ones(4, np.float32), 0)
+
+
+def test_chain_keeps_its_weights_alive() -> None:
+    chain = _kernels.Chain(0.1, 0)
+    chain.add_layer(_kernels.PackedWeights(np.full((8, 4), 2, np.int8)), np.ones(4, np.float32), 0, output="f32")
+    gc.collect()  # the PackedWeights has no other reference now
+    np.testing.assert_array_equal(chain.run(np.ones((2, 8), np.float32)), np.full((2, 4), 160, np.float32))
