@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable
 from typing import Any
@@ -77,7 +78,7 @@ def encode_bytes(arr: np.ndarray) -> bytes:
 
 
 def _decode_raw(raw: bytes, dtype: DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # np.prod costs half of a small request's decoding
     if dtype is DataType.BYTES:
         return decode_bytes(raw, count, name).reshape(shape)
     expected = count * dtype.itemsize
@@ -95,7 +96,7 @@ def _decode_contents(
     if field is None:
         raise InvalidArgument(f"input '{tensor.name}': {dtype.wire_name} must be sent in raw_input_contents")
     values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise InvalidArgument(
             f"input '{tensor.name}': expected {count} elements for shape {list(shape)}, got {len(values)}"
@@ -119,8 +120,8 @@ def decode_request(msg: pb.ModelInferRequest, arrival_s: float, deadline_s: floa
         if tensor.name in inputs:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
         dtype = DataType.from_wire(tensor.datatype)
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
+        shape = tuple(tensor.shape)  # already Python ints
+        if shape and min(shape) < 0:
             raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dim")
         if raw:
             if tensor.HasField("contents"):
