@@ -1,0 +1,390 @@
+"""Scheduler benchmark: tidal between its two limits, in one run, driven by Triton's perf_analyzer.
+
+    .venv/bin/python perf/bench_scheduler.py [--repeats 3] [--write perf/RESULTS.md] [--json out.json]
+
+On the three reference models of perf/models.py (mlp, cnn, wide_mlp), each point measured by
+perf_analyzer with batch-1 requests and no `-x` (the same flags work against Triton):
+- tidal, batching off (`max_batch_size: 1`, one request per execution) and on (`max_batch_size: 128`,
+  dynamic batching without a window); one ONNX Runtime instance, intra_op_thread_count 1, no spinning;
+- the bare grpc.aio echo (perf/echo_server.py, uvloop) serving the same input shape: the ceiling of any
+  Python gRPC server on this machine;
+- the raw backend called in this process at each batch size: the ceiling of the model itself.
+Servers run as separate processes but share the machine's cores with perf_analyzer; the echo is measured
+the same way, so the ratios compare like with like. Points are interleaved (echo, off, on) and repeated;
+tables give the median and the min-max spread of throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as tc
+
+from tidal.backends.base import BackendOptions
+from tidal.backends.onnxruntime import OnnxRuntimeBackend
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import MODELS, model_config, write_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 8, 32, 128)
+EXTRA_CONCURRENCY = {"wide_mlp": (64,)}  # the batching target is set at 64 for the compute-bound model
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_BATCH = 128
+SERVERS = ("echo", "off", "on")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def build_repository(root: Path, window_us: int) -> None:
+    """`NAME` (batching off) and `NAME_batched` (on) for every reference model, sharing one ONNX file."""
+    for name, model in MODELS.items():
+        onnx_file = write_model_dir(root, name, model, model_config(name, model, 1, None)) / "1" / "model.onnx"
+        batched = f"{name}_batched"
+        write_model_dir(root, batched, model, model_config(batched, model, MAX_BATCH, window_us), onnx_file)
+
+
+def raw_limits(root: Path, seconds: float) -> dict[str, dict[int, dict[str, float]]]:
+    """p50 latency (ms) and rows/s (at that p50) of `backend.run` per batch size, in this process, with the
+    server's settings. Medians, so a burst of other load on the machine does not lower the ceiling."""
+    options = BackendOptions(intra_op_threads=1, allow_spinning=False)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, model in MODELS.items():
+        backend = OnnxRuntimeBackend(root / name / "1" / "model.onnx", options)
+        out[name] = {}
+        for batch in BATCH_SIZES:
+            x = np.random.default_rng(0).random((batch, *model.input_dims), dtype=np.float32)
+            for _ in range(3):
+                backend.run({"INPUT": x}, ["OUTPUT"])
+            times: list[float] = []
+            started = time.perf_counter()
+            while len(times) < 5 or time.perf_counter() - started < seconds:
+                t0 = time.perf_counter()
+                backend.run({"INPUT": x}, ["OUTPUT"])
+                times.append(time.perf_counter() - t0)
+            p50_s = statistics.median(times)
+            out[name][batch] = {"p50_ms": p50_s * 1e3, "rows_s": batch / p50_s}
+        backend.close()
+        log(f"raw {name}: " + ", ".join(f"b{b} {v['rows_s']:.0f}/s" for b, v in out[name].items()))
+    return out
+
+
+class Server:
+    """A server child process on a free loopback port; its CPU time is read from /proc."""
+
+    def __init__(self, cmd: list[str], port_pattern: str, log_path: Path) -> None:
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            match = re.search(port_pattern, line.strip())
+            if match:
+                self.port = int(match.group(1))
+                return
+        raise RuntimeError(f"{cmd[:4]} exited with {self.proc.wait()}; see {log_path}")
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self._log.close()
+
+
+@contextmanager
+def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
+    """One tidal (every model, both configs) and one echo per reference model, all started up front."""
+    started: dict[str, Server] = {}
+    try:
+        tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
+        tidal_cmd += ["--grpc-port", "0", "--metrics-port", "0"]
+        started["tidal"] = Server(tidal_cmd, r"serving gRPC on .*:(\d+)$", work / "tidal.log")
+        for name, model in MODELS.items():
+            echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]
+            echo_cmd += ["--dims", ",".join(map(str, model.input_dims)), "--max-batch-size", str(MAX_BATCH)]
+            started[f"echo:{name}"] = Server(echo_cmd, r"^(\d+)$", work / f"echo-{name}.log")
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def perf_analyzer_binary() -> str:
+    found = os.environ.get("PERF_ANALYZER")
+    if found:
+        return found
+    out = subprocess.run(["bash", str(ROOT / "perf" / "install-perf-analyzer.sh")], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"perf_analyzer is not installed and the installer failed:\n{out.stderr}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_perf_analyzer(args: argparse.Namespace, url: str, model: str, concurrency: int) -> dict | None:
+    """One perf_analyzer measurement: throughput, p50 and p99 (client side), or None if it never stabilized."""
+    with tempfile.NamedTemporaryFile(suffix=".csv") as report:
+        cmd = [args.perf_analyzer, "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency)]
+        cmd += ["--measurement-interval", str(args.interval_ms), "--max-trials", str(args.max_trials)]
+        cmd += ["-s", str(args.stability), "-f", report.name]
+        for _attempt in range(2):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            text = Path(report.name).read_text()
+            if proc.returncode == 0 and text.strip():
+                row = dict(zip(*[line.split(",") for line in text.strip().splitlines()[:2]], strict=True))
+                return {
+                    "throughput": float(row["Inferences/Second"]),
+                    "p50_ms": float(row["p50 latency"]) / 1e3,
+                    "p99_ms": float(row["p99 latency"]) / 1e3,
+                }
+            log(f"  perf_analyzer {model} c{concurrency} failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
+    return None
+
+
+def measure_point(args, server: Server, model: str, concurrency: int, stats_client) -> dict | None:
+    """perf_analyzer against one model, plus the server's CPU use and (tidal) the batch size it formed."""
+    before = stats_client.get_inference_statistics(model).model_stats[0] if stats_client else None
+    cpu0, wall0 = server.cpu_s(), time.monotonic()
+    result = run_perf_analyzer(args, server.url, model, concurrency)
+    if result is None:
+        return None
+    result["server_cpu"] = (server.cpu_s() - cpu0) / (time.monotonic() - wall0)
+    if stats_client is not None:
+        after = stats_client.get_inference_statistics(model).model_stats[0]
+        executions = after.execution_count - before.execution_count
+        result["batch"] = (after.inference_count - before.inference_count) / max(executions, 1)
+    return result
+
+
+def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> list[dict]:
+    """Every (model, concurrency) point for echo, off and on, interleaved."""
+    stats_client = tc.InferenceServerClient(running["tidal"].url)
+    points = []
+    for name in MODELS:
+        for concurrency in sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
+            for kind in SERVERS:
+                server = running[f"echo:{name}"] if kind == "echo" else running["tidal"]
+                model = f"{name}_batched" if kind == "on" else name
+                result = measure_point(args, server, model, concurrency, None if kind == "echo" else stats_client)
+                if result is None:
+                    continue
+                points.append({"repeat": repeat, "model": name, "server": kind, "concurrency": concurrency, **result})
+                batch = f" batch {result['batch']:.1f}" if "batch" in result else ""
+                log(
+                    f"r{repeat} {name:8s} c{concurrency:<3d} {kind:4s} {result['throughput']:8.0f}/s "
+                    f"p50 {result['p50_ms']:7.2f} p99 {result['p99_ms']:7.2f} ms cpu {result['server_cpu']:.2f}{batch}"
+                )
+    stats_client.close()
+    return points
+
+
+def warm_up(running: dict[str, Server]) -> None:
+    """One request per tidal model, so no measured window pays ONNX Runtime's first-run allocations."""
+    client = tc.InferenceServerClient(running["tidal"].url)
+    for name, model in MODELS.items():
+        for served in (name, f"{name}_batched"):
+            tensor = tc.InferInput("INPUT", [1, *model.input_dims], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, *model.input_dims), np.float32))
+            client.infer(served, [tensor])
+    client.close()
+
+
+def environment() -> dict[str, str]:
+    import grpc
+    import onnxruntime
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "grpcio": grpc.__version__,
+        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+BEGIN, END = "<!-- bench_scheduler: generated, do not edit -->", "<!-- bench_scheduler: end -->"
+SECTION = "## Scheduler (issue 3)"
+
+
+def summarize(points: Iterable[dict], **where) -> dict | None:
+    """Medians over the repeats of the matching points, with the throughput's min and max."""
+    chosen = [p for p in points if all(p[k] == v for k, v in where.items())]
+    if not chosen:
+        return None
+    keys = [k for k in ("throughput", "p50_ms", "p99_ms", "batch", "server_cpu") if k in chosen[0]]
+    out = {k: statistics.median(p[k] for p in chosen) for k in keys}
+    out["lo"], out["hi"] = min(p["throughput"] for p in chosen), max(p["throughput"] for p in chosen)
+    return out
+
+
+def raw_rate(raw: dict[int, dict[str, float]], batch: float) -> float:
+    """The raw backend's rows/s at a (fractional) batch size, linear between measured sizes."""
+    sizes = sorted(raw)
+    batch = min(max(batch, sizes[0]), sizes[-1])
+    return float(np.interp(batch, sizes, [raw[b]["rows_s"] for b in sizes]))
+
+
+def _rate(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    spread = f" ({m['lo']:,.0f}-{m['hi']:,.0f})" if m["hi"] > m["lo"] else ""
+    return f"{m['throughput']:,.0f}{spread}"
+
+
+def _lat(m: dict | None) -> str:
+    return "-" if m is None else f"{m['p50_ms']:.2f} / {m['p99_ms']:.1f}"
+
+
+def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
+    lines = [
+        "| conc | echo infer/s | echo p50 / p99 ms | off infer/s | off p50 / p99 | on infer/s | on p50 / p99 "
+        "| batch formed | on / echo | on / raw at that batch | server CPU (echo, off, on) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in sorted({p["concurrency"] for p in points if p["model"] == name}):
+        echo, off, on = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
+        ratio = f"{on['throughput'] / echo['throughput']:.2f}" if on and echo else "-"
+        vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
+        cpu = ", ".join("-" if m is None else f"{m['server_cpu']:.2f}" for m in (echo, off, on))
+        batch = f"{on['batch']:.1f}" if on else "-"
+        lines.append(
+            f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(off)} | {_lat(off)} | {_rate(on)} | {_lat(on)} "
+            f"| {batch} | {ratio} | {vs_raw} | {cpu} |"
+        )
+    return lines
+
+
+def targets(points: list[dict], raw: dict) -> list[str]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    rows = []
+
+    def add(what: str, measured: float, goal: float, fmt: str, at_least: bool) -> None:
+        met = measured >= goal if at_least else measured <= goal
+        rows.append(
+            f"| {what} | {measured:{fmt}} | {'>=' if at_least else '<='} {goal:{fmt}} | {'yes' if met else 'NO'} |"
+        )
+
+    echo, on = (
+        summarize(points, model="mlp", server="echo", concurrency=128),
+        summarize(points, model="mlp", server="on", concurrency=128),
+    )
+    if echo and on:
+        add("mlp c128 batching on: throughput / echo", on["throughput"] / echo["throughput"], 0.8, ".2f", True)
+        add("mlp c128 batching on: p99 (ms)", on["p99_ms"], 30.0, ".1f", False)
+    for name in MODELS:
+        echo = summarize(points, model=name, server="echo", concurrency=1)
+        for kind in ("off", "on"):
+            m = summarize(points, model=name, server=kind, concurrency=1)
+            if echo and m:
+                bound = echo["p50_ms"] + raw[name][1]["p50_ms"] + 0.2
+                add(f"{name} c1 batching {kind}: p50 (ms) vs echo p50 + raw b1 + 0.2", m["p50_ms"], bound, ".2f", False)
+    off, on = (summarize(points, model="wide_mlp", server=k, concurrency=64) for k in ("off", "on"))
+    if off and on:
+        add("wide_mlp c64: batching on / off", on["throughput"] / off["throughput"], 3.0, ".2f", True)
+        at_batch = raw_rate(raw["wide_mlp"], on["batch"])
+        add(f"wide_mlp c64 on / raw at batch {on['batch']:.1f}", on["throughput"] / at_batch, 0.7, ".2f", True)
+    return ["| target | measured | goal | met |", "|---|---:|---:|---|", *rows]
+
+
+def render(points: list[dict], raw: dict, env: dict[str, str], command: str) -> str:
+    repeats = len({p["repeat"] for p in points})
+    lines = [
+        BEGIN,
+        f"Command: `{command}` ({env['minutes']} min, {repeats} repeats, medians; throughput spread min-max).",
+        f"Machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, "
+        f"grpcio {env['grpcio']}; load average at start {env['load_average']}, at the end {env['load_end']}.",
+        f"Settings: one ONNX Runtime instance per model, intra_op_thread_count 1, allow_spinning false; batching off "
+        f"= `max_batch_size: 1`, on = `max_batch_size: {MAX_BATCH}` with `max_queue_delay_microseconds: "
+        f"{env['window_us']}`. tidal, the echo and perf_analyzer share the machine's {env['cores']} cores.",
+        "",
+    ]
+    for name, model in MODELS.items():
+        lines += [f"**{name}** (input {'x'.join(map(str, model.input_dims))})", "", *model_table(points, raw, name), ""]
+    sizes = " | ".join(str(b) for b in BATCH_SIZES)
+    lines += ["**Raw backend in process** (rows/s; p50 ms per run in brackets)", "", f"| model | {sizes} |"]
+    lines.append("|---|" + "---:|" * len(BATCH_SIZES))
+    for name in MODELS:
+        cells = " | ".join(f"{raw[name][b]['rows_s']:,.0f} ({raw[name][b]['p50_ms']:.2f})" for b in BATCH_SIZES)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "**Targets**", "", *targets(points, raw), END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the generated block of the scheduler section; create the section (or the file) when absent."""
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        updated = head + text + rest.split(END, 1)[1]
+    elif SECTION in current:
+        head, rest = current.split(SECTION, 1)
+        updated = f"{head}{SECTION}\n\n{text}\n{rest}"
+    else:
+        updated = f"{current.rstrip()}\n\n{SECTION}\n\n{text}\n"
+    path.write_text(updated)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every point (median reported)")
+    parser.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer --measurement-interval")
+    parser.add_argument("--max-trials", type=int, default=4, help="perf_analyzer --max-trials")
+    parser.add_argument("--stability", type=int, default=100, help="perf_analyzer -s (percent)")
+    parser.add_argument("--raw-seconds", type=float, default=0.5, help="time per batch size of the raw backend")
+    parser.add_argument("--window-us", type=int, default=0, help="max_queue_delay_microseconds with batching on")
+    parser.add_argument("--write", type=Path, help="update the generated part of this RESULTS.md")
+    parser.add_argument("--json", type=Path, help="also write every point here")
+    args = parser.parse_args(argv)
+    args.perf_analyzer = perf_analyzer_binary()
+    started = time.monotonic()
+    env = {**environment(), "window_us": str(args.window_us)}
+    points, raws = [], []
+    with tempfile.TemporaryDirectory(prefix="tidal-bench-scheduler-") as tmp:
+        work = Path(tmp)
+        build_repository(work / "repo", args.window_us)
+        with servers(work / "repo", work) as running:
+            warm_up(running)
+            for repeat in range(args.repeats):
+                raws.append(raw_limits(work / "repo", args.raw_seconds))  # idle servers take no CPU meanwhile
+                points += sweep(args, running, repeat)
+    raw = {
+        name: {b: {k: statistics.median(r[name][b][k] for r in raws) for k in raws[0][name][b]} for b in BATCH_SIZES}
+        for name in MODELS
+    }
+    env["minutes"] = f"{(time.monotonic() - started) / 60:.1f}"
+    env["load_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    command = "python perf/bench_scheduler.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = render(points, raw, env, command.strip())
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "raw": raw, "points": points}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
