@@ -239,19 +239,20 @@ class LoadWorker:
         sent = time.perf_counter_ns()
         self._rec[key].sent += 1
         self._inflight += 1
+        details = ""
         try:
             await self._infer(self._payloads[index, deadline_us], timeout=self._timeout_s)
             code = OK
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
+            code, details = exc.code().name, exc.details() or ""
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED.name
+            code, details = grpc.StatusCode.CANCELLED.name, "cancelled by tidal bench at the end of the drain"
         finally:
             self._inflight -= 1
         done = time.perf_counter_ns()
         origin = intended_ns if from_schedule else sent
         # Looked up again: the window may have turned while the request was in flight.
-        self._rec[key].record(code, done - origin, done - sent, sent - intended_ns, slo_ns)
+        self._rec[key].record(code, done - origin, done - sent, sent - intended_ns, slo_ns, details)
 
     async def _beat(self) -> None:
         """Measures how late the event loop runs a timer: the client's own saturation."""

@@ -67,7 +67,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
     notes = []
     for point in result["points"]:
         t = point["totals"]
-        errors = ", ".join(f"{k} {v}" for k, v in t["errors"].items())
+        details = t["error_details"]
+        errors = ", ".join(f"{k} {v}" + (f" ({details[k]})" if details.get(k) else "") for k, v in t["errors"].items())
         if errors:
             notes.append(f"{point['label']}: errors {errors}")
         if t["stragglers"]:

@@ -202,6 +202,7 @@ class Coordinator:
                 "completed": totals.completed,
                 "ok": totals.ok,
                 "errors": totals.errors,
+                "error_details": dict(sorted(totals.details.items())),
                 "stragglers": sum(t.stragglers for t in ticks),
             },
             "server": _server_summary(measured),

@@ -36,6 +36,7 @@ class ClassRecorder:
     def __init__(self) -> None:
         self.sent = 0
         self.outcomes: Counter[str] = Counter()
+        self.details: dict[str, str] = {}  # the first message seen per error code
         self.slo_met = 0
         self.slo_judged = 0
         self.latency_sum_us = 0
@@ -43,9 +44,12 @@ class ClassRecorder:
         self.service = new_histogram()
         self.send_lag = new_histogram()
 
-    def record(self, code: str, latency_ns: int, service_ns: int, lag_ns: int, slo_ns: int | None) -> None:
+    def record(self, code: str, latency_ns: int, service_ns: int, lag_ns: int, slo_ns: int | None,
+               details: str = "") -> None:
         """`latency` counts from the intended send, `service` from the actual send."""
         self.outcomes[code] += 1
+        if code != OK:
+            self.details.setdefault(code, details)
         self.send_lag.record_value(_us(lag_ns))
         if code == OK:
             self.latency_sum_us += _us(latency_ns)
@@ -59,6 +63,7 @@ class ClassRecorder:
         return ClassWindow(
             sent=self.sent,
             outcomes=dict(self.outcomes),
+            details=self.details,
             slo_met=self.slo_met,
             slo_judged=self.slo_judged,
             latency_sum_us=self.latency_sum_us,
@@ -74,6 +79,7 @@ class ClassWindow:
 
     sent: int
     outcomes: dict[str, int]
+    details: dict[str, str]
     slo_met: int
     slo_judged: int
     latency_sum_us: int
@@ -88,6 +94,7 @@ class ClassStats:
 
     sent: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    details: dict[str, str] = field(default_factory=dict)
     slo_met: int = 0
     slo_judged: int = 0
     latency_sum_us: int = 0
@@ -98,6 +105,7 @@ class ClassStats:
     def add_window(self, w: ClassWindow) -> None:
         self.sent += w.sent
         self.outcomes.update(w.outcomes)
+        self.details = w.details | self.details
         self.slo_met += w.slo_met
         self.slo_judged += w.slo_judged
         self.latency_sum_us += w.latency_sum_us
@@ -108,6 +116,7 @@ class ClassStats:
     def add(self, other: ClassStats) -> None:
         self.sent += other.sent
         self.outcomes.update(other.outcomes)
+        self.details = other.details | self.details
         self.slo_met += other.slo_met
         self.slo_judged += other.slo_judged
         self.latency_sum_us += other.latency_sum_us
@@ -141,6 +150,7 @@ class ClassStats:
             "completed": self.completed,
             "ok": self.ok,
             "errors": self.errors,
+            "error_details": dict(sorted(self.details.items())),
             "throughput_rps": rate(self.ok),
             "latency_ms": {"mean": self.mean_latency_ms, **latency_summary(self.latency)},
             "service_latency_ms": latency_summary(self.service),
