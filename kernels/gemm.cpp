@@ -163,6 +163,7 @@ void gemm(const GemmArgs& in, int threads) {
     g.k_groups = w.k_groups;
     g.panels = w.panels;
     g.block_bytes = w.block_bytes;
+    g.group = w.group;
     g.n = w.n;
     g.b = w.data.data();
     g.zero_points = w.zero_points.data();

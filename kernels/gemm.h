@@ -28,19 +28,25 @@ Isa best_isa();
 // Weights packed once: panels of 16 columns, K in groups of 4 bytes, so one 64-byte block feeds one
 // 512-bit vpdpbusd (or two 256-bit ones). The AVX2 path stores each weight as two halves in [-64, 64]
 // (two 64-byte blocks per group) unless every weight already lies there, so vpmaddubsw never saturates.
+// Panels are interleaved in groups of as many as the ISA's micro-kernel reads at once, so its weights
+// arrive as one sequential stream: group g (the last may be narrower) holds, for each K group in turn,
+// the blocks of its panels side by side.
 struct PackedWeights {
     Isa isa = Isa::scalar;
     int64_t k = 0, n = 0;        // logical shape of B (K x N)
     int64_t k_groups = 0;        // ceil(K / 4)
     int64_t panels = 0;          // ceil(N / 16)
     int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when split
+    int64_t group = 1;           // panels interleaved per K group (panel_group(isa))
     std::vector<int8_t> data;    // [panels][k_groups][block_bytes], zero padded
     std::vector<int32_t> col_sums;     // [panels * 16] sum over k of B, for the activation zero point
     std::vector<int32_t> zero_points;  // [panels * 16] weight zero points (zeros when symmetric)
     bool has_zero_points = false;
 
-    int64_t panel_stride() const { return k_groups * block_bytes; }
 };
+
+// Panels each ISA's micro-kernel reads per K group (its tile width / 16).
+constexpr int64_t panel_group(Isa isa) { return isa == Isa::avx512_vnni ? 4 : 1; }
 
 // Packs a row-major K x N int8 matrix (or N x K when transposed) for `isa`.
 PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transposed, const int32_t* zero_points,
@@ -69,7 +75,7 @@ struct GemmArgs {
     // Optional: -za * colsum[n] + K * za * zb[n] precomputed for a fixed za (see column_terms).
     const int32_t* col_terms = nullptr;
     // Filled by gemm() so tile kernels touch raw pointers only (no std:: code compiled with ISA flags):
-    int64_t k_groups = 0, panels = 0, block_bytes = 0, n = 0;
+    int64_t k_groups = 0, panels = 0, block_bytes = 0, group = 1, n = 0;
     const int8_t* b = nullptr;
     const int32_t* zero_points = nullptr;  // [panels*16]
     const int32_t* row_sums = nullptr;     // [M] sum over k of A; null when the weights are symmetric

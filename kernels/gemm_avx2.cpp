@@ -17,7 +17,6 @@ template <bool Split>
 struct Avx2 {
     // 4 rows x 2 ymm = 8 accumulators, leaving registers for weights, the broadcast and the products.
     static constexpr int kMR = 4, kNV = 1;
-    static constexpr int64_t kBlock = Split ? 128 : 64;
 
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
@@ -33,7 +32,7 @@ struct Avx2 {
             }
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
-        for (int64_t g = 0; g < k.kg; ++g, b += kBlock, a += 4) {
+        for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 4) {
             const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
             const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
 #pragma GCC unroll 8

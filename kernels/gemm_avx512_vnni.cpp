@@ -29,10 +29,10 @@ struct Avx512Vnni {
         }
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
-        for (int64_t g = 0; g < k.kg; ++g, b += 64, a += 4) {
-            __m512i w[NV];
+        for (int64_t g = 0; g < k.kg; ++g, b += NV * 64, a += 4) {
+            __m512i w[NV];  // NV panels side by side: one sequential stream
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(b + v * k.stride);
+            for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(b + v * 64);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) {
                 const __m512i x = _mm512_set1_epi32(load_i32(a + r * k.lda));
@@ -48,6 +48,8 @@ struct Avx512Vnni {
 };
 
 }  // namespace
+
+static_assert(Avx512Vnni::kNV == panel_group(Isa::avx512_vnni));
 
 void tile_avx512_vnni(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
     run_tile<Avx512Vnni>(g, m0, m1, p0, p1, scratch);

@@ -24,7 +24,7 @@ struct AvxVnni {
             }
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
-        for (int64_t g = 0; g < k.kg; ++g, b += 64, a += 4) {
+        for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 4) {
             const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
             const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
 #pragma GCC unroll 8

@@ -14,7 +14,7 @@ struct Scalar {
         for (int j = 0; j < 16; ++j) acc[j] = k.accumulate ? k.c[j] : k.init[j];
         for (int64_t g = 0; g < k.kg; ++g) {
             const uint8_t* x = k.a + 4 * g;
-            const int8_t* w = k.b + 64 * g;
+            const int8_t* w = k.b + k.group_bytes * g;
             for (int j = 0; j < 16; ++j)
                 for (int i = 0; i < 4; ++i) acc[j] += static_cast<int32_t>(x[i]) * w[4 * j + i];
         }

@@ -1,4 +1,5 @@
 // Weight packing: done once per model load, so it favours clarity over speed.
+#include <algorithm>
 #include <cstddef>
 
 #include "gemm.h"
@@ -26,6 +27,7 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
     w.panels = (n + 15) / 16;
     const bool split = isa == Isa::avx2 && !fits_half_range(b, k * n);
     w.block_bytes = split ? 128 : 64;
+    w.group = panel_group(isa);
     w.data.assign(static_cast<std::size_t>(w.panels * w.k_groups * w.block_bytes), 0);
     w.col_sums.assign(static_cast<std::size_t>(w.panels * 16), 0);
     w.zero_points.assign(static_cast<std::size_t>(w.panels * 16), 0);
@@ -33,8 +35,10 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
     for (int64_t kk = 0; kk < k; ++kk) {
         for (int64_t nn = 0; nn < n; ++nn) {
             const int8_t value = transposed ? b[nn * k + kk] : b[kk * n + nn];
-            const int64_t panel = nn / 16, lane = nn % 16, group = kk / 4, byte = kk % 4;
-            int8_t* block = w.data.data() + (panel * w.k_groups + group) * w.block_bytes;
+            const int64_t panel = nn / 16, lane = nn % 16, kgroup = kk / 4, byte = kk % 4;
+            const int64_t first = panel / w.group * w.group, width = std::min(w.group, w.panels - first);
+            int8_t* block = w.data.data() + first * w.k_groups * w.block_bytes +
+                            (kgroup * width + panel - first) * w.block_bytes;
             if (split) {
                 const int8_t hi = static_cast<int8_t>(value >> 1);  // floor(v / 2): both halves in [-64, 64]
                 block[lane * 4 + byte] = hi;

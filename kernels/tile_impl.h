@@ -135,11 +135,11 @@ inline void epilogue(const GemmArgs& g, int64_t m0, int64_t m1, int64_t col0, in
 struct MicroCall {
     const uint8_t* a;
     int64_t lda;
-    const int8_t* b;
-    int64_t stride;  // bytes between panels
-    int64_t kg;      // k groups in this block
-    int32_t* c;         // scratch, row stride kTileCols
-    const int32_t* init;  // starting value of every row (the column zero-point terms) when !accumulate
+    const int8_t* b;       // the group's blocks for this K block; its panels side by side per K group
+    int64_t group_bytes;   // from one K group to the next
+    int64_t kg;            // K groups in this block
+    int32_t* c;            // scratch, row stride kTileCols
+    const int32_t* init;   // starting value of every row (the column zero-point terms) when !accumulate
     bool accumulate;
 };
 
@@ -164,10 +164,12 @@ void call_micro(int mr, int nv, const MicroCall& k) {
 // after its last K block, while its tile is still in L1.
 template <class Micro>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
-    const int64_t stride = g.k_groups * g.block_bytes;
+    static_assert(Micro::kNV <= kTileCols / 16);
     for (int64_t p = p0; p < p1; p += Micro::kNV) {
+        // Tasks split at whole panel groups, so [p, p + nv) is exactly one packed group.
         const int nv = static_cast<int>(min64(Micro::kNV, p1 - p));
-        const int8_t* bp = g.b + p * stride;
+        const int64_t group_bytes = nv * g.block_bytes;
+        const int8_t* bp = g.b + p * g.k_groups * g.block_bytes;
         const int64_t col0 = p * 16, cols = min64(g.n - col0, nv * 16);
         for (int64_t k0 = 0; k0 < g.k_groups; k0 += kKcGroups) {
             const int64_t kc = min64(kKcGroups, g.k_groups - k0);
@@ -179,7 +181,7 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
             for (int64_t i = 0, m = m0; i < blocks; ++i) {
                 const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
                 int32_t* tile = scratch + (m - m0) * kTileCols;
-                const MicroCall k{g.a + m * g.lda + 4 * k0, g.lda, bp + k0 * g.block_bytes, stride, kc, tile,
+                const MicroCall k{g.a + m * g.lda + 4 * k0, g.lda, bp + k0 * group_bytes, group_bytes, kc, tile,
                                   g.col_terms + col0, k0 > 0};
                 call_micro<Micro>(mr, nv, k);
                 if (last) epilogue(g, m, m + mr, col0, cols, tile);
