@@ -33,6 +33,7 @@ def check_result(result: dict[str, Any], out: Path, points: int, classes: int) -
         totals = point["totals"]
         assert totals["sent"] > 0
         assert totals["sent"] == totals["completed"] == totals["ok"] + sum(totals["errors"].values())
+        assert set(totals["error_details"]) == set(totals["errors"])
         m = point["measurement"]
         assert m["duration_s"] > 0 and set(m["classes"]) == {c["key"] for c in result["classes"]}
         assert m["all"]["ok"] == sum(c["ok"] for c in m["classes"].values())

@@ -45,6 +45,7 @@ def test_errors_by_status_and_cancelled_stragglers(echo_slow: str, tmp_path: Pat
     totals = result["points"][0]["totals"]
     assert totals["errors"]["DEADLINE_EXCEEDED"] > 0 and totals["ok"] > 0
     assert totals["stragglers"] > 0 and totals["errors"]["CANCELLED"] == totals["stragglers"]
+    assert totals["error_details"]["CANCELLED"].startswith("cancelled by tidal bench")
     assert "DEADLINE_EXCEEDED" in stdout and "were cancelled" in stdout
 
 
