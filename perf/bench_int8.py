@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -162,7 +163,8 @@ def markdown(result: dict) -> str:
         "## INT8 kernels", "",
         f"One run of `perf/bench_int8.py` on {m['cpu']} ({m['cores']} cores), kernels `{m['isa']}`, "
         f"ONNX Runtime {m['onnxruntime']}. VNNI peak of one core, measured in the same run with a "
-        f"register-only `vpdpbusd` loop: **{result['peak_gops']:.0f} GOPS**.", "",
+        f"register-only `vpdpbusd` loop: **{result['peak_gops']:.0f} GOPS**. Other work on the machine: "
+        f"1-minute load average {m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.", "",
         "### GEMM, one thread (u8 x s8 -> s32, GOPS per core)", "",
         "| MLP | K x N | M | tidal | % of peak | MLAS (MatMulInteger) | tidal / MLAS |",
         "|---|---|---|---|---|---|---|",
@@ -199,7 +201,8 @@ def main() -> None:
     rounds, window_s = (3, 0.02) if args.quick else (8, 0.05)
     cpu = cpu_info()
     isa = _kernels.best_isa()
-    result: dict = {"machine": {"cpu": cpu.model, "cores": cpu.cores, "isa": isa, "onnxruntime": ort.__version__}}
+    result: dict = {"machine": {"cpu": cpu.model, "cores": cpu.cores, "isa": isa, "onnxruntime": ort.__version__,
+                                "load_before": os.getloadavg()[0]}}
     vnni = isa if isa in ("avx512_vnni", "avx_vnni") else None
     result["peak_gops"] = max(_kernels.peak_gops(vnni, 0.2) for _ in range(5)) if vnni else float("nan")
     shapes = [("reference", k, n) for k, n in itertools.pairwise(REFERENCE_MLP)]
@@ -212,6 +215,7 @@ def main() -> None:
             end_to_end(fp32, qdq, 1, time.thread_time, batches, rounds, window_s),
             end_to_end(fp32, qdq, cpu.cores, time.perf_counter, batches, rounds, window_s),
         ]
+    result["machine"]["load_after"] = os.getloadavg()[0]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
