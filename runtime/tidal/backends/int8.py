@@ -2,15 +2,19 @@
 
 It runs graphs that are a single chain of QuantizeLinear/DequantizeLinear
 around MatMul or Gemm with constant DQ'd weights, Add of a constant bias and
-Relu (what ONNX Runtime's static QDQ quantizer makes of an MLP). Each
-MatMul/Gemm becomes one kernel call whose epilogue applies every rounding
-point of the graph (the QuantizeLinear after the product, the bias, ReLU, the
-QuantizeLinear after the bias), so results follow the graph, not a fused
-approximation of it. Any other graph is refused at load with Int8Unsupported
-naming the node, and the repository can fall back to ONNX Runtime.
+Relu (what ONNX Runtime's static QDQ quantizer makes of an MLP). At load the
+chain is compiled into one native `Chain`: every MatMul/Gemm becomes a GEMM
+on weights packed once, whose epilogue applies each rounding point of the
+graph in order (the QuantizeLinear after the product, the bias, ReLU, the
+QuantizeLinear feeding the next layer), so results follow the graph rather
+than a fused approximation of it; a batch then runs in one call with the GIL
+released. Any other graph is refused at load with Int8Unsupported naming the
+node, so the repository can fall back to ONNX Runtime.
 
-Signed activations are shifted into u8 (x + 128, zero point + 128), which the
-kernels correct with row sums, so every layer runs the same u8 x s8 product.
+Signed activations are shifted into u8 (x + 128, zero point + 128), so every
+layer runs the same u8 x s8 product. Options: `intra_op_threads` caps the
+kernel threads (0: all cores); `parameters["isa"]` forces a kernel path
+(avx512_vnni, avx_vnni, avx2 or scalar) instead of the best one this CPU runs.
 """
 
 from __future__ import annotations
@@ -197,7 +201,12 @@ def _chain(reader: _GraphReader) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoPro
     return inputs[0], graph.output[0], tokens
 
 
+_OPS = {"q": "QuantizeLinear", "dq": "DequantizeLinear", "gemm": "MatMul or Gemm"}
+
+
 class _Cursor:
+    """Position in the token list while the chain is compiled."""
+
     def __init__(self, tokens: list[_Token]) -> None:
         self.tokens, self.i = tokens, 0
 
@@ -213,7 +222,7 @@ class _Cursor:
         token = self.peek()
         if token is None or token.kind != kind:
             where = token.node if token is not None else (after.node if after is not None else None)
-            raise _refuse(where, f"expected {kind} here in the QDQ chain")
+            raise _refuse(where, f"expected {_OPS[kind]} here in the QDQ chain")
         self.i += 1
         return token
 
