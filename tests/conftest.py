@@ -6,13 +6,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+import tritonclient.grpc as tc
 
 # Helper modules beside this file (onnx_models, live_server) are imported by name from every test folder.
 sys.path.insert(0, str(Path(__file__).parent))
 
 from live_server import ServerProcess, start_server
 from onnx_models import build_repository
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,15 @@ def server(repository: Path) -> Iterator[ServerProcess]:
     yield srv
     code = srv.stop()
     assert code == 0, f"tidal exited with {code} on SIGTERM:\n{srv.log()}"
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> tc.InferenceServerClient:
+    """tritonclient's sync client on the shared server."""
+    return tc.InferenceServerClient(server.url)
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> pb_grpc.GRPCInferenceServiceStub:
+    """A raw stub, for messages tritonclient never sends (typed contents, malformed input)."""
+    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url))

@@ -12,16 +12,6 @@ from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(scope="module")
-def client(server) -> tc.InferenceServerClient:
-    return tc.InferenceServerClient(server.url)
-
-
-@pytest.fixture(scope="module")
-def stub(server) -> pb_grpc.GRPCInferenceServiceStub:
-    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url))
-
-
 def _tensor(name: str, data: np.ndarray, datatype: str) -> tc.InferInput:
     tensor = tc.InferInput(name, list(data.shape), datatype)
     tensor.set_data_from_numpy(data)

@@ -15,16 +15,6 @@ from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(scope="module")
-def client(server) -> tc.InferenceServerClient:
-    return tc.InferenceServerClient(server.url)
-
-
-@pytest.fixture(scope="module")
-def stub(server) -> pb_grpc.GRPCInferenceServiceStub:
-    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url))
-
-
 def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
     inputs = [tc.InferInput("INPUT0", list(a.shape), "FP32"), tc.InferInput("INPUT1", list(b.shape), "FP32")]
     inputs[0].set_data_from_numpy(a)

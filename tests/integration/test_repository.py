@@ -13,11 +13,6 @@ from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(scope="module")
-def client(server) -> tc.InferenceServerClient:
-    return tc.InferenceServerClient(server.url)
-
-
 def _scale(client: tc.InferenceServerClient, model: str, version: str = "") -> float:
     data = np.ones((1, 4), np.float32)
     tensor = tc.InferInput("INPUT", [1, 4], "FP32")
