@@ -62,7 +62,9 @@ void require_zero_point(int z, const char* what) {
 }
 
 void require_columns(const std::optional<F32Vector>& v, int64_t n, const char* what) {
-    if (v) require(static_cast<int64_t>(v->shape(0)) == n, std::string(what) + " must have one value per output column");
+    if (v) {
+        require(static_cast<int64_t>(v->shape(0)) == n, std::string(what) + " must have one value per output column");
+    }
 }
 
 template <class T>
@@ -191,7 +193,8 @@ void add_layer(PyChain& self, const tidal::PackedWeights& w, F32Vector scale, in
     tidal::ChainLayer layer;
     layer.ep = float_epilogue(w, scale, bias, relu, mid);
     layer.ep.kind = parse_output(output);
-    require((layer.ep.kind == tidal::OutKind::f32) == !out, "out=(scale, zero_point) is required unless output is 'f32'");
+    require((layer.ep.kind == tidal::OutKind::f32) == !out,
+            "out=(scale, zero_point) is required unless output is 'f32'");
     if (out) {
         require_scale(out->first, "out scale");
         require_zero_point(out->second, "out zero point");
@@ -209,8 +212,8 @@ void add_layer(PyChain& self, const tidal::PackedWeights& w, F32Vector scale, in
 nb::object run_chain(const PyChain& self, F32Matrix x, int threads) {
     const auto& layers = self.chain.layers();
     require(!layers.empty(), "the chain has no layers");
-    require(static_cast<int64_t>(x.shape(1)) == layers.front().w->k, "x must have K = " +
-                                                                       std::to_string(layers.front().w->k) + " columns");
+    const int64_t k = layers.front().w->k;
+    require(static_cast<int64_t>(x.shape(1)) == k, "x must have K = " + std::to_string(k) + " columns");
     require(threads >= 0, "threads must be >= 0 (0: all cores)");
     const int64_t m = static_cast<int64_t>(x.shape(0)), n = layers.back().w->n;
     void* data = nullptr;
@@ -255,8 +258,8 @@ void cuda_gemm(DeviceMatrix<const int8_t> a, DeviceMatrix<const int8_t> bt, Devi
 NB_MODULE(_kernels, m) {
     m.doc() = "tidal's int8 CPU (and optional CUDA) kernels; use through tidal.backends.int8.";
 
-    nb::class_<tidal::PackedWeights>(m, "PackedWeights",
-                                     "Int8 weights packed once for one ISA; immutable and safe to share across threads.")
+    nb::class_<tidal::PackedWeights>(
+        m, "PackedWeights", "Int8 weights packed once for one ISA; immutable and safe to share across threads.")
         .def("__init__",
              [](tidal::PackedWeights* self, S8Matrix b, std::optional<S32Vector> zero_points,
                 std::optional<std::string> isa, bool transposed) {

@@ -81,7 +81,8 @@ Split plan(const GemmArgs& g, int threads) {
         s.chunk = g.panels;
         return s;
     }
-    // Rows when every task still gets several row blocks, else column panels in groups of 4.
+    // Rows when every task still gets several row blocks, else column panels in multiples of 4 (whole
+    // packed panel groups, see panel_group).
     s.by_rows = g.m >= want * 24;
     if (s.by_rows) {
         s.chunk = ((g.m + want - 1) / want + 5) / 6 * 6;
@@ -153,7 +154,8 @@ Isa best_isa() {
 
 std::vector<int32_t> column_terms(const PackedWeights& w, int32_t za) {
     std::vector<int32_t> terms(w.col_sums.size());
-    for (size_t n = 0; n < terms.size(); ++n) terms[n] = -za * w.col_sums[n] + static_cast<int32_t>(w.k) * za * w.zero_points[n];
+    const int32_t k = static_cast<int32_t>(w.k);
+    for (size_t n = 0; n < terms.size(); ++n) terms[n] = -za * w.col_sums[n] + k * za * w.zero_points[n];
     return terms;
 }
 

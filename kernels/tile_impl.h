@@ -40,6 +40,11 @@ struct EpilogueConsts {
     float inv_mid, mid_scale, mid_lo, mid_hi;
     float inv_out, out_scale, out_zero_point, out_lo, out_hi;
 
+    static float relu_floor(float scaled_lower, float lo) {
+        const float r = __builtin_nearbyintf(scaled_lower);
+        return r > lo ? r : lo;
+    }
+
     explicit EpilogueConsts(const Epilogue& ep)
         : lower(ep.lower),
           inv_mid(1.f / ep.mid_scale),
@@ -49,8 +54,7 @@ struct EpilogueConsts {
           inv_out(1.f / ep.out_scale),
           out_scale(ep.out_scale),
           out_zero_point(ep.out_zero_point),
-          out_lo(-ep.out_zero_point > __builtin_nearbyintf(ep.lower * inv_out) ? -ep.out_zero_point
-                                                                              : __builtin_nearbyintf(ep.lower * inv_out)),
+          out_lo(relu_floor(ep.lower * inv_out, -ep.out_zero_point)),
           out_hi(255.f - ep.out_zero_point) {}
 };
 
