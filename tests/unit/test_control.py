@@ -190,8 +190,18 @@ def test_measured_batch_times_correct_a_drifted_profile() -> None:
     sim.run(rate, 3, batch_ms=profiled)
     assert sim.active.variant == "fp32"
     max_batch = sim.active.max_batch_size
-    sim.run(rate, 3, batch_ms=4 * profiled)  # the machine got four times slower
+    sim.run(rate, 5, batch_ms=4 * profiled)  # the machine got four times slower; corrected within a half-life
     assert sim.active.variant != "fp32" or sim.active.max_batch_size < max_batch
+    assert sim.active.variant != "fp32"
+
+
+def test_a_variant_measured_slow_is_remembered_while_it_rests() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    profiled = LINES["fp32"][0] + 8 * LINES["fp32"][1]
+    sim.run(0.3 * fp32, 6, batch_ms=4 * profiled)
+    assert sim.active.variant != "fp32"
+    sim.run(0.3 * fp32, 10)  # no fp32 batch since: its profile alone would say it fits again
     assert sim.active.variant != "fp32"
 
 

@@ -61,6 +61,16 @@ def test_rate_meter_differences_cumulative_counts_over_the_span() -> None:
     assert meter.rate(60.0, 1) <= 400.0  # longer than the history: what there is
 
 
+def test_a_handful_of_events_is_not_read_as_a_burst() -> None:
+    meter = RateMeter(span_s=2.0)
+    meter.add(0.0, {1: 0})
+    meter.add(0.1, {1: 2})  # two arrivals 0.1 s apart
+    assert meter.rate(0.3, 1) == pytest.approx(20.0)
+    assert meter.rate(0.3, 1, min_events=20) == pytest.approx(2 / 0.3)
+    meter.add(0.3, {1: 62})
+    assert meter.rate(0.3, 1, min_events=20) == pytest.approx(62 / 0.3)
+
+
 def test_ewma_starts_at_the_first_value() -> None:
     mean = Ewma(0.5)
     assert mean.value is None

@@ -5,8 +5,8 @@ A batch of `b` rows takes about `a + c*b` ms: a fixed cost per execution
 starts from the variant's offline profile (its p50 per batch size, fitted
 by least squares) and then follows the batches the scheduler really runs:
 their sums enter a weighted least-squares fit whose weights halve every
-`half_life_s`, so a profile measured on a quieter machine, or a machine
-that slowed down since, is corrected within seconds.
+`half_life_s` of running, so a profile measured on a quieter machine, or a
+machine that slowed down since, is corrected within seconds.
 
 Two corrections, because only the active variant runs:
 - the active variant's own fit moves to its measurements;

@@ -56,6 +56,8 @@ class Load:
 @dataclass(frozen=True, slots=True)
 class Plan:
     variant: str
+    line: Line  # the batch latency the plan assumed
+    offset_ms: float
     max_batch: int  # rows; 0 = no batch size holds the target even unloaded
     batch_ms: float  # L(max_batch)
     capacity: float  # rows per ms at max_batch; 0 when max_batch is 0
@@ -86,10 +88,11 @@ def plan_variant(variant: str, line: Line, load: Load, instances: int, limit: in
     """`limit` is the model's own max batch size (1 for a model without batching)."""
     batch = largest_batch(line, load, limit)
     if batch == 0:
-        return Plan(variant, 0, line.ms(load.rows_per_request), 0.0, math.inf, math.inf)
+        return Plan(variant, line, load.offset_ms, 0, line.ms(load.rows_per_request), 0.0, math.inf, math.inf)
     batch_ms = line.ms(batch)
     capacity = instances * batch / batch_ms
-    return Plan(variant, batch, batch_ms, capacity, load.rate / capacity, predict_p99(line, load, instances, batch))
+    predicted = predict_p99(line, load, instances, batch)
+    return Plan(variant, line, load.offset_ms, batch, batch_ms, capacity, load.rate / capacity, predicted)
 
 
 def predict_p99(line: Line, load: Load, instances: int, max_batch: int) -> float:

@@ -43,6 +43,7 @@ from tidal.errors import NotFound
 from tidal.types import Observation
 
 HISTORY = 32  # changed decisions kept per model for `tidal control status`
+MAX_DRIFT = 4.0  # a machine-wide slowdown beyond this is more likely a bad profile than a slow machine
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Tuning:
     batch_hysteresis: float = 0.25  # the batch limit moves up only by more than this fraction
     offset_utilisation: float = 0.7  # the model's offset is learned only below this load
     accuracy_resolution: float = 0.005  # accuracies closer than this are ties
+    rate_min_events: int = 20  # fewer arrivals in a rate window count as spread over all of it
+    drift_min_ms: float = 5.0  # batches profiled shorter than this say little about the machine (fixed costs rule)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class _Model:
     offered: RateMeter = field(init=False)
     latency: dict[str, BatchLatency] = field(init=False)
     drift: Ewma = field(default_factory=lambda: Ewma(0.3))
-    offset: Ewma = field(default_factory=lambda: Ewma(0.2))
+    offsets: dict[str, Ewma] = field(default_factory=dict)  # per variant: measured p99 beyond the estimate
     rows: Ewma = field(default_factory=lambda: Ewma(0.2))
     last_at: float | None = None
     fit_since: float | None = None  # when a better variant (or the way out of shedding) started to fit
@@ -169,8 +172,9 @@ class SloController:
         model.window.add(obs.at_s, obs.latencies)
         levels = set(obs.arrivals) | set(obs.shed)
         model.offered.add(obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) for lv in levels})
-        for latency in model.latency.values():
-            latency.decay(dt, self.tuning.half_life_s)
+        # Only variants that ran forget: an idle variant's last measurements stay its best evidence.
+        for name in {batch.variant for batch in obs.batches} & model.latency.keys():
+            model.latency[name].decay(dt, self.tuning.half_life_s)
         drift = model.drift.value or 1.0
         ratios = []
         for batch in obs.batches:
@@ -178,11 +182,11 @@ class SloController:
             if latency is None:
                 continue
             profiled = latency.profiled_ms(batch.rows)
-            if profiled and profiled > 0:
+            if profiled and profiled >= self.tuning.drift_min_ms:
                 ratios.append(batch.compute_s * 1e3 / profiled)
             latency.add(batch.rows, batch.compute_s, drift)
         if ratios:
-            model.drift.add(min(max(float(np.median(ratios)), 0.1), 10.0))
+            model.drift.add(min(max(float(np.median(ratios)), 1 / MAX_DRIFT), MAX_DRIFT))
         if obs.batches and obs.latencies:
             model.rows.add(max(sum(b.rows for b in obs.batches) / len(obs.latencies), 1.0))
 
@@ -190,7 +194,10 @@ class SloController:
         t, slo = self.tuning, model.slo
         rows = model.rows.value or 1.0
         levels = range(1, model.info.priority_levels + 1)
-        rps = {lv: max(model.offered.rate(t.fast_rate_s, lv), model.offered.rate(t.window_s, lv)) for lv in levels}
+        rps = {
+            lv: max(model.offered.rate(span, lv, t.rate_min_events) for span in (t.fast_rate_s, t.window_s))
+            for lv in levels
+        }
         busy = [lv for lv in levels if rps[lv] > 0] or list(levels)
         slo_ms = min(slo.target_ms(lv) for lv in busy) if slo.p99_ms > 0 else 0.0
         target = slo_ms * t.latency_margin
@@ -201,7 +208,7 @@ class SloController:
             queued_rows=sum(obs.queue_depth.values()) * rows,
             target_ms=target,
             delay_ms=delay_ms,
-            offset_ms=model.offset.value or 0.0,
+            offset_ms=0.0,  # per variant, see _offset
             tail=t.tail_factor,
         )
         window = model.window
@@ -271,21 +278,22 @@ class SloController:
             return self._decision(model, at_s, active, active, Reason.WARMUP, "no profile or measured batch yet", p)
         drift = model.drift.value or 1.0
         limit = max(model.info.max_batch_size, 1)
+        self._learn_offset(model, active, p, drift)
+        loads = {v: replace(p.load, offset_ms=self._offset(model, v)) for v in candidates}
         plans = {
-            v: plan_variant(v, Line(*model.latency[v].line(drift)), p.load, model.info.instances, limit)
+            v: plan_variant(v, Line(*model.latency[v].line(drift)), loads[v], model.info.instances, limit)
             for v in candidates
             if model.latency[v].known()
         }
-        self._learn_offset(model, active, p, drift)
         if not any(plan.max_batch for plan in plans.values()):
             fastest = min(plans.values(), key=lambda plan: plan.batch_ms)
-            setpoint = self._setpoint(model, fastest, active, p, shedding=False)
+            setpoint = self._setpoint(model, fastest, active, p, loads[fastest.variant], shedding=False)
             detail = f"{fastest.variant} needs {fastest.batch_ms:.2f} ms a batch; p99 {p.slo_ms:g} ms is out of reach"
             return self._decision(model, at_s, active, setpoint, Reason.UNATTAINABLE, detail, p)
         plan, reason, why = self._choose(model, at_s, active, plans, p)
         if reason is Reason.SHED:
             self._adapt_scale(model, p)
-        setpoint = self._setpoint(model, plan, active, p, shedding=reason is Reason.SHED)
+        setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
         return self._decision(model, at_s, active, setpoint, reason, _describe(why, plan, setpoint, p), p,
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
 
@@ -323,7 +331,7 @@ class SloController:
             if plan.fits(t.settle_utilisation, target):
                 if p.breach:
                     return plan, Reason.DOWN_OBSERVED, p.breach
-                return plan, Reason.DOWN_PREDICTED, f"{active.variant} cannot hold the SLO at the offered load"
+                return plan, Reason.DOWN_PREDICTED, _why_down(active.variant, current)
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
 
@@ -350,9 +358,26 @@ class SloController:
             return
         unexplained = predict_p99(line, replace(p.load, offset_ms=0.0), model.info.instances, batch)
         if math.isfinite(unexplained):
-            model.offset.add(min(max(p.p99 - unexplained, 0.0), 0.5 * p.slo_ms))
+            offset = model.offsets.setdefault(active.variant, Ewma(0.2))
+            offset.add(min(max(p.p99 - unexplained, 0.0), 0.5 * p.slo_ms))
 
-    def _setpoint(self, model: _Model, plan: Plan, active: Setpoint, p: _Period, shedding: bool) -> Setpoint:
+    @staticmethod
+    def _offset(model: _Model, variant: str) -> float:
+        """A variant's own offset once it has run; before that, the smallest any variant showed.
+
+        Per variant, because part of what the estimate misses (the spread of batch
+        times) grows with the variant's cost: a slow variant's offset applied to a
+        fast one would keep the fast one from ever looking good, and the other way
+        round would send the controller back up to a variant that just failed.
+        """
+        own = model.offsets.get(variant)
+        if own is not None and own.value is not None:
+            return own.value
+        return min((o.value for o in model.offsets.values() if o.value is not None), default=0.0)
+
+    def _setpoint(
+        self, model: _Model, plan: Plan, active: Setpoint, p: _Period, load: Load, shedding: bool
+    ) -> Setpoint:
         t = self.tuning
         batch = max(plan.max_batch, 1)
         same = plan.variant == active.variant
@@ -364,7 +389,7 @@ class SloController:
         if shedding:
             levels = range(1, model.info.priority_levels + 1)
             targets = {lv: model.slo.target_ms(lv) * t.latency_margin for lv in levels}
-            limits = admission_limits(plan, p.rates, targets, p.load, model.info.instances, model.scale)
+            limits = admission_limits(plan, p.rates, targets, load, model.info.instances, model.scale)
             if same and _close(limits, active.admission_limits, t.batch_hysteresis):
                 limits = active.admission_limits
         return Setpoint(plan.variant, batch, round(p.load.delay_ms * 1e3), limits)
@@ -386,13 +411,26 @@ def _close(new: tuple[tuple[int, int], ...], old: tuple[tuple[int, int], ...], t
     return all((a == 0) == (b == 0) and abs(a - b) <= tolerance * max(a, b) for (_, a), (_, b) in pairs)
 
 
+def _why_down(variant: str, current: Plan | None) -> str:
+    if current is None:
+        return f"{variant or 'default'} is not allowed now"
+    if current.max_batch == 0:
+        return f"{variant} cannot meet the target even unloaded"
+    predicted = "inf" if math.isinf(current.predicted_p99_ms) else f"{current.predicted_p99_ms:.1f}"
+    return (
+        f"{variant} cannot hold the SLO at the offered load "
+        f"(utilisation {current.utilisation:.2f}, predicted p99 {predicted} ms)"
+    )
+
+
 def _describe(why: str, plan: Plan, setpoint: Setpoint, p: _Period) -> str:
     predicted = "inf" if math.isinf(plan.predicted_p99_ms) else f"{plan.predicted_p99_ms:.1f}"
     observed = "-" if p.p99 is None else f"{p.p99:.1f}"
     text = (
         f"{why}; {setpoint.variant or 'default'} max batch {setpoint.max_batch_size} "
         f"delay {setpoint.max_queue_delay_us} us; {p.request_rps:.0f} rps offered, utilisation "
-        f"{plan.utilisation:.2f}, p99 predicted {predicted} ms / observed {observed} ms / SLO {p.slo_ms:g} ms"
+        f"{plan.utilisation:.2f}, p99 predicted {predicted} ms / observed {observed} ms / SLO {p.slo_ms:g} ms; "
+        f"batch {plan.line.intercept:.2f} + {plan.line.slope:.3f}/row ms, offset {plan.offset_ms:.1f} ms"
     )
     if setpoint.admission_limits:
         text += "; admit " + ", ".join(f"p{lv}<={n}" for lv, n in setpoint.admission_limits)

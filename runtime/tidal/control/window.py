@@ -80,8 +80,12 @@ class RateMeter:
         while len(self._history) > 2 and self._history[1][0] <= at_s - self.span_s:
             self._history.popleft()
 
-    def rate(self, span_s: float, level: int | None = None) -> float:
-        """Events per second over the last `span_s` seconds (or all the history there is when shorter)."""
+    def rate(self, span_s: float, level: int | None = None, min_events: int = 0) -> float:
+        """Events per second over the last `span_s` seconds (or all the history there is when shorter).
+
+        With fewer than `min_events` events the time counts as at least the full
+        span: two Poisson arrivals a few ms apart are not a burst of hundreds a second.
+        """
         if len(self._history) < 2:
             return 0.0
         now_s, now = self._history[-1]
@@ -93,7 +97,8 @@ class RateMeter:
         if now_s <= then_s:
             return 0.0
         delta = sum(now.values()) - sum(then.values()) if level is None else now.get(level, 0) - then.get(level, 0)
-        return max(delta, 0) / (now_s - then_s)
+        seconds = now_s - then_s if delta >= min_events else max(now_s - then_s, span_s)
+        return max(delta, 0) / seconds
 
     def clear(self) -> None:
         self._history.clear()
