@@ -47,7 +47,7 @@ variants.json, format 1 (all keys required unless marked optional)::
         metric is top1_agreement with the fp32 variant. top1_agreement and max_abs_err
         always compare the variant's outputs with fp32's on the same inputs.
     PROFILE = {"batch_sizes": [1, 2, 4, ...], "p50_ms": [...], "p99_ms": [...],
-               "throughput_rps": [...],    rows per second across all instances
+               "throughput_rps": [...],    rows per second of all instances at the median batch time
                "instances": 1, "intra_op_threads": 2, "allow_spinning": false,
                "measured_at": "2026-01-01T00:00:00+00:00", "hardware": HARDWARE}
     HARDWARE = {"cpu_model": "...", "cores": 2, "isa_flags": ["avx2", "avx512_vnni"], "gpus": []}
