@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-DEMO_VERSION = "2"  # bump whenever what the build produces changes
+DEMO_VERSION = "3"  # bump whenever what the build produces changes
 DEMO_MODEL = "digits"
 ADD_SUB_MODEL = "add_sub"
 HIDDEN = (1024, 1024)  # wide enough that INT8 GEMMs, not per-call overhead, decide the speed
