@@ -45,10 +45,6 @@ class CpuInfo:
     def has_avx2(self) -> bool:
         return _AVX2 in self.flags
 
-    @property
-    def has_amx_int8(self) -> bool:
-        return "amx_int8" in self.flags
-
     def best_int8_isa(self) -> str | None:
         """The widest int8 dot-product extension present, by tidal's kernel names."""
         if self.has_avx512_vnni:
