@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -147,3 +149,14 @@ def test_best_isa_is_the_fastest_runnable() -> None:
     runnable = _kernels.isas()
     assert runnable[-1] == "scalar"
     assert _kernels.best_isa() == runnable[0]
+
+
+def test_concurrent_callers_share_the_pool_safely() -> None:
+    # Model instances run on their own threads; a caller that finds the pool busy computes inline.
+    a, b, zb = _operands(128, 512, 256, 6, False)
+    w = _kernels.PackedWeights(b)
+    expected = _reference_s32(a, b, 1, zb)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: _kernels.gemm_s32(a, w, 1), range(16)))
+    for got in results:
+        np.testing.assert_array_equal(got, expected)
