@@ -38,7 +38,7 @@ def check_result(result: dict[str, Any], out: Path, points: int, classes: int) -
         assert m["duration_s"] > 0 and set(m["classes"]) == {c["key"] for c in result["classes"]}
         assert m["all"]["ok"] == sum(c["ok"] for c in m["classes"].values())
         assert m["all"]["ok"] <= totals["ok"]
-        assert set(point["client"]) == {"send_lag_p99_ms", "loop_lag_p99_ms", "bottleneck", "reasons"}
+        assert set(point["client"]) == {"send_lag_p99_ms", "loop_lag_p99_ms", "capped_sends", "bottleneck", "reasons"}
     rows = list(csv.DictReader(out.with_name(out.name + ".csv").open()))
     assert list(rows[0]) == SUMMARY_COLUMNS
     assert len(rows) == points * (1 + (classes if classes > 1 else 0))

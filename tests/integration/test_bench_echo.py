@@ -37,16 +37,20 @@ def echo_slow() -> Iterator[str]:
 
 def test_errors_by_status_and_cancelled_stragglers(echo_slow: str, tmp_path: Path) -> None:
     out = tmp_path / "overload"
-    # 200 rps into 50 rps of capacity with a 150 ms deadline: most requests time out; at the end
-    # a drain of 20 ms leaves the rest in flight, to be cancelled and counted.
+    # 200 rps into 50 rps of capacity with a 150 ms deadline: most requests time out, and the
+    # in-flight cap of 20 holds sends back; at the end a drain of 20 ms leaves the rest in
+    # flight, to be cancelled and counted.
     result, stdout = run_bench(out, "-u", echo_slow, "-m", "a", "--rate", "200", "--duration-s", "1",
-                               "--request-timeout-s", "0.15", "--drain-timeout-s", "0.02", *FAST)
+                               "--request-timeout-s", "0.15", "--drain-timeout-s", "0.02", "--max-inflight", "20",
+                               *FAST)
     check_result(result, out, points=1, classes=1)
     totals = result["points"][0]["totals"]
     assert totals["errors"]["DEADLINE_EXCEEDED"] > 0 and totals["ok"] > 0
     assert totals["stragglers"] > 0 and totals["errors"]["CANCELLED"] == totals["stragglers"]
     assert totals["error_details"]["CANCELLED"].startswith("cancelled by tidal bench")
     assert "DEADLINE_EXCEEDED" in stdout and "were cancelled" in stdout
+    client = result["points"][0]["client"]
+    assert client["capped_sends"] > 0 and client["bottleneck"] and "in-flight cap" in stdout
 
 
 def test_slo_attainment_goodput_and_server_times(echo_slow: str, tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ class WorkerWindow:
     loop_lag: bytes
     inflight: int
     finished: bool
+    capped: int = 0  # sends held back by the in-flight cap
     stragglers: int = 0
 
 
@@ -134,6 +135,7 @@ class LoadWorker:
     def _reset(self) -> None:
         self._rec = {c.key: ClassRecorder() for c in self._classes}
         self._loop_lag = new_histogram()
+        self._capped = 0
 
     async def open(self) -> None:
         self._channel = self._target.channel()
@@ -174,6 +176,7 @@ class LoadWorker:
             loop_lag=self._loop_lag.encode(),
             inflight=self._inflight,
             finished=self._run.driver is not None and self._run.driver.done() and not self._run.tasks,
+            capped=self._capped,
         )
         self._reset()
         return out
@@ -193,7 +196,7 @@ class LoadWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         last = self.window()
-        return WorkerWindow(last.t_ns, last.classes, last.loop_lag, 0, True, stragglers)
+        return WorkerWindow(last.t_ns, last.classes, last.loop_lag, 0, True, last.capped, stragglers)
 
     def _pick(self) -> int:
         if len(self._classes) == 1:
@@ -227,6 +230,8 @@ class LoadWorker:
             delay = due - time.perf_counter_ns()
             if delay > 0:
                 await asyncio.sleep(delay / _NS)
+            if len(self._run.tasks) >= self._max_inflight:
+                self._capped += 1
             while len(self._run.tasks) >= self._max_inflight:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()

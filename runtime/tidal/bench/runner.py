@@ -55,6 +55,7 @@ class _Tick:
     loop_lag: HdrHistogram
     inflight: int
     finished: bool
+    capped: int = 0
     stragglers: int = 0
 
     @classmethod
@@ -66,7 +67,7 @@ class _Tick:
                 classes.setdefault(key, ClassStats()).add_window(cw)
             lag.decode_and_add(w.loop_lag)
         return cls(duration_s, classes, lag, sum(w.inflight for w in windows), all(w.finished for w in windows),
-                   sum(w.stragglers for w in windows))
+                   sum(w.capped for w in windows), sum(w.stragglers for w in windows))
 
 
 @dataclass
@@ -183,10 +184,6 @@ class Coordinator:
         duration = sum(w.duration_s for w in measured)
         classes = merge([w.classes() for w in measured])
         totals = overall(merge([t.classes for t in ticks]))
-        loop_lag = new_histogram()
-        for w in measured:
-            for t in w.ticks:
-                loop_lag.add(t.loop_lag)
         return {
             "label": point.label,
             "stable": is_stable,
@@ -206,16 +203,24 @@ class Coordinator:
                 "stragglers": sum(t.stragglers for t in ticks),
             },
             "server": _server_summary(measured),
-            "client": self._client_health(overall(classes), loop_lag),
+            "client": self._client_health(overall(classes), [t for w in measured for t in w.ticks]),
         }
 
-    def _client_health(self, total: ClassStats, loop_lag: HdrHistogram) -> dict[str, Any]:
+    def _client_health(self, total: ClassStats, ticks: list[_Tick]) -> dict[str, Any]:
+        """Could this client keep its own schedule? Late sends or a late event loop say it could not."""
+        loop_lag = new_histogram()
+        for t in ticks:
+            loop_lag.add(t.loop_lag)
         send = latency_summary(total.send_lag)["p99"]
         loop = latency_summary(loop_lag)["p99"]
+        capped = sum(t.capped for t in ticks)
         threshold = self._timing.lag_threshold_ms
         reasons = [f"{name} lag p99 {v:.2f} ms > {threshold:g} ms"
                    for name, v in (("send", send), ("event-loop", loop)) if v is not None and v > threshold]
-        return {"send_lag_p99_ms": send, "loop_lag_p99_ms": loop, "bottleneck": bool(reasons), "reasons": reasons}
+        if capped:
+            reasons.append(f"{capped} sends waited for the in-flight cap (--max-inflight)")
+        return {"send_lag_p99_ms": send, "loop_lag_p99_ms": loop, "capped_sends": capped,
+                "bottleneck": bool(reasons), "reasons": reasons}
 
 
 def _server_summary(measured: list[_Window]) -> dict[str, Any] | None:
