@@ -27,9 +27,25 @@ from tidal.repository.variants import Hardware, LatencyProfile
 from tidal.types import DataType, TensorSpec
 
 # ISA extensions that decide which kernels a variant gets; the rest of /proc/cpuinfo is noise here.
-_ISA = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-    "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16", "neon", "asimddp",
+_ISA = tuple(
+    [
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_int8",
+        "amx_bf16",
+        "neon",
+        "asimddp",
+    ]
 )
 
 

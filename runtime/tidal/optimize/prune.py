@@ -28,8 +28,22 @@ from tidal.errors import ConfigError
 
 _DENSE = frozenset({"MatMul", "Gemm"})
 _CHANNELWISE_UNARY = frozenset(
-    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
-     "Gelu", "Clip", "Identity", "PRelu"}
+    [
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Softsign",
+        "HardSigmoid",
+        "HardSwish",
+        "Gelu",
+        "Clip",
+        "Identity",
+        "PRelu",
+    ]
 )
 _CHANNELWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 
