@@ -120,4 +120,4 @@ def _write_add_sub(folder: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidal")
     (folder / "1").mkdir(parents=True)
     onnx.save(model, str(folder / "1" / "model.onnx"))
-    write_config(folder, ADD_SUB_MODEL, model, max_batch_size=8)
+    write_config(folder, ADD_SUB_MODEL, folder / "1" / "model.onnx", max_batch_size=8)

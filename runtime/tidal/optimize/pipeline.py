@@ -103,7 +103,7 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
             b.parameters, b.flops_per_row, accuracy[b.name], profiles, b.details,
         )  # fmt: skip
     if not (folder / CONFIG_FILE).is_file():
-        write_config(folder, options.name, source, max_batch)
+        write_config(folder, options.name, version_dir / "model.onnx", max_batch)
     manifest = VariantManifest(options.name, "fp32", current_hardware(), variants)
     save_manifest(version_dir, manifest)
     for stale in version_dir.glob("model.*.onnx"):
