@@ -46,6 +46,12 @@ def test_latency_window_percentiles_per_level_and_expiry() -> None:
     assert window.count() == 0
 
 
+def test_latency_window_drops_requests_that_arrived_before_a_switch() -> None:
+    window = LatencyWindow(span_s=2.0)
+    window.add(10.0, samples(1, 500.0, 5.0), since_s=9.6)  # arrived at 9.5 and at 9.995
+    assert window.count() == 1 and window.percentile(50) == pytest.approx(5.0)
+
+
 def test_rate_meter_differences_cumulative_counts_over_the_span() -> None:
     meter = RateMeter(span_s=2.0)
     assert meter.rate(1.0) == 0.0

@@ -82,6 +82,7 @@ class _Model:
     offsets: dict[str, Ewma] = field(default_factory=dict)  # per variant: measured p99 beyond the estimate
     rows: Ewma = field(default_factory=lambda: Ewma(0.2))
     last_at: float | None = None
+    since_s: float = -math.inf  # latencies of requests that arrived before this belong to an older setting
     fit_since: float | None = None  # when a better variant (or the way out of shedding) started to fit
     shedding: bool = False
     scale: float = 1.0  # the share of the estimated capacity that admission limits assume
@@ -163,13 +164,13 @@ class SloController:
             if decision.setpoint.variant != active.variant or bool(decision.setpoint.admission_limits) != bool(
                 active.admission_limits
             ):
-                model.window.clear()  # latencies of the old setting say nothing about the new one
+                self._restart_window(model, decision.at_s)
         return decision
 
     def _ingest(self, model: _Model, obs: Observation) -> None:
         dt = 0.0 if model.last_at is None else max(obs.at_s - model.last_at, 0.0)
         model.last_at = obs.at_s
-        model.window.add(obs.at_s, obs.latencies)
+        model.window.add(obs.at_s, obs.latencies, model.since_s)
         levels = set(obs.arrivals) | set(obs.shed)
         model.offered.add(obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) for lv in levels})
         # Only variants that ran forget: an idle variant's last measurements stay its best evidence.
@@ -332,6 +333,9 @@ class SloController:
                 if p.breach:
                     return plan, Reason.DOWN_OBSERVED, p.breach
                 return plan, Reason.DOWN_PREDICTED, _why_down(active.variant, current)
+        if p.breach and current is not None and current.fits(t.settle_utilisation, target):
+            # Nothing faster to go to, and the load is well within capacity: refusing requests would not help.
+            return current, Reason.HOLD, f"{p.breach}, not explained by the load: not shedding"
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
 
@@ -394,11 +398,17 @@ class SloController:
                 limits = active.admission_limits
         return Setpoint(plan.variant, batch, round(p.load.delay_ms * 1e3), limits)
 
+    @staticmethod
+    def _restart_window(model: _Model, at_s: float) -> None:
+        """Latencies under the old setting say nothing about the new one."""
+        model.window.clear()
+        model.since_s = at_s
+
     def _adapt_scale(self, model: _Model, p: _Period) -> None:
         """Shrink the assumed capacity on a measured breach, grow it back while latencies stay well inside."""
         if p.breach:
             model.scale = max(model.scale * 0.8, 0.25)
-            model.window.clear()  # judge the new limits on their own latencies
+            self._restart_window(model, model.last_at or 0.0)  # judge the new limits on their own latencies
         elif p.p99 is not None and model.window.count() >= self.tuning.min_samples and p.p99 < 0.7 * p.slo_ms:
             model.scale = min(model.scale * 1.1, 1.0)
 
