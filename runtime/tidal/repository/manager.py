@@ -23,7 +23,7 @@ from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
 from tidal.repository import layout
 from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config
 from tidal.repository.pbtxt import ParsedConfig
-from tidal.repository.variants import load_manifest
+from tidal.repository.variants import VariantManifest, load_manifest
 from tidal.scheduling.engine import ModelScheduler
 from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import TensorSpec
@@ -40,6 +40,12 @@ class ModelState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+def _close(runners: dict[str, list[Backend]]) -> None:
+    for instances in runners.values():
+        for backend in instances:
+            backend.close()
+
+
 @dataclass
 class ServedVersion:
     """One ready version: its spec, its backends (per variant) and its scheduler."""
@@ -49,6 +55,8 @@ class ServedVersion:
     spec: ModelSpec
     runners: dict[str, list[Backend]]
     scheduler: ModelScheduler
+    engines: dict[str, str] = field(default_factory=dict)  # variant -> the backend that loaded it
+    manifest: VariantManifest | None = None  # accuracies and latency profiles, when the model has variants
 
     @property
     def output_specs(self) -> dict[str, TensorSpec]:
@@ -57,9 +65,7 @@ class ServedVersion:
     async def close(self) -> None:
         """Drain the scheduler, then release every backend instance."""
         await self.scheduler.stop(drain=True)
-        for instances in self.runners.values():
-            for backend in instances:
-                backend.close()
+        _close(self.runners)
 
 
 @dataclass
@@ -71,8 +77,8 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def _load_instances(path: Path, names: Iterable[str], options: BackendOptions, count: int) -> list[Backend]:
-    """`count` instances from the first backend in `names` that accepts the file."""
+def _load_instances(path: Path, names: Iterable[str], options: BackendOptions, count: int) -> tuple[str, list[Backend]]:
+    """`count` instances from the first backend in `names` that accepts the file, and that backend's name."""
     errors = []
     for name in names:
         try:
@@ -85,14 +91,25 @@ def _load_instances(path: Path, names: Iterable[str], options: BackendOptions, c
                 for backend in instances:
                     backend.close()
                 raise
-            return instances
+            return name, instances
         except TidalError as exc:
             errors.append(f"{name}: {exc}")
     raise ConfigError(f"{path.name}: no backend could load it ({'; '.join(errors)})")
 
 
-def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> tuple[ModelSpec, dict[str, list[Backend]]]:
-    """Blocking: parse, auto-complete and load every variant of one version."""
+@dataclass
+class _Built:
+    spec: ModelSpec
+    runners: dict[str, list[Backend]]
+    engines: dict[str, str]
+    manifest: VariantManifest | None
+
+
+def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Built:
+    """Blocking: parse, auto-complete and load every variant of one version.
+
+    A variant no backend here can load is left out with a warning; the version fails only if none loads.
+    """
     version_dir = model_path / str(version)
     version_config = mc.ModelConfig()
     version_config.CopyFrom(parsed.config)
@@ -103,30 +120,44 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> tupl
     spec = build_spec(version_config)
     manifest = load_manifest(version_dir)
     runners: dict[str, list[Backend]] = {}
-    try:
-        if manifest is None:
-            runners[DEFAULT_VARIANT] = _load_instances(
-                default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
+    engines: dict[str, str] = {}
+    if manifest is None:
+        engines[DEFAULT_VARIANT], runners[DEFAULT_VARIANT] = _load_instances(
+            default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
+        )
+        return _Built(spec, runners, engines, None)
+    wanted = set(spec.variants)
+    errors = []
+    for variant in manifest.variants.values():
+        if (wanted and variant.name not in wanted) or "cpu" not in variant.runnable_on:
+            continue
+        try:
+            engines[variant.name], runners[variant.name] = _load_instances(
+                version_dir / variant.file, variant.backends, spec.backend_options, spec.instance_count
             )
-        else:
-            wanted = set(spec.variants)
-            for variant in manifest.variants.values():
-                if (wanted and variant.name not in wanted) or "cpu" not in variant.runnable_on:
-                    continue
-                runners[variant.name] = _load_instances(
-                    version_dir / variant.file, variant.backends, spec.backend_options, spec.instance_count
-                )
-            if not runners:
-                raise ConfigError(f"{version_dir}: no variant of {sorted(wanted) or 'the manifest'} can run here")
-    except TidalError:
-        for instances in runners.values():
-            for backend in instances:
-                backend.close()
-        raise
-    if manifest is not None:
-        default = manifest.default if manifest.default in runners else next(iter(runners))
-        spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
-    return spec, runners
+        except ConfigError as exc:
+            log.warning("model %s version %d: variant %s left out: %s", spec.name, version, variant.name, exc)
+            errors.append(f"{variant.name}: {exc}")
+    if not runners:
+        detail = "; ".join(errors) or f"none of {sorted(wanted)} is in the manifest"
+        raise ConfigError(f"{version_dir}: no variant can run here ({detail})")
+    default = manifest.default if manifest.default in runners else next(iter(runners))
+    spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
+    return _Built(spec, runners, engines, manifest)
+
+
+async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> list[_Built]:
+    """Build the versions in parallel; if one fails, release what the others loaded and raise its error."""
+    results = await asyncio.gather(
+        *(asyncio.to_thread(_build_version, path, parsed, v) for v in versions), return_exceptions=True
+    )
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is None:
+        return list(results)
+    for result in results:
+        if isinstance(result, _Built):
+            _close(result.runners)
+    raise failure
 
 
 StateListener = Callable[[str, ModelState, str], Awaitable[None]]
@@ -171,7 +202,7 @@ class ModelManager:
                 versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
                 if not versions:
                     raise ConfigError(f"{path}: no numeric version folder")
-                built = await asyncio.gather(*(asyncio.to_thread(_build_version, path, parsed, v) for v in versions))
+                built = await _build_all(path, parsed, versions)
             except TidalError as exc:
                 entry.reason = str(exc)
                 if not entry.versions:
@@ -180,12 +211,13 @@ class ModelManager:
                 await self._changed(entry)
                 raise
             new: dict[int, ServedVersion] = {}
-            for version, (spec, runners) in zip(versions, built, strict=True):
+            for version, b in zip(versions, built, strict=True):
+                outputs = [o.name for o in b.spec.outputs]
                 scheduler = ModelScheduler(
-                    f"{name}:{version}", spec.scheduler, spec.knobs, runners, [o.name for o in spec.outputs], self.clock
+                    f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock
                 )
                 await scheduler.start()
-                new[version] = ServedVersion(name, version, spec, runners, scheduler)
+                new[version] = ServedVersion(name, version, b.spec, b.runners, scheduler, b.engines, b.manifest)
             old, entry.versions = entry.versions, new
             entry.state, entry.reason = ModelState.READY, ""
             log.info("model %s: ready, version(s) %s", name, ", ".join(map(str, versions)))
