@@ -15,7 +15,9 @@ Per model, a real `tidal serve` on loopback and `tidal bench` as the load:
 4. ramp: 0.2C -> 3C -> 0.2C over the run; variant switches per direction.
 Every run writes the bench's JSON and a plot (latency, throughput, batch size,
 active variant). Requests carry `--rows` rows each, so that fp32's capacity
-falls where one load process can offer 3C. Run it on a quiet machine.
+falls where one load process can offer 3C, and ONNX Runtime gets `--threads`
+threads, so that on a 2-core machine one core stays with gRPC and the load
+generator. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from live_server import ServerProcess, start_server
 DECISION = re.compile(r"^(\S+ \S+) INFO tidal\.control\.loop: controller (\S+):\d+: (\w+): .*?; (\S+) max batch (\d+)")
 PRIORITY = 'dynamic_batching { priority_levels: 2 default_priority_level: 2 }'
 CONTROL = "\nslo {{ p99_ms: {slo} }}\ncontroller {{ mode: FULL period_ms: 100 }}\n"
+THREADS = '\nparameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
 
 
 def _log(message: str) -> None:
@@ -63,12 +66,14 @@ class Model:
         return self.accuracy["fp32"]
 
 
-def _stage(source: Path, name: str, root: Path, slo_ms: float) -> Model:
-    """A copy of one model folder with two priority levels and the SLO in its config."""
+def _stage(source: Path, name: str, root: Path, slo_ms: float, threads: int) -> Model:
+    """A copy of one model folder with two priority levels, the SLO and the backend threads in its config."""
     target = root / name
     shutil.copytree(source, target)
     config = (target / "config.pbtxt").read_text()
     config = re.sub(r"dynamic_batching\s*\{[^}]*\}", PRIORITY, config)
+    if "intra_op_thread_count" not in config:
+        config += THREADS.format(threads=threads)
     (target / "config.pbtxt").write_text(config + CONTROL.format(slo=slo_ms))
     manifest = load_manifest(target / "1")
     assert manifest is not None, f"{source} has no variants"
@@ -239,7 +244,9 @@ def main() -> int:
     parser.add_argument("--models", default="digits,reference")
     parser.add_argument("--scenarios", default="step,priority,ramp")
     parser.add_argument("--slo-ms", type=float, default=50.0)
-    parser.add_argument("--rows", type=int, default=32, help="rows per request")
+    parser.add_argument("--rows", type=int, default=64, help="rows per request")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime threads per model: one leaves a core to gRPC and the load generator")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every duration (0.25: a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("perf/out/controller"))
     parser.add_argument("--plots", type=Path, default=Path("perf/plots"))
@@ -248,10 +255,10 @@ def main() -> int:
     args.plots.mkdir(parents=True, exist_ok=True)
     sources = {"digits": lambda: demo.ensure_demo_repository() / demo.DEMO_MODEL,
                "reference": lambda: _reference_source(args.out)}
-    results: dict[str, Any] = {"slo_ms": args.slo_ms, "rows": args.rows, "scale": args.scale}
+    results: dict[str, Any] = {"slo_ms": args.slo_ms, "rows": args.rows, "threads": args.threads, "scale": args.scale}
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix="tidal-bench-controller-") as tmp:
-            model = _stage(sources[name](), name, Path(tmp), args.slo_ms)
+            model = _stage(sources[name](), name, Path(tmp), args.slo_ms, args.threads)
             server = start_server(model.repository, "--load-model", name)
             try:
                 capacity = _calibrate(server, model, args.rows, args.slo_ms, args.out, args.scale)

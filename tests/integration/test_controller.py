@@ -13,6 +13,8 @@ succeed unless it was shed by design.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from live_server import start_server
+from live_server import metric, scrape, start_server
 from tidal.repository.variants import Accuracy, Hardware, LatencyProfile, Variant, VariantManifest, save_manifest
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
@@ -199,3 +201,35 @@ def test_load_steps_switch_the_variant_down_and_back_without_failing_requests(sl
     served = {detail for _, code, detail in outcomes if code == "ok"}
     assert served == {"accurate", "quick"}
     assert len(outcomes) == sent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tidal", "control", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_control_cli_and_rpc_set_and_show_the_slo_live(slowed) -> None:
+    repository, _ = slowed
+    server = start_server(repository)
+    try:
+        shown = _cli("-u", server.url, "status", "slowed")
+        assert shown.returncode == 0, shown.stderr
+        assert "slowed:1  controller full" in shown.stdout and "variant accurate" in shown.stdout
+        changed = _cli("-u", server.url, "set", "slowed", "--p99-ms", "123", "--mode", "batch", "--period-ms", "50")
+        assert changed.returncode == 0, changed.stderr
+        assert "controller batch  SLO p99 123 ms  period 50 ms" in changed.stdout
+        refused = _cli("-u", server.url, "set", "slowed", "--priority-p99-ms", "2=10")
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "outside 1..1" in refused.stderr
+        missing = _cli("-u", server.url, "set", "nothing", "--p99-ms", "5")
+        assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+        stub = cpb_grpc.TidalControlStub(grpc.insecure_channel(server.url))
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.SetSlo(cpb.SetSloRequest(model="slowed", mode="sideways"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        off = stub.SetSlo(cpb.SetSloRequest(model="slowed", mode="off")).models[0]
+        assert off.controller_mode == "off" and off.slo_p99_ms == 123
+        metrics = scrape(server)
+        assert metric(metrics, "tidal_slo_target_ms", model="slowed", version="1") == 123
+        assert metric(metrics, "tidal_controller_decisions_total", model="slowed", version="1", reason="hold") > 0
+    finally:
+        assert server.stop() == 0

@@ -61,7 +61,7 @@ class Tuning:
     leave_utilisation: float = 0.85  # above this the active variant is left at once
     min_samples: int = 100  # latencies needed before a measured p99 is judged
     half_life_s: float = 5.0  # of measured batch times in the latency models
-    batch_hysteresis: float = 0.25  # the batch limit moves up only by more than this fraction
+    batch_hysteresis: float = 0.25  # the batch limit moves up by more than this fraction, down by half of it
     offset_utilisation: float = 0.7  # the model's offset is learned only below this load
     accuracy_resolution: float = 0.005  # accuracies closer than this are ties
     rate_min_events: int = 20  # fewer arrivals in a rate window count as spread over all of it
@@ -385,8 +385,8 @@ class SloController:
         t = self.tuning
         batch = max(plan.max_batch, 1)
         same = plan.variant == active.variant
-        if same and (1 - t.batch_hysteresis) * batch <= active.max_batch_size <= batch:
-            batch = active.max_batch_size  # small gains are not worth a change
+        if same and (1 - t.batch_hysteresis) * batch <= active.max_batch_size <= (1 + t.batch_hysteresis / 2) * batch:
+            batch = active.max_batch_size  # small steps are not worth a change: the margin covers them
         if model.info.max_batch_size == 0:
             batch = 0
         limits: tuple[tuple[int, int], ...] = ()
