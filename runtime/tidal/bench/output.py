@@ -145,8 +145,8 @@ def write_summary_csv(result: dict[str, Any], path: Path) -> None:
 
 
 TIMESERIES_COLUMNS = [
-    "t_s", "point", "sent", "ok", "errors", "throughput_rps", "p50_ms", "p99_ms", "inflight", "send_lag_p99_ms",
-    "loop_lag_p99_ms", "batch_size_mean", "queue_depth", "active_variant",
+    "t_s", "point", "sent", "ok", "errors", "offered_rps", "throughput_rps", "p50_ms", "p99_ms", "inflight",
+    "send_lag_p99_ms", "loop_lag_p99_ms", "batch_size_mean", "queue_depth", "active_variant",
 ]
 
 

@@ -42,8 +42,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax_lat.set_ylabel("latency (ms)")
     ax_lat.set_yscale("log")
     ax_lat.legend(loc="upper left")
-    ax_rps.plot(*_series(ts, "throughput_rps"), color="tab:green")
-    ax_rps.set_ylabel("throughput (rps)")
+    ax_rps.plot(*_series(ts, "offered_rps"), color="tab:grey", linestyle="--", label="sent")
+    ax_rps.plot(*_series(ts, "throughput_rps"), color="tab:green", label="ok")
+    ax_rps.set_ylabel("requests/s")
+    ax_rps.legend(loc="upper left")
     row = 2
     if has_batch:
         axes[row][0].plot(*_series(ts, "batch_size_mean"), color="tab:purple")

@@ -243,6 +243,7 @@ def _tick_entry(label: str, t_s: float, tick: _Tick, sample: dict[str, Any] | No
         "sent": total.sent,
         "ok": total.ok,
         "errors": total.completed - total.ok,
+        "offered_rps": total.sent / tick.duration_s if tick.duration_s > 0 else 0.0,
         "throughput_rps": total.ok / tick.duration_s if tick.duration_s > 0 else 0.0,
         "p50_ms": lat["p50"],
         "p99_ms": lat["p99"],
