@@ -16,11 +16,9 @@ from tidal.clock import SystemClock
 from tidal.control.api import Decision, Mode, ModelInfo, Setpoint, Slo, VariantInfo, model_key
 from tidal.control.loop import ControlLoop
 from tidal.control.slo import SloController
-from tidal.errors import TidalError
 from tidal.metrics import ModelSnapshot, ServerMetrics
 from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.poll import RepositoryPoller
-from tidal.repository.variants import load_manifest
 from tidal.transport.control import ControlServicer
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
@@ -57,25 +55,22 @@ class ServeOptions:
 class _Plant:
     """A served model version as the control loop sees it: knobs <-> setpoints, variants <-> manifest."""
 
-    def __init__(self, served: ServedVersion, root: Path) -> None:
-        self.served, self.root = served, root
+    def __init__(self, served: ServedVersion) -> None:
+        self.served = served
         self.key = model_key(served.name, served.version)
         self.generation = served
 
     def info(self) -> ModelInfo:
         served, knobs = self.served, self.served.spec.knobs
-        try:
-            manifest = load_manifest(self.root / served.name / str(served.version))
-        except TidalError as exc:  # changed on disk since the load: control from measurements alone
-            log.warning("model %s: variant profiles unavailable to the controller: %s", self.key, exc)
-            manifest = None
         variants = []
         for name in served.runners:
-            entry = manifest.variants.get(name) if manifest else None
+            entry = served.manifest.variants.get(name) if served.manifest else None
             if entry is None:
                 variants.append(VariantInfo(name, None))
                 continue
-            profile = next((entry.profiles[b] for b in entry.backends if b in entry.profiles), None)
+            # The profile of the backend that really runs it; another backend's is better than none.
+            engine = served.engines.get(name, "")
+            profile = entry.profiles.get(engine) or next(iter(entry.profiles.values()), None)
             accuracy = entry.accuracy
             variants.append(VariantInfo(
                 name,
@@ -140,7 +135,7 @@ class App:
         self.controller = SloController()
         self.control_loop = ControlLoop(
             self.controller,
-            lambda: [_Plant(s, self.manager.root) for s in self.manager.served()],
+            lambda: [_Plant(s) for s in self.manager.served()],
             self.clock,
             self._decided,
         )
