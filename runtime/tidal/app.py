@@ -205,9 +205,6 @@ class App:
         self._stopping.set()
 
     async def wait_for_shutdown(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_shutdown)
         await self._stopping.wait()
 
     async def stop(self) -> None:
@@ -243,6 +240,10 @@ class App:
 
 async def serve(options: ServeOptions) -> int:
     app = App(options)
+    loop = asyncio.get_running_loop()
+    # From the first moment: a signal during start-up stops the server gracefully once it is up.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_shutdown)
     try:
         await app.start()
     except OSError as exc:
@@ -250,6 +251,9 @@ async def serve(options: ServeOptions) -> int:
         return 1
     await app.wait_for_shutdown()
     await app.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # already stopped: a repeated signal must not turn exit 0 into a kill
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -225,3 +226,43 @@ def test_control_rpc_reads_and_sets_knobs(small_repo: Path) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         assert srv.stop() == 0
+
+
+def test_strict_readiness_and_load_failure_metric(small_repo: Path) -> None:
+    (small_repo / "broken" / "1").mkdir(parents=True)
+    (small_repo / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    srv = start_server(small_repo, "--strict-readiness", "scale", "--strict-readiness", "broken")
+    try:
+        client = tc.InferenceServerClient(srv.url)
+        assert client.is_server_live() and not client.is_server_ready()  # a required model failed to load
+        assert client.is_model_ready("scale")  # the others serve anyway
+        assert metric(scrape(srv), "tidal_model_load_failures_total", model="broken") == 1
+        with pytest.raises(InferenceServerException):
+            client.load_model("broken")
+        assert metric(scrape(srv), "tidal_model_load_failures_total", model="broken") == 2
+    finally:
+        assert srv.stop() == 0
+
+
+def test_draining_server_is_not_ready_and_not_serving(tmp_path: Path) -> None:
+    models.write_config(tmp_path / "slow", "max_batch_size: 1\n")
+    models.mlp(tmp_path / "slow" / "1" / "model.onnx", (1024, 4096, 4096, 8))
+    srv = start_server(tmp_path, "--drain-grace-s", "60")
+    client = tc.InferenceServerClient(srv.url)
+    data = tc.InferInput("INPUT", [1, 1024], "FP32")
+    data.set_data_from_numpy(np.ones((1, 1024), np.float32))
+    results: list[str] = []
+    for _ in range(40):  # a queue that takes a while to drain
+        client.async_infer("slow", [data], lambda result, error: results.append("error" if error else "ok"))
+    time.sleep(0.3)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        assert not client.is_server_ready()
+        assert _health(srv, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("slow", [data])
+        assert err.value.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        assert srv.proc.wait(60) == 0
+    assert results.count("ok") == 40
