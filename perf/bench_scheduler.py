@@ -179,7 +179,7 @@ def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> 
     """Every (model, concurrency) point for echo, off and on, interleaved."""
     stats_client = tc.InferenceServerClient(running["tidal"].url)
     points = []
-    for name in MODELS:
+    for name in args.models:
         for concurrency in sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
             for kind in SERVERS:
                 server = running[f"echo:{name}"] if kind == "echo" else running["tidal"]
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability", type=int, default=100, help="perf_analyzer -s (percent)")
     parser.add_argument("--raw-seconds", type=float, default=0.5, help="time per batch size of the raw backend")
     parser.add_argument("--window-us", type=int, default=0, help="max_queue_delay_microseconds with batching on")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models to load-test")
     parser.add_argument("--write", type=Path, help="update the generated part of this RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write every point here")
     args = parser.parse_args(argv)
