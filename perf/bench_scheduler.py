@@ -141,7 +141,8 @@ def perf_analyzer_binary() -> str:
 
 
 def run_perf_analyzer(args: argparse.Namespace, url: str, model: str, concurrency: int) -> dict | None:
-    """One perf_analyzer measurement: throughput, p50 and p99 (client side), or None if it never stabilized."""
+    """One perf_analyzer measurement: throughput, p50 and p99 (client side) and the server's queue and compute
+    means, or None if it never stabilized."""
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         cmd = [args.perf_analyzer, "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency)]
         cmd += ["--measurement-interval", str(args.interval_ms), "--max-trials", str(args.max_trials)]
@@ -155,6 +156,9 @@ def run_perf_analyzer(args: argparse.Namespace, url: str, model: str, concurrenc
                     "throughput": float(row["Inferences/Second"]),
                     "p50_ms": float(row["p50 latency"]) / 1e3,
                     "p99_ms": float(row["p99 latency"]) / 1e3,
+                    # server-side means from ModelStatistics, per request (JSON only: where the time went)
+                    "server_queue_us": float(row["Server Queue"]),
+                    "server_compute_us": sum(float(row[f"Server Compute {k}"]) for k in ("Input", "Infer", "Output")),
                 }
             log(f"  perf_analyzer {model} c{concurrency} failed: {(proc.stdout + proc.stderr).strip()[-300:]}")
     return None
