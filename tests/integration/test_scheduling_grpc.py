@@ -36,7 +36,7 @@ from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 
 SPIN_SIZE = 256
-BLOCK_S = 2.0  # how long the blocker holds the instance: ample time to queue the rest
+BLOCK_S = 3.0  # how long the blocker holds the instance: ample time to queue the rest
 WORK = 20  # iterations of each queued request: finishing times a few ms apart keep the order visible
 
 SPIN_CONFIG = """
@@ -293,12 +293,12 @@ async def _expires_in_queue(server: ServerProcess, model: str, blocker: int, **d
 
 
 def test_timeout_parameter_expires_a_queued_request(server: ServerProcess, blocker: int) -> None:
-    asyncio.run(_expires_in_queue(server, "spin_timeout", blocker, timeout=200_000))
+    asyncio.run(_expires_in_queue(server, "spin_timeout", blocker, timeout=500_000))
     assert failures(server, "spin_timeout") == {"REJECTED": 1}
 
 
 def test_grpc_deadline_expires_a_queued_request(server: ServerProcess, blocker: int) -> None:
-    asyncio.run(_expires_in_queue(server, "spin_deadline", blocker, client_timeout=0.3))
+    asyncio.run(_expires_in_queue(server, "spin_deadline", blocker, client_timeout=0.5))
 
 
 def test_cancelled_request_leaves_the_queue_and_never_runs(server: ServerProcess, blocker: int) -> None:
