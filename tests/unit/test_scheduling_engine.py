@@ -88,19 +88,40 @@ def test_requested_outputs_only_and_unknown_output_is_invalid(run_async, row_bac
 
 @pytest.mark.parametrize("use_uvloop", [False, True])
 def test_sub_millisecond_window_is_honoured(run_async, row_backend, make_request, use_uvloop):
-    """A lone request waits the whole window (then leaves on the timer): uvloop would fire at once."""
-    backend = row_backend()
+    """While a batch runs, a request for the other instance waits the whole window for company (then leaves
+    on the timer): uvloop's timers would fire at once. An idle model never makes a request wait."""
+    gate = threading.Event()
+    backends = [row_backend(gate), row_backend(gate)]
     clock = SystemClock()
 
     async def main():
-        async with serving(sched([backend], knobs=Knobs(4, 500))) as s:
+        async with serving(sched(backends, knobs=Knobs(4, 500, instance_count=2)), gate) as s:
+            head = asyncio.create_task(s.infer(make_request(arrival_s=clock.now())))
+            await started(backends[0])
+            assert s.stats().queue.ns < 500_000  # the lone head left at once
+            start = clock.now()
+            follower = asyncio.create_task(s.infer(make_request(arrival_s=start)))
+            await started(backends[1])
+            assert clock.now() - start >= 0.0005
+            gate.set()
+            await asyncio.gather(head, follower)
+            assert s.stats().queue.ns >= 500_000
+
+    run_async(main(), use_uvloop=use_uvloop)
+
+
+def test_an_idle_model_never_waits_the_window(run_async, row_backend, make_request):
+    clock = SystemClock()
+
+    async def main():
+        async with serving(sched([row_backend()], knobs=Knobs(4, 200_000))) as s:
             for _ in range(5):
                 start = clock.now()
                 await s.infer(make_request(arrival_s=start))
-                assert clock.now() - start >= 0.0005
-            assert s.stats().queue.ns >= 5 * 500_000
+                assert clock.now() - start < 0.1  # far below the 200 ms window
+            assert s.stats().queue.ns < 5 * 100_000_000
 
-    run_async(main(), use_uvloop=use_uvloop)
+    run_async(main())
 
 
 def test_backend_failure_fails_only_its_batch(run_async, row_backend, make_request):

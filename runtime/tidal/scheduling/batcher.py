@@ -2,7 +2,10 @@
 
 Pure: the answer depends only on the queue, the limits and `now`. The engine
 asks only when a backend instance is free, so a batch keeps growing while
-every instance is busy and leaves as soon as one frees up.
+every instance is busy and leaves as soon as one frees up. When no batch is
+executing at all, the engine asks without the window: on an idle model a
+request never waits for company (unlike Triton, whose lone requests wait the
+full max_queue_delay).
 
 Rules, in order (the batch is always a prefix of the queue's service order,
 so a later request never overtakes an earlier one of the same or a higher

@@ -221,7 +221,9 @@ class ModelScheduler:
             index = self._free_instance(active)
             if index is None:
                 break
-            decision = form_batch(queue, limits, now)
+            # Nothing executing: waiting could only add latency, since no running batch will free an
+            # instance sooner. The window applies only while another batch is running.
+            decision = form_batch(queue, limits if self._running else limits.without_window(), now)
             if isinstance(decision, Wait):
                 wake_s = decision.until_s
                 break
