@@ -18,8 +18,8 @@ FAST = ["--window-s", "0.5", "--max-windows", "4", "--warmup-s", "0.2", "--no-pr
 
 
 def run_bench(out: Path, *args: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
-    """Runs the bench sub-command as a user would; returns the JSON result and the terminal output."""
-    cmd = [sys.executable, "-m", "tidal.bench.cli", *args, "-o", str(out)]
+    """Runs `tidal bench` as a user would; returns the JSON result and the terminal output."""
+    cmd = [sys.executable, "-m", "tidal", "bench", *args, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.with_name(out.name + ".json").read_text()), proc.stdout

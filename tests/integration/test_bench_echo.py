@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_bench import FAST, check_result, run_bench  # pytest puts this folder on sys.path
 
-from tidal.bench.cli import main as bench_main
+from tidal.cli import main as tidal_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_tls(tmp_path: Path) -> None:
         check_result(result, out, points=1, classes=1)
         assert result["points"][0]["totals"]["errors"] == {}
         # The same server refuses a plain-text client: the harness says so and exits non-zero.
-        plain = subprocess.run([sys.executable, "-m", "tidal.bench.cli", "-u", f"localhost:{port}", "-m", "echo",
+        plain = subprocess.run([sys.executable, "-m", "tidal", "bench", "-u", f"localhost:{port}", "-m", "echo",
                                 "--concurrency", "1", "--no-progress"], capture_output=True, text=True, timeout=60)
         assert plain.returncode == 2 and "UNAVAILABLE" in plain.stderr
     finally:
@@ -117,10 +117,10 @@ def test_plot_and_client_bottleneck_report(echo_slow: str, tmp_path: Path) -> No
     ],
 )
 def test_bad_flags_exit_2_with_a_reason(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
-    assert bench_main([*args, "--no-progress"]) == 2
+    assert tidal_main(["bench", *args, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_unknown_model_is_reported_before_any_load(echo_slow: str, capsys: pytest.CaptureFixture) -> None:
-    assert bench_main(["-u", echo_slow, "-m", "nope", "--rate", "5", "--no-progress"]) == 2
+    assert tidal_main(["bench", "-u", echo_slow, "-m", "nope", "--rate", "5", "--no-progress"]) == 2
     assert "model 'nope': NOT_FOUND" in capsys.readouterr().err

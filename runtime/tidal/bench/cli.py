@@ -140,15 +140,3 @@ def run(args: argparse.Namespace) -> int:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs `bench` on its own (python -m tidal.bench.cli), outside the `tidal` command."""
-    parser = argparse.ArgumentParser(prog="tidal")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

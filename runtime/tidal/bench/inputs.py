@@ -33,7 +33,9 @@ class InputSource:
 
     def values(self, name: str, dtype: DataType, shape: list[int], per_sample: list[int]) -> np.ndarray:
         if self.kind == "zeros":
-            return np.zeros(shape, dtype=dtype.np_dtype) if dtype is not DataType.BYTES else _bytes_fill(shape, b"")
+            if dtype is DataType.BYTES:
+                return _objects(shape, [b""] * int(np.prod(shape)))
+            return np.zeros(shape, dtype=dtype.np_dtype)
         if self.kind == "random":
             return self._random(dtype, shape)
         return _fit(self._file_array(name), name, dtype, shape, per_sample)
@@ -49,7 +51,7 @@ class InputSource:
         np_dtype = dtype.np_dtype
         if dtype is DataType.BYTES:
             letters = self._rng.integers(ord("a"), ord("z") + 1, size=(*shape, 8), dtype=np.uint8)
-            return _bytes_fill(shape, b"", values=[bytes(row) for row in letters.reshape(-1, 8)])
+            return _objects(shape, [bytes(row) for row in letters.reshape(-1, 8)])
         if dtype is DataType.BOOL:
             return self._rng.integers(0, 2, size=shape).astype(np.bool_)
         if np_dtype.kind == "f":
@@ -69,9 +71,10 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {key: loaded[key] for key in loaded.files}
 
 
-def _bytes_fill(shape: list[int], fill: bytes, values: list[bytes] | None = None) -> np.ndarray:
-    arr = np.empty(int(np.prod(shape)), dtype=object)
-    arr[:] = values if values is not None else [fill] * arr.size
+def _objects(shape: list[int], values: list[bytes]) -> np.ndarray:
+    """An object array of `shape`: each element keeps its own length, where np.array would pad to one width."""
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
     return arr.reshape(shape)
 
 

@@ -49,8 +49,7 @@ def trace_plan(rows: list[TraceRow], slo_ms: float | None) -> tuple[list[Traffic
         index.setdefault((r.model, r.priority, r.batch_size), len(index))
     classes = [TrafficClass(m, p, b, slo_ms=slo_ms) for (m, p, b) in index]
     requests = tuple(
-        TraceRequest(r.send_s, index[r.model, r.priority, r.batch_size], round(r.deadline_ms * 1000) if r.deadline_ms
-                     else 0)
+        TraceRequest(r.send_s, index[r.model, r.priority, r.batch_size], round((r.deadline_ms or 0) * 1000))
         for r in rows
     )
     return classes, TraceLoad(requests)
