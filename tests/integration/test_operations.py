@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import re
 import shutil
@@ -24,6 +26,8 @@ from live_server import ServerProcess, metric, scrape, start_server
 from onnx_models import SIMPLE_CONFIG
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
 def _scale_input(value: float = 1.0) -> list[tc.InferInput]:
@@ -266,3 +270,32 @@ def test_draining_server_is_not_ready_and_not_serving(tmp_path: Path) -> None:
     finally:
         assert srv.proc.wait(60) == 0
     assert results.count("ok") == 40
+
+
+def test_a_burst_beyond_grpc_pending_limit_is_all_answered(tmp_path: Path) -> None:
+    """gRPC core alone would cancel calls past ~1,000 waiting for the application; tidal takes them all."""
+    models.write_config(tmp_path / "mlp", "max_batch_size: 8\ndynamic_batching { }\n")
+    models.mlp(tmp_path / "mlp" / "1" / "model.onnx", (256, 1024, 1024, 8))
+    srv = start_server(tmp_path)
+    msg = pb.ModelInferRequest(model_name="mlp")
+    msg.inputs.add(name="INPUT", datatype="FP32", shape=[1, 256])
+    msg.raw_input_contents.append(np.ones((1, 256), np.float32).tobytes())
+
+    async def burst() -> list[str]:
+        async with grpc.aio.insecure_channel(srv.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one() -> str:
+                try:
+                    await stub.ModelInfer(msg, timeout=120)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            return await asyncio.gather(*(one() for _ in range(3000)))
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        assert srv.stop() == 0
+    assert outcomes.count("OK") == 3000, collections.Counter(outcomes)

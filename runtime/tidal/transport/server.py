@@ -46,6 +46,10 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # gRPC core cancels calls beyond ~1,000 not yet handed to the application; let overload reach
+            # tidal's queues instead, where queue policies and shedding answer it with a proper status.
+            ("grpc.server.max_pending_requests", 20_000),
+            ("grpc.server.max_pending_requests_hard_limit", 40_000),
         ]
         self._server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
