@@ -10,8 +10,9 @@ Per model, a real `tidal serve` on loopback and `tidal bench` as the load:
    profile with it off (fp32 with the config's batching: max batch, no window);
    attainment, goodput and mean served accuracy side by side, and how long
    after the step down fp32-level accuracy was served again;
-3. priority: 3C offered, one third at priority 1 and two thirds at priority 2;
-   per class attainment and what the errors were (shed at arrival or timed out);
+3. priority: 3C offered, a fifth at priority 1 (0.6C) and the rest at priority 2,
+   in mode batch (fp32 stays, so 3C is a real overload); per class attainment
+   and what the errors were (shed at arrival, or timed out);
 4. ramp: 0.2C -> 3C -> 0.2C over the run; variant switches per direction.
 Every run writes the bench's JSON and a plot (latency, throughput, batch size,
 active variant). Requests carry `--rows` rows each, so that fp32's capacity
@@ -127,7 +128,7 @@ def _calibrate(server: ServerProcess, model: Model, rows: int, slo_ms: float, ou
     fp32 = load_manifest(model.repository / model.name / "1").variants["fp32"]
     profile = next(iter(fp32.profiles.values()))
     guess = profile.best_throughput()[1] / rows
-    rates = [round(guess * f, 1) for f in (0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.25)]
+    rates = [round(guess * 0.25 * 1.35**i, 1) for i in range(8)]
     result = _bench(server, out / f"{model.name}-calibrate", [model.name], rows, slo_ms,
                     ["--rate", ",".join(map(str, rates)), "--duration-s", str(max(3.0, 5 * scale)),
                      "--warmup-s", "1"])
@@ -205,9 +206,11 @@ def _step(server: ServerProcess, model: Model, c: float, args: argparse.Namespac
 
 
 def _priority(server: ServerProcess, model: Model, c: float, args: argparse.Namespace) -> dict[str, Any]:
-    _mode(server, model.name, "full")
+    """Mode batch keeps fp32, so 3C is a true overload: the faster variants would absorb it in mode full."""
+    _mode(server, model.name, "off")
+    _mode(server, model.name, "batch")
     time.sleep(1.0)
-    classes = [f"{model.name}:priority=1,weight=1", f"{model.name}:priority=2,weight=2"]
+    classes = [f"{model.name}:priority=1,weight=1", f"{model.name}:priority=2,weight=4"]
     result = _bench(server, args.out / f"{model.name}-priority", classes, args.rows, args.slo_ms,
                     ["--rate", f"{3 * c:.1f}", "--duration-s", f"{40 * args.scale:g}", "--warmup-s", "2"],
                     args.plots / f"controller-{model.name}-priority.png")
@@ -244,7 +247,7 @@ def main() -> int:
     parser.add_argument("--models", default="digits,reference")
     parser.add_argument("--scenarios", default="step,priority,ramp")
     parser.add_argument("--slo-ms", type=float, default=50.0)
-    parser.add_argument("--rows", type=int, default=64, help="rows per request")
+    parser.add_argument("--rows", type=int, default=128, help="rows per request")
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime threads per model: one leaves a core to gRPC and the load generator")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every duration (0.25: a smoke run)")

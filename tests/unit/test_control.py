@@ -233,6 +233,15 @@ def test_batch_mode_retunes_knobs_but_never_the_variant() -> None:
     assert sim.active.admission_limits
 
 
+def test_turning_on_forgets_latencies_seen_while_off() -> None:
+    sim = Sim(Slo(SLO_MS, mode=Mode.OFF))
+    sim.run(100, 1, latencies_ms=10 * SLO_MS)  # e.g. an overload test while it was off
+    sim.controller.set_slo("m:1", Slo(SLO_MS, mode=Mode.FULL))
+    sim.run(100, 0.2)
+    assert all(d.reason is not Reason.DOWN_OBSERVED for d in sim.decisions)
+    assert sim.active.variant == "fp32"
+
+
 def test_turning_off_restores_the_configured_knobs_once() -> None:
     fp32 = capacity_rps("fp32")
     sim = Sim()

@@ -48,7 +48,8 @@ def test_latency_window_percentiles_per_level_and_expiry() -> None:
 
 def test_latency_window_drops_requests_that_arrived_before_a_switch() -> None:
     window = LatencyWindow(span_s=2.0)
-    window.add(10.0, samples(1, 500.0, 5.0), since_s=9.6)  # arrived at 9.5 and at 9.995
+    # Collected at 10.0, finished after 9.9: the 500 ms one arrived before 9.4, the 5 ms one after 9.895.
+    window.add(10.0, samples(1, 500.0, 5.0), since_s=9.6, done_after_s=9.9)
     assert window.count() == 1 and window.percentile(50) == pytest.approx(5.0)
 
 

@@ -137,9 +137,11 @@ class SloController:
         return self._model(key).slo
 
     def set_slo(self, key: str, slo: Slo) -> None:
-        """Takes effect at the next step; hysteresis timers restart."""
+        """Takes effect at the next step; hysteresis timers and the latency window restart."""
         model = self._model(key)
         model.slo, model.fit_since = slo, None
+        if model.last_at is not None:
+            self._restart_window(model, model.last_at)
 
     def history(self, key: str) -> tuple[Decision, ...]:
         """The latest decisions that changed something, oldest first."""
@@ -168,9 +170,10 @@ class SloController:
         return decision
 
     def _ingest(self, model: _Model, obs: Observation) -> None:
-        dt = 0.0 if model.last_at is None else max(obs.at_s - model.last_at, 0.0)
+        previous = obs.at_s if model.last_at is None else model.last_at
+        dt = max(obs.at_s - previous, 0.0)
         model.last_at = obs.at_s
-        model.window.add(obs.at_s, obs.latencies, model.since_s)
+        model.window.add(obs.at_s, obs.latencies, model.since_s, previous)
         levels = set(obs.arrivals) | set(obs.shed)
         model.offered.add(obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) for lv in levels})
         # Only variants that ran forget: an idle variant's last measurements stay its best evidence.
@@ -414,11 +417,11 @@ class SloController:
 
 
 def _close(new: tuple[tuple[int, int], ...], old: tuple[tuple[int, int], ...], tolerance: float) -> bool:
-    """Same levels, no level opened or closed, and every limit within `tolerance` of the old one."""
+    """Same levels and every limit within `tolerance` of the old one, or within two requests of it."""
     if [lv for lv, _ in new] != [lv for lv, _ in old]:
         return False
     pairs = zip(new, old, strict=True)
-    return all((a == 0) == (b == 0) and abs(a - b) <= tolerance * max(a, b) for (_, a), (_, b) in pairs)
+    return all(abs(a - b) <= max(tolerance * max(a, b), 2) for (_, a), (_, b) in pairs)
 
 
 def _why_down(variant: str, current: Plan | None) -> str:

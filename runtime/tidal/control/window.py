@@ -26,11 +26,13 @@ class LatencyWindow:
         self.span_s = span_s
         self._blocks: deque[tuple[float, np.ndarray, np.ndarray]] = deque()  # (at_s, levels, latency ms)
 
-    def add(self, at_s: float, samples: Iterable[LatencySample], since_s: float = -math.inf) -> None:
-        """`since_s` drops requests that arrived before it (give or take a period: `at_s` is when
-        they were collected, not when each finished), so a backlog left by the previous setting is
-        not blamed on the new one."""
-        samples = tuple(s for s in samples if at_s - s.total_s >= since_s)
+    def add(
+        self, at_s: float, samples: Iterable[LatencySample], since_s: float = -math.inf, done_after_s: float = -math.inf
+    ) -> None:
+        """Keep the samples of requests that surely arrived at or after `since_s`, so a backlog left
+        by a previous setting is not blamed on the new one. The samples finished after `done_after_s`
+        (the previous collection), so each arrived after `done_after_s - total_s`."""
+        samples = tuple(s for s in samples if since_s == -math.inf or done_after_s - s.total_s >= since_s)
         if samples:
             levels = np.fromiter((s.level for s in samples), dtype=np.int32, count=len(samples))
             millis = np.fromiter((s.total_s * 1e3 for s in samples), dtype=np.float64, count=len(samples))
