@@ -95,6 +95,8 @@ def test_statistics_count_real_requests(client: tc.InferenceServerClient) -> Non
     assert stats.inference_stats.queue.ns > 0 and stats.inference_stats.compute_infer.ns > 0
     assert stats.execution_count >= 1 and stats.last_inference > 0
     assert len(client.get_inference_statistics().model_stats) >= 3
+    # A model name without a version: every ready version, as Triton reports them.
+    assert [m.version for m in client.get_inference_statistics("scale").model_stats] == ["2", "3"]
 
 
 def test_load_only_named_models(repository) -> None:

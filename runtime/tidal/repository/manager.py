@@ -265,6 +265,15 @@ class ModelManager:
     def served(self) -> list[ServedVersion]:
         return [v for e in self._entries.values() for v in e.versions.values()]
 
+    def select(self, name: str = "", version: str = "") -> list[ServedVersion]:
+        """What a statistics or control request names: everything (""), one version, or every ready version."""
+        if not name:
+            return self.served()
+        if version:
+            return [self.get(name, version)]
+        self.get(name)  # NOT_FOUND / UNAVAILABLE with the usual messages
+        return [v for _, v in sorted(self._entries[name].versions.items())]
+
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for every model on disk or known, as RepositoryIndex reports."""
         rows = []

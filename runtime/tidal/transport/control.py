@@ -120,21 +120,13 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
         self._controller = controller
         self._now = clock_now
 
-    def _select(self, model: str, version: str = "") -> list[ServedVersion]:
-        if not model:
-            return self._manager.served()
-        if version:
-            return [self._manager.get(model, version)]
-        self._manager.get(model)  # NOT_FOUND / UNAVAILABLE with the usual messages
-        return [s for s in self._manager.served() if s.name == model]
-
     def _response(self, served: list[ServedVersion]) -> cpb.StatusResponse:
         now_s = self._now()
         return cpb.StatusResponse(models=[model_status(s, self._controller, now_s) for s in served])
 
     async def Status(self, request, context):
         try:
-            served = self._select(request.model)
+            served = self._manager.select(request.model)
         except TidalError as exc:
             return await context.abort(GRPC_STATUS[exc.code], str(exc))
         return self._response(served)
@@ -143,7 +135,7 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
         try:
             if not request.model:
                 raise InvalidArgument("SetKnobs needs a model name")
-            served = self._select(request.model, request.version)
+            served = self._manager.select(request.model, request.version)
             planned = [(s, updated_knobs(s.scheduler.knobs, request.knobs)) for s in served]
             for s, knobs in planned:
                 s.scheduler.apply(knobs)
@@ -156,7 +148,7 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
         try:
             if not request.model:
                 raise InvalidArgument("SetSlo needs a model name")
-            served = self._select(request.model, request.version)
+            served = self._manager.select(request.model, request.version)
             planned = [updated_slo(self._controller, s, request) for s in served]
             for key, slo in planned:
                 self._controller.set_slo(key, slo)

@@ -137,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         try:
-            served = [self._manager.get(request.name, request.version)] if request.name else self._manager.served()
+            served = self._manager.select(request.name, request.version)
         except TidalError as exc:
             return await self._abort(context, exc)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(s) for s in served])
