@@ -163,6 +163,16 @@ def test_overload_sheds_the_lowest_priority_first() -> None:
     assert limits[1] > 0 and limits[2] == limits[3] == 0
 
 
+def test_measured_strain_while_shedding_squeezes_the_lower_levels_only() -> None:
+    pruned = capacity_rps("pruned")
+    sim = Sim(levels=2)
+    sim.run({1: 0.5 * pruned, 2: pruned}, 1)
+    before = dict(sim.active.admission_limits)
+    sim.run({1: 0.5 * pruned, 2: pruned}, 2, latencies_ms=0.95 * SLO_MS)  # inside the SLO, not its margin
+    after = dict(sim.active.admission_limits)
+    assert after[1] == before[1] and after[2] < before[2]
+
+
 def test_shedding_ends_once_load_falls_and_the_hold_passes() -> None:
     pruned, fp32 = capacity_rps("pruned"), capacity_rps("fp32")
     sim = Sim(levels=2)

@@ -120,8 +120,8 @@ def admission_limits(
     the batch in progress and its own. Lower levels see the capacity that the
     levels above them leave over, so they are refused first: a level whose
     betters already use all the capacity gets 0, i.e. is shed entirely.
-    `scale` (at most 1) shrinks the capacity when the measurements say the
-    estimate was too generous.
+    `scale` (at most 1) shrinks the capacity that lower levels share when the
+    measurements say the estimate was too generous: they give way, not the top.
     """
     capacity = plan.capacity * scale
     limits = []
@@ -129,7 +129,7 @@ def admission_limits(
     for level in sorted(targets_ms):
         batches = math.floor((targets_ms[level] - load.delay_ms - load.offset_ms) / plan.batch_ms) - 1
         share = 1.0 - above / capacity if capacity > 0 else 0.0
-        rows = batches * instances * plan.max_batch * share * scale
+        rows = batches * instances * plan.max_batch * share
         count = int(rows / load.rows_per_request + _ROUNDING) if batches >= 1 and share > 0 else 0
         limits.append((level, max(count, 0)))
         above += rates.get(level, 0.0)

@@ -105,6 +105,7 @@ class _Period:
     request_rps: float
     slo_ms: float  # the tightest target of the levels with traffic
     breach: str  # why the measurements say the SLO is broken; "" when they do not
+    strained: str  # the same against the margin the plans aim at
     p50: float | None
     p99: float | None
 
@@ -215,22 +216,25 @@ class SloController:
             offset_ms=0.0,  # per variant, see _offset
             tail=t.tail_factor,
         )
-        window = model.window
-        breach = ""
-        for level in sorted(window.levels()):
-            count, limit = window.count(level), slo.target_ms(level)
-            if limit > 0 and count >= t.min_samples and window.exceeding(limit, level) > max(2, 0.01 * count):
-                breach = f"measured p99 {window.percentile(99, level):.1f} ms > {limit:g} ms at priority {level}"
-                break
         return _Period(
             load,
             {lv: r * rows / 1e3 for lv, r in rps.items()},
             sum(rps.values()),
             slo_ms,
-            breach,
-            window.percentile(50),
-            window.percentile(99),
+            self._over(model, 1.0),
+            self._over(model, t.latency_margin),
+            model.window.percentile(50),
+            model.window.percentile(99),
         )
+
+    def _over(self, model: _Model, fraction: float) -> str:
+        """Which level's measured p99 exceeds `fraction` of its target, if any (with enough samples to say)."""
+        window = model.window
+        for level in sorted(window.levels()):
+            count, limit = window.count(level), model.slo.target_ms(level) * fraction
+            if limit > 0 and count >= self.tuning.min_samples and window.exceeding(limit, level) > max(2, 0.01 * count):
+                return f"measured p99 {window.percentile(99, level):.1f} ms > {limit:g} ms at priority {level}"
+        return ""
 
     def _decision(
         self, model: _Model, at_s: float, active: Setpoint, setpoint: Setpoint, reason: Reason, detail: str, p: _Period,
@@ -408,8 +412,9 @@ class SloController:
         model.since_s = at_s
 
     def _adapt_scale(self, model: _Model, p: _Period) -> None:
-        """Shrink the assumed capacity on a measured breach, grow it back while latencies stay well inside."""
-        if p.breach:
+        """Shrink the capacity lower levels may share while the measured p99 eats into the margin; grow it back
+        while latencies stay well inside."""
+        if p.strained:
             model.scale = max(model.scale * 0.8, 0.25)
             self._restart_window(model, model.last_at or 0.0)  # judge the new limits on their own latencies
         elif p.p99 is not None and model.window.count() >= self.tuning.min_samples and p.p99 < 0.7 * p.slo_ms:
