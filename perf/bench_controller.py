@@ -135,7 +135,7 @@ def _calibrate(server: ServerProcess, model: Model, rows: int, slo_ms: float, ou
     best = rates[0] / 2
     for rate, point in zip(rates, result["points"], strict=True):
         stats = point["measurement"]["all"]
-        ok = stats["latency_ms"]["p99"] <= slo_ms and stats["throughput_rps"] >= 0.95 * rate
+        ok = stats["latency_ms"]["p99"] <= slo_ms and stats["throughput_rps"] >= 0.9 * rate  # Poisson counts vary
         _log(f"calibration {rate:g} rps: p99 {stats['latency_ms']['p99']:.1f} ms, {stats['throughput_rps']:.0f} rps"
              + (" (holds)" if ok else ""))
         if ok:

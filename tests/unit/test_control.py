@@ -215,6 +215,18 @@ def test_a_breach_the_load_does_not_explain_is_not_answered_by_shedding() -> Non
     assert all(d.reason is not Reason.SHED for d in changed)
 
 
+def test_the_backlog_a_switch_leaves_behind_is_not_blamed_on_the_new_variant() -> None:
+    slo = 1000.0
+    fp32 = capacity_rps("fp32", slo)
+    sim = Sim(Slo(slo, mode=Mode.FULL))
+    sim.run(0.3 * fp32, 2)
+    changed = sim.run(3 * fp32, 0.1, queued=20000)  # the step: 20,000 rows queued before the first look
+    assert changed and sim.active.variant == "pruned"
+    # Requests that arrived while those rows drained (about 0.22 s on pruned) took 1.5 s: not pruned's doing.
+    sim.run(3 * fp32, 1.7, latencies_ms=1.5 * slo)
+    assert all("measured" not in d.detail for d in sim.decisions[-17:])
+
+
 def test_a_variant_measured_slow_is_remembered_while_it_rests() -> None:
     fp32 = capacity_rps("fp32")
     sim = Sim()

@@ -83,6 +83,7 @@ class _Model:
     rows: Ewma = field(default_factory=lambda: Ewma(0.2))
     last_at: float | None = None
     since_s: float = -math.inf  # latencies of requests that arrived before this belong to an older setting
+    drain_s: float = 0.0  # how long the queue seen last period takes to drain under the chosen plan
     fit_since: float | None = None  # when a better variant (or the way out of shedding) started to fit
     shedding: bool = False
     scale: float = 1.0  # the share of the estimated capacity that admission limits assume
@@ -167,7 +168,8 @@ class SloController:
             if decision.setpoint.variant != active.variant or bool(decision.setpoint.admission_limits) != bool(
                 active.admission_limits
             ):
-                self._restart_window(model, decision.at_s)
+                # Requests that arrive while the backlog of the old setting drains wait for it: not the new one's doing.
+                self._restart_window(model, decision.at_s + model.drain_s)
         return decision
 
     def _ingest(self, model: _Model, obs: Observation) -> None:
@@ -302,6 +304,7 @@ class SloController:
         if reason is Reason.SHED:
             self._adapt_scale(model, p)
         setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
+        model.drain_s = p.load.queued_rows / plan.capacity / 1e3 if plan.capacity > 0 else 0.0
         return self._decision(model, at_s, active, setpoint, reason, _describe(why, plan, setpoint, p), p,
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
 
