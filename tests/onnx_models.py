@@ -114,6 +114,51 @@ def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
     return _save(graph, path)
 
 
+def spin(path: Path, size: int = 256) -> Path:
+    """OUTPUT = INPUT, after max(INPUT) iterations of state = tanh(state @ W) (W orthogonal, so values stay finite).
+
+    The trip count comes from the input, so ONNX Runtime cannot fold the loop away.
+    """
+    w, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((size, size)))
+    square = [size, size]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["state_in", "w"], ["product"]),
+            helper.make_node("Tanh", ["product"], ["state_out"]),
+        ],
+        "iteration",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, square),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, square),
+        ],
+        [numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["INPUT"], ["most"], keepdims=0),
+            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "", "state0"], ["state"], body=body),
+            helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["INPUT", "nothing"], ["OUTPUT"]),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", 1])],
+        [
+            numpy_helper.from_array(np.eye(size, dtype=np.float32), "state0"),
+            numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+        ],
+    )
+    return _save(graph, path)
+
+
 def write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)

@@ -249,27 +249,38 @@ def test_strict_readiness_and_load_failure_metric(small_repo: Path) -> None:
 
 
 def test_draining_server_is_not_ready_and_not_serving(tmp_path: Path) -> None:
-    models.write_config(tmp_path / "slow", "max_batch_size: 1\n")
-    models.mlp(tmp_path / "slow" / "1" / "model.onnx", (1024, 4096, 4096, 8))
+    """SIGTERM while a long request runs and others queue: refuse new work at once, finish the accepted."""
+    models.write_config(tmp_path / "spin", "max_batch_size: 1\n")
+    models.spin(tmp_path / "spin" / "1" / "model.onnx")
     srv = start_server(tmp_path, "--drain-grace-s", "60")
     client = tc.InferenceServerClient(srv.url)
-    data = tc.InferInput("INPUT", [1, 1024], "FP32")
-    data.set_data_from_numpy(np.ones((1, 1024), np.float32))
+
+    def request(trips: float) -> list[tc.InferInput]:
+        tensor = tc.InferInput("INPUT", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 1), trips, np.float32))
+        return [tensor]
+
+    started = time.monotonic()
+    client.infer("spin", request(500))
+    per_trip_s = (time.monotonic() - started) / 500
+    long_trips = float(min(500_000, 2.0 / per_trip_s))  # a request of about 2 s
     results: list[str] = []
-    for _ in range(40):  # a queue that takes a while to drain
-        client.async_infer("slow", [data], lambda result, error: results.append("error" if error else "ok"))
+    client.async_infer("spin", request(long_trips), lambda result, error: results.append("error" if error else "ok"))
+    for _ in range(5):
+        client.async_infer("spin", request(1), lambda result, error: results.append("error" if error else "ok"))
     time.sleep(0.3)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     try:
+        assert srv.proc.poll() is None, "drained too fast for the checks below"
         assert not client.is_server_ready()
         assert _health(srv, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(InferenceServerException) as err:
-            client.infer("slow", [data])
+            client.infer("spin", request(1))
         assert err.value.status() == "StatusCode.UNAVAILABLE"
     finally:
-        assert srv.proc.wait(60) == 0
-    assert results.count("ok") == 40
+        assert srv.proc.wait(120) == 0
+    assert results.count("ok") == 6
 
 
 def test_a_burst_beyond_grpc_pending_limit_is_all_answered(tmp_path: Path) -> None:

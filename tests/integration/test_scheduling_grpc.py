@@ -20,12 +20,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
-from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -61,56 +59,6 @@ dynamic_batching { max_queue_delay_microseconds: 500 }
 """
 
 
-def spin_model(path: Path) -> Path:
-    """OUTPUT = INPUT, after max(INPUT) iterations of state = tanh(state @ W) (W orthogonal, so values stay finite).
-
-    The trip count comes from the input, so ONNX Runtime cannot fold the loop away.
-    """
-    w, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((SPIN_SIZE, SPIN_SIZE)))
-    square = [SPIN_SIZE, SPIN_SIZE]
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("MatMul", ["state_in", "w"], ["product"]),
-            helper.make_node("Tanh", ["product"], ["state_out"]),
-        ],
-        "iteration",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, square),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, square),
-        ],
-        [numpy_helper.from_array(w.astype(np.float32), "w")],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMax", ["INPUT"], ["most"], keepdims=0),
-            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
-            helper.make_node("Loop", ["trips", "", "state0"], ["state"], body=body),
-            helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
-            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
-            helper.make_node("Add", ["INPUT", "nothing"], ["OUTPUT"]),
-        ],
-        "spin",
-        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", 1])],
-        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", 1])],
-        [
-            numpy_helper.from_array(np.eye(SPIN_SIZE, dtype=np.float32), "state0"),
-            numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
 def _variant(name: str) -> Variant:
     return Variant(name, f"{name}.onnx", "fp32", ("onnxruntime",), ("cpu",), 0, 4, None, None)
 
@@ -118,7 +66,7 @@ def _variant(name: str) -> Variant:
 def build_repository(root: Path) -> Path:
     for name, (max_batch_size, batching) in SPIN_MODELS.items():
         models.write_config(root / name, SPIN_CONFIG.format(max_batch_size=max_batch_size, batching=batching))
-        spin_model(root / name / "1" / "model.onnx")
+        models.spin(root / name / "1" / "model.onnx", SPIN_SIZE)
     # Two equivalent variants (OUTPUT = 2 * INPUT); the response names the one that answered.
     version = root / "live" / "1"
     models.write_config(root / "live", LIVE_CONFIG)
