@@ -187,12 +187,21 @@ def test_shedding_ends_once_load_falls_and_the_hold_passes() -> None:
 def test_a_measured_breach_moves_to_a_faster_variant_even_when_the_estimate_is_content() -> None:
     sim = Sim()
     fp32 = capacity_rps("fp32")
-    sim.run(0.2 * fp32, 2, latencies_ms=5.0)
+    sim.run(0.55 * fp32, 2, latencies_ms=5.0)  # busy enough that slow answers may be the variant's doing
     assert sim.active.variant == "fp32"
-    changed = sim.run(0.2 * fp32, 1, latencies_ms=3 * SLO_MS)
+    changed = sim.run(0.55 * fp32, 1, latencies_ms=3 * SLO_MS)
     assert changed[0].reason is Reason.DOWN_OBSERVED
     assert "measured p99" in changed[0].detail
     assert sim.active.variant in ("int8", "pruned")
+
+
+def test_a_measured_breach_at_light_load_is_held_not_chased() -> None:
+    sim = Sim()
+    fp32 = capacity_rps("fp32")
+    sim.run(0.2 * fp32, 2, latencies_ms=5.0)
+    sim.run(0.2 * fp32, 1, latencies_ms=3 * SLO_MS)  # a stalled host: a faster variant would not help
+    assert sim.active.variant == "fp32"
+    assert "not explained by the load" in sim.decisions[-1].detail
 
 
 def test_measured_batch_times_correct_a_drifted_profile() -> None:

@@ -64,6 +64,7 @@ class Tuning:
     batch_hysteresis: float = 0.25  # the batch limit moves up by more than this fraction, down by half of it
     offset_utilisation: float = 0.7  # the model's offset is learned only below this load
     accuracy_resolution: float = 0.005  # accuracies closer than this are ties
+    breach_utilisation: float = 0.5  # below this (and without a backlog) a measured breach is not the load's doing
     rate_min_events: int = 20  # fewer arrivals in a rate window count as spread over all of it
     drift_min_ms: float = 5.0  # batches profiled shorter than this say little about the machine (fixed costs rule)
 
@@ -325,7 +326,14 @@ class SloController:
                 up = [plan for plan in fits if plan.fits(t.up_utilisation, target)]
                 return (up or fits)[0], Reason.UP, "load fell: the SLO holds without shedding"
             return fastest, Reason.SHED, "load falling: waiting out the hold before admitting all"
-        if current is not None and not p.breach and current.fits(t.leave_utilisation, p.slo_ms):
+        # A measured breach with the variant lightly loaded and no backlog is not the variant's doing
+        # (a stall of the host, the transport): a faster variant would not help, so it is not acted on.
+        breach = p.breach if current is None or self._load_explains(model, current, p) else ""
+        if current is not None and not breach and current.fits(t.leave_utilisation, p.slo_ms):
+            if p.breach:
+                model.fit_since = None
+                why = f"{p.breach}, not explained by the load (utilisation {current.utilisation:.2f}): holding"
+                return current, Reason.HOLD, why
             index = ranked.index(current)
             better = [plan for plan in ranked[:index] if plan.fits(t.up_utilisation, target)]
             if not better:
@@ -336,18 +344,20 @@ class SloController:
             return current, Reason.HOLD, f"{better[0].variant} fits; holding until it has for {t.up_hold_s:g} s"
         model.fit_since = None
         pool = ranked
-        if p.breach and current is not None:
+        if breach and current is not None:
             pool = [plan for plan in ranked if plan.capacity > 1.1 * current.capacity]
         for plan in pool:
             if plan.fits(t.settle_utilisation, target):
-                if p.breach:
-                    return plan, Reason.DOWN_OBSERVED, p.breach
+                if breach:
+                    return plan, Reason.DOWN_OBSERVED, breach
                 return plan, Reason.DOWN_PREDICTED, _why_down(active.variant, current)
-        if p.breach and current is not None and current.fits(t.settle_utilisation, target):
-            # Nothing faster to go to, and the load is well within capacity: refusing requests would not help.
-            return current, Reason.HOLD, f"{p.breach}, not explained by the load: not shedding"
         model.shedding, model.scale = True, 1.0
-        return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
+        return fastest, Reason.SHED, breach or "no variant holds the SLO at the offered load"
+
+    def _load_explains(self, model: _Model, current: Plan, p: _Period) -> bool:
+        """Whether the active variant is busy enough, or the queue long enough, to account for slow answers."""
+        backlog = p.load.queued_rows > model.info.instances * max(current.max_batch, 1)
+        return current.utilisation >= self.tuning.breach_utilisation or backlog
 
     def _held(self, model: _Model, at_s: float) -> bool:
         """Whether the condition being timed has held for `up_hold_s` (starting the timer if it was not running)."""
