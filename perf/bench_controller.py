@@ -15,8 +15,10 @@ Per model, a real `tidal serve` on loopback and `tidal bench` as the load:
    and what the errors were (shed at arrival, or timed out);
 4. ramp: 0.2C -> 3C -> 0.2C over the run; variant switches per direction.
 Every run writes the bench's JSON and a plot (latency, throughput, batch size,
-active variant). Requests carry `--rows` rows each, so that fp32's capacity
-falls where one load process can offer 3C, and ONNX Runtime gets `--threads`
+active variant); with the controller on, TidalControl.Status is polled twice a
+second to compare the controller's predicted p99 with the measured one.
+Requests carry `--rows` rows each, so that fp32's capacity falls where one
+load process can offer 3C, and ONNX Runtime gets `--threads`
 threads, so that on a 2-core machine one core stays with gRPC and the load
 generator. Run it on a quiet machine.
 """
@@ -30,8 +32,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +121,41 @@ def _bench(server: ServerProcess, out: Path, classes: list[str], rows: int, slo_
     return json.loads(out.with_suffix(".json").read_text())
 
 
+@dataclass
+class _Watch:
+    """Polls TidalControl.Status while a run lasts: the controller's predicted p99 against the measured one."""
+
+    url: str
+    model: str
+    pairs: list[tuple[float, float]] = field(default_factory=list)  # (predicted, observed) ms, both known
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> _Watch:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            status = control_status(self.url, self.model)[0]
+            if status.predicted_p99_ms > 0 and status.observed_p99_ms > 0:
+                self.pairs.append((status.predicted_p99_ms, status.observed_p99_ms))
+
+    def summary(self) -> dict[str, Any]:
+        """How the estimate compared with the measurement, over every poll where both were known."""
+        if not self.pairs:
+            return {"polls": 0}
+        predicted, observed = np.array(self.pairs).T
+        return {"polls": len(self.pairs), "median_predicted_ms": float(np.median(predicted)),
+                "median_observed_ms": float(np.median(observed)),
+                "median_observed_over_predicted": float(np.median(observed / predicted)),
+                "observed_within_predicted": float(np.mean(observed <= predicted))}
+
+
 def _mode(server: ServerProcess, model: str, mode: str) -> None:
     control_set_slo(server.url, model, mode=mode)
 
@@ -190,9 +228,12 @@ def _step(server: ServerProcess, model: Model, c: float, args: argparse.Namespac
         _mode(server, model.name, mode)
         time.sleep(1.0)
         started = time.time()
-        result = _bench(server, args.out / f"{model.name}-step-{mode}", [model.name], args.rows, args.slo_ms,
-                        ["--profile", profile], args.plots / f"controller-{model.name}-step-{mode}.png")
+        with _Watch(server.url, model.name) as watch:
+            result = _bench(server, args.out / f"{model.name}-step-{mode}", [model.name], args.rows, args.slo_ms,
+                            ["--profile", profile], args.plots / f"controller-{model.name}-step-{mode}.png")
         run = _summary(result)
+        if mode == "full":
+            run["estimate"] = watch.summary()
         run["served_accuracy"] = _served_accuracy(model, result)
         if mode == "full":
             step_down = started + spans[0] + spans[1]
@@ -231,13 +272,15 @@ def _ramp(server: ServerProcess, model: Model, c: float, args: argparse.Namespac
     profile = f"{half:g}s@{0.2 * c:.1f}-{3 * c:.1f}rps,{half:g}s@{3 * c:.1f}-{0.2 * c:.1f}rps"
     first = control_status(server.url, model.name)[0].knobs.active_variant
     started = time.time()
-    result = _bench(server, args.out / f"{model.name}-ramp", [model.name], args.rows, args.slo_ms,
-                    ["--profile", profile], args.plots / f"controller-{model.name}-ramp.png")
+    with _Watch(server.url, model.name) as watch:
+        result = _bench(server, args.out / f"{model.name}-ramp", [model.name], args.rows, args.slo_ms,
+                        ["--profile", profile], args.plots / f"controller-{model.name}-ramp.png")
     switches = _switches(_decisions(server, model.name, started), first)
     up = [v for t, v in switches if t < started + half]
     down = [v for t, v in switches if t >= started + half]
     run = {"profile": profile, **_summary(result), "served_accuracy": _served_accuracy(model, result),
-           "switches_up": len(up), "switches_down": len(down), "variants_up": up, "variants_down": down}
+           "switches_up": len(up), "switches_down": len(down), "variants_up": up, "variants_down": down,
+           "estimate": watch.summary()}
     _log(f"ramp: {run}")
     return run
 

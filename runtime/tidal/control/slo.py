@@ -30,86 +30,18 @@ target and the utilisation at the offered rate. Then:
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from tidal.control.api import Decision, Mode, ModelInfo, Reason, Setpoint, Slo, VariantInfo
-from tidal.control.latency import BatchLatency
+from tidal.control.memory import MAX_DRIFT, ModelMemory, Period, Tuning
 from tidal.control.plan import Line, Load, Plan, admission_limits, plan_variant, predict_p99
-from tidal.control.window import Ewma, LatencyWindow, RateMeter
+from tidal.control.window import Ewma
 from tidal.errors import NotFound
 from tidal.types import Observation
 
-HISTORY = 32  # changed decisions kept per model for `tidal control status`
-MAX_DRIFT = 4.0  # a machine-wide slowdown beyond this is more likely a bad profile than a slow machine
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """The controller's constants; the defaults are what the perf runs in perf/RESULTS.md used."""
-
-    window_s: float = 2.0  # latency percentiles and the long rate span
-    fast_rate_s: float = 0.3  # short rate span: a step up shows within a few periods
-    tail_factor: float = 2.0  # p99 ~ window + tail * L(batch) + offset
-    latency_margin: float = 0.85  # plans aim at this fraction of the SLO
-    max_delay_share: float = 0.25  # the batching window keeps at most this share of the target
-    up_utilisation: float = 0.6  # a more accurate variant must run at most this loaded ...
-    up_hold_s: float = 2.0  # ... for this long before the controller moves up
-    settle_utilisation: float = 0.7  # where a move down lands
-    leave_utilisation: float = 0.85  # above this the active variant is left at once
-    min_samples: int = 100  # latencies needed before a measured p99 is judged
-    half_life_s: float = 5.0  # of measured batch times in the latency models
-    batch_hysteresis: float = 0.25  # the batch limit moves up by more than this fraction, down by half of it
-    offset_utilisation: float = 0.7  # the model's offset is learned only below this load
-    accuracy_resolution: float = 0.005  # accuracies closer than this are ties
-    breach_utilisation: float = 0.5  # below this (and without a backlog) a measured breach is not the load's doing
-    rate_min_events: int = 20  # fewer arrivals in a rate window count as spread over all of it
-    drift_min_ms: float = 5.0  # batches profiled shorter than this say little about the machine (fixed costs rule)
-
-
-@dataclass
-class _Model:
-    """Everything the controller remembers about one model version."""
-
-    info: ModelInfo
-    slo: Slo
-    tuning: Tuning
-    window: LatencyWindow = field(init=False)
-    offered: RateMeter = field(init=False)
-    latency: dict[str, BatchLatency] = field(init=False)
-    drift: Ewma = field(default_factory=lambda: Ewma(0.3))
-    offsets: dict[str, Ewma] = field(default_factory=dict)  # per variant: measured p99 beyond the estimate
-    rows: Ewma = field(default_factory=lambda: Ewma(0.2))
-    last_at: float | None = None
-    since_s: float = -math.inf  # latencies of requests that arrived before this belong to an older setting
-    drain_s: float = 0.0  # how long the queue seen last period takes to drain under the chosen plan
-    fit_since: float | None = None  # when a better variant (or the way out of shedding) started to fit
-    shedding: bool = False
-    scale: float = 1.0  # the share of the estimated capacity that admission limits assume
-    engaged: bool = False  # the controller changed knobs since it last restored the configured ones
-    history: deque[Decision] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    last: Decision | None = None
-
-    def __post_init__(self) -> None:
-        self.window = LatencyWindow(self.tuning.window_s)
-        self.offered = RateMeter(self.tuning.window_s)
-        self.latency = {v.name: BatchLatency(v.batch_sizes, v.p50_ms) for v in self.info.variants}
-
-
-@dataclass(frozen=True)
-class _Period:
-    """What one period's decision is based on."""
-
-    load: Load
-    rates: dict[int, float]  # offered rows per ms, per level
-    request_rps: float
-    slo_ms: float  # the tightest target of the levels with traffic
-    breach: str  # why the measurements say the SLO is broken; "" when they do not
-    strained: str  # the same against the margin the plans aim at
-    p50: float | None
-    p99: float | None
+__all__ = ["SloController", "Tuning"]
 
 
 class SloController:
@@ -117,12 +49,12 @@ class SloController:
 
     def __init__(self, tuning: Tuning | None = None) -> None:
         self.tuning = tuning or Tuning()
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ModelMemory] = {}
 
     # -- tracking -------------------------------------------------------------------------
     def track(self, key: str, info: ModelInfo, slo: Slo) -> None:
         """Start (or restart, after a reload) controlling a model version."""
-        self._models[key] = _Model(info, slo, self.tuning)
+        self._models[key] = ModelMemory(info, slo, self.tuning)
 
     def forget(self, key: str) -> None:
         self._models.pop(key, None)
@@ -130,7 +62,7 @@ class SloController:
     def tracks(self, key: str) -> bool:
         return key in self._models
 
-    def _model(self, key: str) -> _Model:
+    def _model(self, key: str) -> ModelMemory:
         try:
             return self._models[key]
         except KeyError:
@@ -173,7 +105,7 @@ class SloController:
                 self._restart_window(model, decision.at_s + model.drain_s)
         return decision
 
-    def _ingest(self, model: _Model, obs: Observation) -> None:
+    def _ingest(self, model: ModelMemory, obs: Observation) -> None:
         previous = obs.at_s if model.last_at is None else model.last_at
         dt = max(obs.at_s - previous, 0.0)
         model.last_at = obs.at_s
@@ -198,7 +130,7 @@ class SloController:
         if obs.batches and obs.latencies:
             model.rows.add(max(sum(b.rows for b in obs.batches) / len(obs.latencies), 1.0))
 
-    def _period(self, model: _Model, obs: Observation) -> _Period:
+    def _period(self, model: ModelMemory, obs: Observation) -> Period:
         t, slo = self.tuning, model.slo
         rows = model.rows.value or 1.0
         levels = range(1, model.info.priority_levels + 1)
@@ -219,7 +151,7 @@ class SloController:
             offset_ms=0.0,  # per variant, see _offset
             tail=t.tail_factor,
         )
-        return _Period(
+        return Period(
             load,
             {lv: r * rows / 1e3 for lv, r in rps.items()},
             sum(rps.values()),
@@ -230,7 +162,7 @@ class SloController:
             model.window.percentile(99),
         )
 
-    def _over(self, model: _Model, fraction: float) -> str:
+    def _over(self, model: ModelMemory, fraction: float) -> str:
         """Which level's measured p99 exceeds `fraction` of its target, if any (with enough samples to say)."""
         window = model.window
         for level in sorted(window.levels()):
@@ -240,8 +172,8 @@ class SloController:
         return ""
 
     def _decision(
-        self, model: _Model, at_s: float, active: Setpoint, setpoint: Setpoint, reason: Reason, detail: str, p: _Period,
-        predicted: float | None = None,
+        self, model: ModelMemory, at_s: float, active: Setpoint, setpoint: Setpoint, reason: Reason, detail: str,
+        p: Period, predicted: float | None = None,
     ) -> Decision:
         changed = setpoint != active
         if reason is Reason.HOLD and changed:
@@ -250,7 +182,7 @@ class SloController:
             model.info.name, at_s, setpoint, changed, reason, detail, p.p50, p.p99, predicted, p.request_rps
         )
 
-    def _off(self, model: _Model, at_s: float, active: Setpoint, p: _Period) -> Decision:
+    def _off(self, model: ModelMemory, at_s: float, active: Setpoint, p: Period) -> Decision:
         """Off (or no SLO): hand back the configured knobs once, then only observe."""
         setpoint = active
         detail = "controller off" if model.slo.p99_ms > 0 else "no SLO set"
@@ -261,7 +193,7 @@ class SloController:
         return self._decision(model, at_s, active, setpoint, Reason.OFF, detail, p)
 
     # -- choosing -------------------------------------------------------------------------
-    def _candidates(self, model: _Model, active: Setpoint) -> list[str]:
+    def _candidates(self, model: ModelMemory, active: Setpoint) -> list[str]:
         """Variants the mode allows, most accurate first.
 
         Accuracies closer than `accuracy_resolution` to each other are ties (a
@@ -283,7 +215,7 @@ class SloController:
 
         return [v.name for v in sorted(allowed, key=rank)] or [active.variant]
 
-    def _control(self, model: _Model, at_s: float, active: Setpoint, p: _Period) -> Decision:
+    def _control(self, model: ModelMemory, at_s: float, active: Setpoint, p: Period) -> Decision:
         candidates = self._candidates(model, active)
         if not any(model.latency[v].known() for v in candidates if v in model.latency):
             return self._decision(model, at_s, active, active, Reason.WARMUP, "no profile or measured batch yet", p)
@@ -310,7 +242,7 @@ class SloController:
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
 
     def _choose(
-        self, model: _Model, at_s: float, active: Setpoint, plans: dict[str, Plan], p: _Period
+        self, model: ModelMemory, at_s: float, active: Setpoint, plans: dict[str, Plan], p: Period
     ) -> tuple[Plan, Reason, str]:
         t, target = self.tuning, p.load.target_ms
         ranked = [plans[v] for v in plans]  # most accurate first
@@ -354,12 +286,12 @@ class SloController:
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, breach or "no variant holds the SLO at the offered load"
 
-    def _load_explains(self, model: _Model, current: Plan, p: _Period) -> bool:
+    def _load_explains(self, model: ModelMemory, current: Plan, p: Period) -> bool:
         """Whether the active variant is busy enough, or the queue long enough, to account for slow answers."""
         backlog = p.load.queued_rows > model.info.instances * max(current.max_batch, 1)
         return current.utilisation >= self.tuning.breach_utilisation or backlog
 
-    def _held(self, model: _Model, at_s: float) -> bool:
+    def _held(self, model: ModelMemory, at_s: float) -> bool:
         """Whether the condition being timed has held for `up_hold_s` (starting the timer if it was not running)."""
         if model.fit_since is None:
             model.fit_since = at_s
@@ -368,7 +300,7 @@ class SloController:
             return True
         return False
 
-    def _learn_offset(self, model: _Model, active: Setpoint, p: _Period, drift: float) -> None:
+    def _learn_offset(self, model: ModelMemory, active: Setpoint, p: Period, drift: float) -> None:
         """What the latencies show beyond the queueing estimate, measured while the load is moderate."""
         t = self.tuning
         latency = model.latency.get(active.variant)
@@ -386,7 +318,7 @@ class SloController:
             offset.add(min(max(p.p99 - unexplained, 0.0), 0.5 * p.slo_ms))
 
     @staticmethod
-    def _offset(model: _Model, variant: str) -> float:
+    def _offset(model: ModelMemory, variant: str) -> float:
         """A variant's own offset once it has run; before that, the smallest any variant showed.
 
         Per variant, because part of what the estimate misses (the spread of batch
@@ -400,7 +332,7 @@ class SloController:
         return min((o.value for o in model.offsets.values() if o.value is not None), default=0.0)
 
     def _setpoint(
-        self, model: _Model, plan: Plan, active: Setpoint, p: _Period, load: Load, shedding: bool
+        self, model: ModelMemory, plan: Plan, active: Setpoint, p: Period, load: Load, shedding: bool
     ) -> Setpoint:
         t = self.tuning
         batch = max(plan.max_batch, 1)
@@ -419,12 +351,12 @@ class SloController:
         return Setpoint(plan.variant, batch, round(p.load.delay_ms * 1e3), limits)
 
     @staticmethod
-    def _restart_window(model: _Model, at_s: float) -> None:
+    def _restart_window(model: ModelMemory, at_s: float) -> None:
         """Latencies under the old setting say nothing about the new one."""
         model.window.clear()
         model.since_s = at_s
 
-    def _adapt_scale(self, model: _Model, p: _Period) -> None:
+    def _adapt_scale(self, model: ModelMemory, p: Period) -> None:
         """Shrink the capacity lower levels may share while the measured p99 eats into the margin; grow it back
         while latencies stay well inside."""
         if p.strained:
@@ -454,7 +386,7 @@ def _why_down(variant: str, current: Plan | None) -> str:
     )
 
 
-def _describe(why: str, plan: Plan, setpoint: Setpoint, p: _Period) -> str:
+def _describe(why: str, plan: Plan, setpoint: Setpoint, p: Period) -> str:
     predicted = "inf" if math.isinf(plan.predicted_p99_ms) else f"{plan.predicted_p99_ms:.1f}"
     observed = "-" if p.p99 is None else f"{p.p99:.1f}"
     text = (
