@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+from tidal.optimize.graph import save_graph
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,6 @@ class ReferenceModel:
     input_dims: tuple[int, ...]  # one row, batch dim excluded
     output_dims: tuple[int, ...]
     build: Callable[[Path], Path]  # writes the ONNX file to the given path
-
-
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def _io(dims_in: tuple[int, ...], dims_out: tuple[int, ...]) -> tuple[list, list]:
@@ -67,7 +57,7 @@ def dense(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
             nodes.append(helper.make_node("Relu", [gemm_out], [out]))
         prev = out
     inputs, outputs = _io((sizes[0],), (sizes[-1],))
-    return _save(helper.make_graph(nodes, "dense", inputs, outputs, inits), path)
+    return save_graph(helper.make_graph(nodes, "dense", inputs, outputs, inits), path)
 
 
 def small_cnn(path: Path, channels: tuple[int, ...] = (32, 64, 128), classes: int = 10, seed: int = 0) -> Path:
@@ -94,7 +84,7 @@ def small_cnn(path: Path, channels: tuple[int, ...] = (32, 64, 128), classes: in
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["OUTPUT"]),
     ]
     inputs, outputs = _io((3, 32, 32), (classes,))
-    return _save(helper.make_graph(nodes, "small_cnn", inputs, outputs, inits), path)
+    return save_graph(helper.make_graph(nodes, "small_cnn", inputs, outputs, inits), path)
 
 
 MODELS: dict[str, ReferenceModel] = {

@@ -6,10 +6,10 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+from tidal.optimize.graph import save_graph
+
 DTYPES = {
     "BOOL": TensorProto.BOOL,
     "UINT8": TensorProto.UINT8,
@@ -27,15 +27,6 @@ DTYPES = {
 }
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
 def add_sub(path: Path, width: int = 16, dtype: int = TensorProto.FLOAT) -> Path:
     """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1, batch dim 0 dynamic."""
     shape = ["batch", width]
@@ -51,7 +42,7 @@ def add_sub(path: Path, width: int = 16, dtype: int = TensorProto.FLOAT) -> Path
             helper.make_tensor_value_info("OUTPUT1", dtype, shape),
         ],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def identity_all(path: Path, exclude: tuple[str, ...] = ()) -> Path:
@@ -63,7 +54,7 @@ def identity_all(path: Path, exclude: tuple[str, ...] = ()) -> Path:
         nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
         inputs.append(helper.make_tensor_value_info(f"IN_{name}", elem, ["batch", "n"]))
         outputs.append(helper.make_tensor_value_info(f"OUT_{name}", elem, ["batch", "n"]))
-    return _save(helper.make_graph(nodes, "identity_all", inputs, outputs), path)
+    return save_graph(helper.make_graph(nodes, "identity_all", inputs, outputs), path)
 
 
 def scale(path: Path, factor: float, width: int = 4) -> Path:
@@ -75,7 +66,7 @@ def scale(path: Path, factor: float, width: int = 4) -> Path:
         [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", width])],
         [numpy_helper.from_array(np.array([factor], dtype=np.float32), "factor")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def reshape3(path: Path) -> Path:
@@ -87,7 +78,7 @@ def reshape3(path: Path) -> Path:
         [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["rows", 3])],
         [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
@@ -111,7 +102,7 @@ def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
         [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", sizes[-1]])],
         inits,
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def spin(path: Path, size: int = 256) -> Path:
@@ -156,7 +147,7 @@ def spin(path: Path, size: int = 256) -> Path:
             numpy_helper.from_array(np.zeros((), np.float32), "zero"),
         ],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def write_config(model_dir: Path, text: str) -> None:

@@ -35,6 +35,16 @@ class IoSpec:
         return tuple(int(d) if d is not None else -1 for d in self.shape[1:])
 
 
+def save_graph(graph: onnx.GraphProto, path: Path, opset: int = OPSET) -> Path:
+    """A checked model file from a graph built with onnx.helper (tests and benchmarks build theirs this way)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def load_model(path: Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
