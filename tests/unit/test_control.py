@@ -195,6 +195,18 @@ def test_a_measured_breach_moves_to_a_faster_variant_even_when_the_estimate_is_c
     assert sim.active.variant in ("int8", "pruned")
 
 
+def test_a_variant_that_broke_the_slo_is_not_trusted_again_at_that_load_for_a_while() -> None:
+    sim = Sim()
+    fp32 = capacity_rps("fp32")
+    sim.run(0.55 * fp32, 2, latencies_ms=5.0)
+    sim.run(0.55 * fp32, 1, latencies_ms=3 * SLO_MS)
+    assert sim.active.variant != "fp32"
+    sim.run(0.55 * fp32, 20, latencies_ms=5.0)  # the estimate says fp32 fits (utilisation 0.55 < 0.6)
+    assert sim.active.variant != "fp32"
+    sim.run(0.55 * fp32, 15, latencies_ms=5.0)  # the memory of the breach has expired
+    assert sim.active.variant == "fp32"
+
+
 def test_a_measured_breach_at_light_load_is_held_not_chased() -> None:
     sim = Sim()
     fp32 = capacity_rps("fp32")

@@ -36,6 +36,7 @@ class Tuning:
     batch_hysteresis: float = 0.25  # the batch limit moves up by more than this fraction, down by half of it
     offset_utilisation: float = 0.7  # the model's offset is learned only below this load
     accuracy_resolution: float = 0.005  # accuracies closer than this are ties
+    breach_memory_s: float = 30.0  # how long the load at which a variant broke the SLO caps its capacity
     breach_utilisation: float = 0.5  # below this (and without a backlog) a measured breach is not the load's doing
     rate_min_events: int = 20  # fewer arrivals in a rate window count as spread over all of it
     drift_min_ms: float = 5.0  # batches profiled shorter than this say little about the machine (fixed costs rule)
@@ -53,6 +54,7 @@ class ModelMemory:
     latency: dict[str, BatchLatency] = field(init=False)
     drift: Ewma = field(default_factory=lambda: Ewma(0.3))
     offsets: dict[str, Ewma] = field(default_factory=dict)  # per variant: measured p99 beyond the estimate
+    ceilings: dict[str, tuple[float, float]] = field(default_factory=dict)  # variant -> (rows/ms it broke at, when)
     rows: Ewma = field(default_factory=lambda: Ewma(0.2))
     last_at: float | None = None
     since_s: float = -math.inf  # latencies of requests that arrived before this belong to an older setting

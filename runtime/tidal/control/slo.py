@@ -35,6 +35,7 @@ from dataclasses import replace
 import numpy as np
 
 from tidal.control.api import Decision, Mode, ModelInfo, Reason, Setpoint, Slo, VariantInfo
+from tidal.control.explain import describe, why_down
 from tidal.control.memory import MAX_DRIFT, ModelMemory, Period, Tuning
 from tidal.control.plan import Line, Load, Plan, admission_limits, plan_variant, predict_p99
 from tidal.control.window import Ewma
@@ -224,7 +225,8 @@ class SloController:
         self._learn_offset(model, active, p, drift)
         loads = {v: replace(p.load, offset_ms=self._offset(model, v)) for v in candidates}
         plans = {
-            v: plan_variant(v, Line(*model.latency[v].line(drift)), loads[v], model.info.instances, limit)
+            v: self._ceiled(model, at_s, v, plan_variant(v, Line(*model.latency[v].line(drift)), loads[v],
+                                                         model.info.instances, limit), p.load.rate)
             for v in candidates
             if model.latency[v].known()
         }
@@ -238,7 +240,7 @@ class SloController:
             self._adapt_scale(model, p)
         setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
         model.drain_s = p.load.queued_rows / plan.capacity / 1e3 if plan.capacity > 0 else 0.0
-        return self._decision(model, at_s, active, setpoint, reason, _describe(why, plan, setpoint, p), p,
+        return self._decision(model, at_s, active, setpoint, reason, describe(why, plan, setpoint, p), p,
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
 
     def _choose(
@@ -281,10 +283,26 @@ class SloController:
         for plan in pool:
             if plan.fits(t.settle_utilisation, target):
                 if breach:
+                    if current is not None:
+                        model.ceilings[current.variant] = (p.load.rate, at_s)
                     return plan, Reason.DOWN_OBSERVED, breach
-                return plan, Reason.DOWN_PREDICTED, _why_down(active.variant, current)
+                return plan, Reason.DOWN_PREDICTED, why_down(active.variant, current)
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, breach or "no variant holds the SLO at the offered load"
+
+    def _ceiled(self, model: ModelMemory, at_s: float, variant: str, plan: Plan, rate: float) -> Plan:
+        """A variant left because its measured p99 broke the SLO at some load is not trusted above that load
+        for `breach_memory_s`, whatever the estimate says: what the estimate misses (cores taken by the
+        transport, a neighbour) is still there, and moving back up would only break the SLO again."""
+        ceiling = model.ceilings.get(variant)
+        if ceiling is None:
+            return plan
+        if at_s - ceiling[1] > self.tuning.breach_memory_s:
+            del model.ceilings[variant]
+            return plan
+        if ceiling[0] >= plan.capacity or ceiling[0] <= 0:
+            return plan
+        return replace(plan, capacity=ceiling[0], utilisation=rate / ceiling[0])
 
     def _load_explains(self, model: ModelMemory, current: Plan, p: Period) -> bool:
         """Whether the active variant is busy enough, or the queue long enough, to account for slow answers."""
@@ -372,29 +390,3 @@ def _close(new: tuple[tuple[int, int], ...], old: tuple[tuple[int, int], ...], t
         return False
     pairs = zip(new, old, strict=True)
     return all(abs(a - b) <= max(tolerance * max(a, b), 2) for (_, a), (_, b) in pairs)
-
-
-def _why_down(variant: str, current: Plan | None) -> str:
-    if current is None:
-        return f"{variant or 'default'} is not allowed now"
-    if current.max_batch == 0:
-        return f"{variant} cannot meet the target even unloaded"
-    predicted = "inf" if math.isinf(current.predicted_p99_ms) else f"{current.predicted_p99_ms:.1f}"
-    return (
-        f"{variant} cannot hold the SLO at the offered load "
-        f"(utilisation {current.utilisation:.2f}, predicted p99 {predicted} ms)"
-    )
-
-
-def _describe(why: str, plan: Plan, setpoint: Setpoint, p: Period) -> str:
-    predicted = "inf" if math.isinf(plan.predicted_p99_ms) else f"{plan.predicted_p99_ms:.1f}"
-    observed = "-" if p.p99 is None else f"{p.p99:.1f}"
-    text = (
-        f"{why}; {setpoint.variant or 'default'} max batch {setpoint.max_batch_size} "
-        f"delay {setpoint.max_queue_delay_us} us; {p.request_rps:.0f} rps offered, utilisation "
-        f"{plan.utilisation:.2f}, p99 predicted {predicted} ms / observed {observed} ms / SLO {p.slo_ms:g} ms; "
-        f"batch {plan.line.intercept:.2f} + {plan.line.slope:.3f}/row ms, offset {plan.offset_ms:.1f} ms"
-    )
-    if setpoint.admission_limits:
-        text += "; admit " + ", ".join(f"p{lv}<={n}" for lv, n in setpoint.admission_limits)
-    return text
