@@ -1,7 +1,7 @@
 """SLO controller benchmark: the controller's three proof runs on the demo model and the reference MLP.
 
     .venv/bin/python perf/bench_controller.py [--models digits,reference] [--scenarios step,priority,ramp]
-        [--slo-ms 50] [--rows 32] [--scale 1] [--out perf/out/controller] [--plots perf/plots]
+        [--slo-ms 100] [--rows 256] [--threads 1] [--scale 1] [--out perf/out/controller] [--plots perf/plots]
 
 Per model, a real `tidal serve` on loopback and `tidal bench` as the load:
 1. calibration: with the controller off and fp32 active, an open-loop sweep
@@ -17,8 +17,9 @@ Per model, a real `tidal serve` on loopback and `tidal bench` as the load:
 Every run writes the bench's JSON and a plot (latency, throughput, batch size,
 active variant); with the controller on, TidalControl.Status is polled twice a
 second to compare the controller's predicted p99 with the measured one.
-Requests carry `--rows` rows each, so that fp32's capacity falls where one
-load process can offer 3C, and ONNX Runtime gets `--threads`
+Requests carry `--rows` rows each, so that 3C stays a request rate that the
+load process and the server's transport carry on two cores (per-request
+costs, not the model, limit them), and ONNX Runtime gets `--threads`
 threads, so that on a 2-core machine one core stays with gRPC and the load
 generator. Run it on a quiet machine.
 """
@@ -70,11 +71,14 @@ class Model:
         return self.accuracy["fp32"]
 
 
-def _stage(source: Path, name: str, root: Path, slo_ms: float, threads: int) -> Model:
-    """A copy of one model folder with two priority levels, the SLO and the backend threads in its config."""
+def _stage(source: Path, name: str, root: Path, slo_ms: float, threads: int, rows: int) -> Model:
+    """A copy of one model folder with two priority levels, the SLO, the backend threads and room for
+    requests of `rows` rows in its config."""
     target = root / name
     shutil.copytree(source, target)
     config = (target / "config.pbtxt").read_text()
+    limit = int(re.search(r"max_batch_size:\s*(\d+)", config).group(1))
+    config = re.sub(r"max_batch_size:\s*\d+", f"max_batch_size: {max(limit, rows)}", config)
     config = re.sub(r"dynamic_batching\s*\{[^}]*\}", PRIORITY, config)
     if "intra_op_thread_count" not in config:
         config += THREADS.format(threads=threads)
@@ -166,7 +170,7 @@ def _calibrate(server: ServerProcess, model: Model, rows: int, slo_ms: float, ou
     fp32 = load_manifest(model.repository / model.name / "1").variants["fp32"]
     profile = next(iter(fp32.profiles.values()))
     guess = profile.best_throughput()[1] / rows
-    rates = [round(guess * 0.3 * 1.2**i, 1) for i in range(9)]
+    rates = [round(guess * 0.3 * 1.2**i, 1) for i in range(11)]
     result = _bench(server, out / f"{model.name}-calibrate", [model.name], rows, slo_ms,
                     ["--rate", ",".join(map(str, rates)), "--duration-s", str(max(3.0, 5 * scale)),
                      "--warmup-s", "1"])
@@ -290,8 +294,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits,reference")
     parser.add_argument("--scenarios", default="step,priority,ramp")
-    parser.add_argument("--slo-ms", type=float, default=50.0)
-    parser.add_argument("--rows", type=int, default=128, help="rows per request")
+    parser.add_argument("--slo-ms", type=float, default=100.0)
+    parser.add_argument("--rows", type=int, default=256, help="rows per request (the staged max batch grows to fit)")
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime threads per model: one leaves a core to gRPC and the load generator")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every duration (0.25: a smoke run)")
@@ -305,7 +309,7 @@ def main() -> int:
     results: dict[str, Any] = {"slo_ms": args.slo_ms, "rows": args.rows, "threads": args.threads, "scale": args.scale}
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix="tidal-bench-controller-") as tmp:
-            model = _stage(sources[name](), name, Path(tmp), args.slo_ms, args.threads)
+            model = _stage(sources[name](), name, Path(tmp), args.slo_ms, args.threads, args.rows)
             server = start_server(model.repository, "--load-model", name)
             try:
                 capacity = _calibrate(server, model, args.rows, args.slo_ms, args.out, args.scale)
