@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tidal.optimize.graph import save_graph
@@ -105,14 +106,10 @@ def mlp(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
     return save_graph(graph, path)
 
 
-def spin(path: Path, size: int = 256) -> Path:
-    """OUTPUT = INPUT, after max(INPUT) iterations of state = tanh(state @ W) (W orthogonal, so values stay finite).
-
-    The trip count comes from the input, so ONNX Runtime cannot fold the loop away.
-    """
-    w, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((size, size)))
-    square = [size, size]
-    body = helper.make_graph(
+def tanh_matmul_body(state_shape: list, width: int, seed: int) -> onnx.GraphProto:
+    """A Loop body: state = tanh(state @ W), W orthogonal (so values stay finite); slow models repeat it."""
+    w, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((width, width)))
+    return helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
             helper.make_node("MatMul", ["state_in", "w"], ["product"]),
@@ -122,14 +119,22 @@ def spin(path: Path, size: int = 256) -> Path:
         [
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, square),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, state_shape),
         ],
         [
             helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, square),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, state_shape),
         ],
         [numpy_helper.from_array(w.astype(np.float32), "w")],
     )
+
+
+def spin(path: Path, size: int = 256) -> Path:
+    """OUTPUT = INPUT, after max(INPUT) iterations of state = tanh(state @ W) (W orthogonal, so values stay finite).
+
+    The trip count comes from the input, so ONNX Runtime cannot fold the loop away.
+    """
+    body = tanh_matmul_body([size, size], size, seed=0)
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMax", ["INPUT"], ["most"], keepdims=0),

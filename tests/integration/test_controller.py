@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc.aio as tc_aio
@@ -29,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
 from live_server import metric, scrape, start_server
+from tidal.optimize.graph import save_graph
 from tidal.repository.variants import Accuracy, Hardware, LatencyProfile, Variant, VariantManifest, save_manifest
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
@@ -53,26 +53,8 @@ HARDWARE = Hardware("test", 1, ())
 
 def iterated_model(path: Path, iterations: int) -> Path:
     """OUTPUT = `iterations` x (state = tanh(state @ W)) from INPUT: the cost grows with rows and iterations."""
-    w, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((WIDTH, WIDTH)))
     row = ["batch", WIDTH]
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("MatMul", ["state_in", "w"], ["product"]),
-            helper.make_node("Tanh", ["product"], ["state_out"]),
-        ],
-        "iteration",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, row),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, row),
-        ],
-        [numpy_helper.from_array(w.astype(np.float32), "w")],
-    )
+    body = models.tanh_matmul_body(row, WIDTH, seed=1)
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "", "INPUT"], ["OUTPUT"], body=body)],
         "iterated",
@@ -80,12 +62,7 @@ def iterated_model(path: Path, iterations: int) -> Path:
         [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, row)],
         [numpy_helper.from_array(np.array(iterations, np.int64), "trips")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
 
 
 def timed_ms(path: Path, rows: int, runs: int = 3) -> float:
