@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
 from tidal.repository import layout
 from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config
 from tidal.repository.pbtxt import ParsedConfig
+from tidal.repository.validation import Signature
 from tidal.repository.variants import VariantManifest, load_manifest
 from tidal.scheduling.engine import ModelScheduler
 from tidal.transport._gen import model_config_pb2 as mc
@@ -58,9 +60,13 @@ class ServedVersion:
     engines: dict[str, str] = field(default_factory=dict)  # variant -> the backend that loaded it
     manifest: VariantManifest | None = None  # accuracies and latency profiles, when the model has variants
 
-    @property
+    @functools.cached_property
     def output_specs(self) -> dict[str, TensorSpec]:
         return {s.name: s for s in self.spec.outputs}
+
+    @functools.cached_property
+    def signature(self) -> Signature:
+        return Signature(self.spec)
 
     async def close(self) -> None:
         """Drain the scheduler, then release every backend instance."""

@@ -11,6 +11,41 @@ from tidal.repository.config import ModelSpec
 from tidal.types import DataType, InferRequest
 
 
+class Signature:
+    """A model's inputs as exact (dtype, shape) pairs, for a check that costs one comparison per input.
+
+    Built once per loaded version. Requests that match exactly pass here; anything else (a variable dim,
+    another batch size, a mistake) goes through `validate_request`, which also words the error.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._exact = {s.name: (s.datatype.np_dtype, s.shape) for s in spec.inputs if -1 not in s.shape}
+        self._complete = len(self._exact) == len(spec.inputs)
+        self._outputs = frozenset(s.name for s in spec.outputs)
+
+    def check(self, request: InferRequest) -> None:
+        inputs, exact = request.inputs, self._exact
+        if self._complete and len(inputs) == len(exact) and self._outputs.issuperset(request.requested_outputs):
+            batch = None
+            for name, arr in inputs.items():
+                want = exact.get(name)
+                if want is None or arr.dtype != want[0]:
+                    break
+                shape = arr.shape
+                if self._spec.batching:
+                    if batch is None:
+                        batch = shape[0] if shape else 0
+                    if not shape or shape[0] != batch or not 1 <= batch <= self._spec.max_batch_size:
+                        break
+                    shape = shape[1:]
+                if shape != want[1]:
+                    break
+            else:
+                return
+        validate_request(self._spec, request)
+
+
 def validate_request(spec: ModelSpec, request: InferRequest) -> None:
     declared = {s.name: s for s in spec.inputs}
     extra = sorted(set(request.inputs) - set(declared))

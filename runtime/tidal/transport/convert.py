@@ -129,15 +129,16 @@ def decode_request(msg: pb.ModelInferRequest, arrival_s: float, deadline_s: floa
             inputs[tensor.name] = _decode_raw(raw[i], dtype, shape, tensor.name)
         else:
             inputs[tensor.name] = _decode_contents(tensor, dtype, shape)
-    params = {key: param_value(value) for key, value in msg.parameters.items()}
+    # Most clients send neither parameters nor an output list: skip the map and list walks then.
+    params = {key: param_value(value) for key, value in msg.parameters.items()} if msg.parameters else {}
     return InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
         inputs=inputs,
-        requested_outputs=tuple(out.name for out in msg.outputs),
+        requested_outputs=tuple([out.name for out in msg.outputs]) if msg.outputs else (),
         id=msg.id,
-        priority=int_param(params, "priority") or 0,
-        timeout_us=int_param(params, "timeout"),
+        priority=int_param(params, "priority") or 0 if params else 0,
+        timeout_us=int_param(params, "timeout") if params else None,
         arrival_s=arrival_s,
         deadline_s=deadline_s,
         parameters=params,

@@ -13,7 +13,6 @@ from tidal.clock import Clock
 from tidal.errors import Code, FailedPrecondition, TidalError, Unavailable, Unimplemented
 from tidal.metrics import ServerMetrics
 from tidal.repository.manager import ModelManager, ServedVersion
-from tidal.repository.validation import validate_request
 from tidal.scheduling.stats import Duration
 from tidal.transport import convert
 from tidal.transport._gen import grpc_service_pb2 as pb
@@ -162,7 +161,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self._is_accepting():
             raise Unavailable("server is not accepting requests (starting or shutting down)")
         served = self._manager.get(request.model_name, request.model_version)
-        validate_request(served.spec, request)
+        served.signature.check(request)
         try:
             response = await served.scheduler.infer(request)
         except TidalError:
