@@ -9,7 +9,7 @@ import pytest
 import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
 from tidal.repository import layout
-from tidal.repository.config import autocomplete, build_spec, load_config
+from tidal.repository.config import autocomplete, build_spec, load_config, run_time_follows_shapes
 from tidal.repository.pbtxt import parse_model_config_text
 from tidal.scheduling.queue import TimeoutAction
 from tidal.transport._gen import model_config_pb2 as mc
@@ -142,3 +142,10 @@ def test_model_names_are_confined(tmp_path: Path, name: str) -> None:
 def test_missing_model_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         layout.require_model_dir(tmp_path, "absent")
+
+
+def test_run_time_follows_shapes_except_for_data_dependent_graphs(tmp_path: Path) -> None:
+    assert run_time_follows_shapes(models.mlp(tmp_path / "mlp.onnx", (4, 8, 2)))
+    assert not run_time_follows_shapes(models.spin(tmp_path / "spin.onnx"))  # a Loop: work follows the trip count
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    assert not run_time_follows_shapes(tmp_path / "junk.onnx")

@@ -3,9 +3,11 @@
 Ownership and threading contract:
 - A backend object is one *instance* of one model file (Triton's instance
   group count N means N backend objects). The scheduler owns it.
-- `run` is called from a worker thread, never from the event loop, and never
-  concurrently on the same instance. It must release the GIL while computing
-  where the engine allows (ONNX Runtime and the int8 kernels do).
+- `run` is called from the instance's worker thread, or on the event loop's
+  thread for batches measured to take under a millisecond while requests
+  arrive one at a time (scheduling/inline.py); never concurrently on the same
+  instance. It must release the GIL while computing where the engine allows
+  (ONNX Runtime and the int8 kernels do).
 - `run` receives whole batches: every input has the batch along dim 0 when
   the model batches. It returns exactly the outputs named, as numpy arrays
   whose dim 0 equals the batch's.

@@ -100,6 +100,22 @@ def _onnx_tensors(values: list[onnx.ValueInfoProto], skip: set[str]) -> list[tup
     return out
 
 
+# Ops whose run time follows the data rather than the input shapes (loops, branches, data-sized outputs).
+_DATA_DEPENDENT_OPS = frozenset(
+    {"Loop", "If", "Scan", "NonMaxSuppression", "NonZero", "Unique", "Compress", "Range", "SequenceMap"}
+)
+
+
+def run_time_follows_shapes(model_path: Path) -> bool:
+    """Whether equal input shapes mean equal work: only then may the scheduler predict a batch's run time
+    from its size (and run cheap ones inline). Unreadable files and custom-domain ops count as no."""
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:  # onnx raises several unrelated types for a bad file
+        return False
+    return all(node.domain in ("", "ai.onnx") and node.op_type not in _DATA_DEPENDENT_OPS for node in graph.node)
+
+
 def autocomplete(config: mc.ModelConfig, model_path: Path, present: frozenset[str] = frozenset()) -> None:
     """Fill what config.pbtxt leaves out from the ONNX graph, as Triton's auto-complete does."""
     try:

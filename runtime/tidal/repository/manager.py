@@ -22,7 +22,7 @@ from tidal.backends.base import Backend, BackendOptions
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
 from tidal.repository import layout
-from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config
+from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config, run_time_follows_shapes
 from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.validation import Signature
 from tidal.repository.variants import VariantManifest, load_manifest
@@ -109,6 +109,7 @@ class _Built:
     runners: dict[str, list[Backend]]
     engines: dict[str, str]
     manifest: VariantManifest | None
+    predictable: bool  # every variant's run time follows its batch size (see scheduling/inline.py)
 
 
 def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Built:
@@ -131,7 +132,7 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         engines[DEFAULT_VARIANT], runners[DEFAULT_VARIANT] = _load_instances(
             default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
         )
-        return _Built(spec, runners, engines, None)
+        return _Built(spec, runners, engines, None, _predictable(spec, [default_file]))
     wanted = set(spec.variants)
     errors = []
     for variant in manifest.variants.values():
@@ -149,7 +150,13 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         raise ConfigError(f"{version_dir}: no variant can run here ({detail})")
     default = manifest.default if manifest.default in runners else next(iter(runners))
     spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
-    return _Built(spec, runners, engines, manifest)
+    files = [version_dir / manifest.variants[name].file for name in runners]
+    return _Built(spec, runners, engines, manifest, _predictable(spec, files))
+
+
+def _predictable(spec: ModelSpec, files: Iterable[Path]) -> bool:
+    fixed = all(-1 not in s.shape for s in spec.inputs)
+    return fixed and all(run_time_follows_shapes(f) for f in files)
 
 
 async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> list[_Built]:
@@ -220,7 +227,7 @@ class ModelManager:
             for version, b in zip(versions, built, strict=True):
                 outputs = [o.name for o in b.spec.outputs]
                 scheduler = ModelScheduler(
-                    f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock
+                    f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock, b.predictable
                 )
                 await scheduler.start()
                 new[version] = ServedVersion(name, version, b.spec, b.runners, scheduler, b.engines, b.manifest)

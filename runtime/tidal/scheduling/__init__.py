@@ -2,8 +2,9 @@
 
 Pure policy: queue.py (admission, cancel, expiry per priority level),
 batcher.py (which entries form the next batch), ordering.py (in-order
-release). Machinery: engine.py (futures, the scheduling step) and threads.py
-(instance workers, the precise timer). knobs.py is the live knob set.
+release), inline.py (which batches run on the loop thread). Machinery:
+engine.py (futures, the scheduling step) and threads.py (instance workers,
+the precise timer). knobs.py is the live knob set.
 """
 
 from tidal.scheduling.engine import ModelScheduler

@@ -1,9 +1,10 @@
 """ModelScheduler: the one place with futures, threads and timers.
 
-Drives the pure parts (queue, batcher, ordering) from the event loop:
-`_schedule` runs synchronously on every arrival, batch completion, timer
-fire and knob change, so a request that finds a free instance is sent to its
-worker thread inside the caller's own `infer` call, with no extra task.
+Drives the pure parts (queue, batcher, ordering, inline policy) from the
+event loop: `_schedule` runs synchronously on every arrival, batch completion,
+timer fire and knob change, so a request that finds a free instance is sent to
+its worker thread (or, when cheap and the loop is idle, run right there, see
+inline.py) inside the caller's own `infer` call, with no extra task.
 
 Threading contract: `start`, `infer`, `stop`, `stats`, `observe` and
 `pending` are called on the event loop that `start` ran on. `apply` may be
@@ -33,6 +34,7 @@ from tidal.errors import (
 )
 from tidal.scheduling.batcher import BatchLimits, Dispatch, Wait, form_batch
 from tidal.scheduling.execute import BatchOutcome, run_batch
+from tidal.scheduling.inline import InlinePolicy
 from tidal.scheduling.knobs import Knobs
 from tidal.scheduling.ordering import InOrder
 from tidal.scheduling.queue import Entry, RequestQueue, SchedulerConfig
@@ -70,7 +72,10 @@ class ModelScheduler:
         runners: Mapping[str, Sequence[Backend]],
         output_names: Sequence[str],
         clock: Clock | None = None,
+        inline: bool = True,
     ) -> None:
+        """`inline` False keeps every batch off the loop: for models whose run time the batch size does
+        not predict (variable input dims, loops and other data-dependent ops)."""
         if not runners or not all(runners.values()):
             raise ConfigError(f"model '{name}': every variant needs at least one backend instance")
         self._name = name
@@ -89,6 +94,8 @@ class ModelScheduler:
         self._workers = InstanceWorkers(slots, name)
         self._timer = PreciseTimer(name, self._on_timer)
         self._timer_at: float | None = None
+        self._may_inline = inline
+        self._inline: InlinePolicy | None = None
         self._stats = StatsRecorder(config.priority_levels)
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +108,8 @@ class ModelScheduler:
             raise RuntimeError(f"scheduler '{self._name}' was already started")
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        if self._may_inline:
+            self._inline = InlinePolicy(self._clock.now)
         self._workers.start(self._loop)
         self._timer.start(self._loop)
         self._state = _State.RUNNING
@@ -145,6 +154,8 @@ class ModelScheduler:
             self._stats.failed(request.arrival_s, reason, now)
             raise
         assert self._loop is not None
+        if self._inline is not None:
+            self._inline.arrived(self.pending() - 1)
         waiter = entry.waiter = self._loop.create_future()
         self._stats.admitted(entry.level)
         if self._order is not None:
@@ -210,10 +221,8 @@ class ModelScheduler:
         """Expire, then fill every free instance the batcher allows, then arm the timer."""
         if self._state is _State.STOPPED:
             return
-        now = self._clock.now()
+        now = self._expire()
         queue = self._queue
-        for entry in queue.expire(now):
-            self._fail(entry, _expired(entry, now), "REJECTED", now)
         active = self._active
         limits = active.limits if self._state is _State.RUNNING else active.limits.without_window()
         wake_s = None
@@ -229,7 +238,8 @@ class ModelScheduler:
                 break
             assert isinstance(decision, Dispatch)
             queue.take(decision.entries)
-            self._launch(index, active, decision.entries, now)
+            if self._launch(index, active, decision.entries, now):
+                now = self._expire()  # time passed while it ran
         event_s = queue.next_event_s()
         if event_s is not None and (wake_s is None or event_s < wake_s):
             wake_s = event_s
@@ -238,24 +248,43 @@ class ModelScheduler:
             self._timer.arm(wake_s - now)
         self._check_idle()
 
+    def _expire(self) -> float:
+        now = self._clock.now()
+        for entry in self._queue.expire(now):
+            self._fail(entry, _expired(entry, now), "REJECTED", now)
+        return now
+
     def _free_instance(self, active: _Active) -> int | None:
         for index in range(active.knobs.instance_count):
             if not self._busy[index]:
                 return index
         return None
 
-    def _launch(self, index: int, active: _Active, entries: list[Entry], now: float) -> None:
+    def _launch(self, index: int, active: _Active, entries: list[Entry], now: float) -> bool:
+        """Start a batch on instance `index`; True if it already ran, inline."""
         self._busy[index] = True
         self._running += len(entries)
         job = functools.partial(run_batch, active.backends[index], entries, self._declared, self._batched, self._clock)
+        if self._inline is not None and self._inline.inline(sum(entry.rows for entry in entries)):
+            self._complete(index, entries, active.variant, now, job())
+            return True
         done = functools.partial(self._finish, index, entries, active.variant, now)
         self._workers.submit(index, job, done)
+        return False
 
     def _finish(self, index: int, entries: list[Entry], variant: str, started_s: float, outcome: BatchOutcome) -> None:
+        self._complete(index, entries, variant, started_s, outcome)
+        self._schedule()
+
+    def _complete(
+        self, index: int, entries: list[Entry], variant: str, started_s: float, outcome: BatchOutcome
+    ) -> None:
         self._busy[index] = False
         self._running -= len(entries)
         now = self._clock.now()
         if outcome.error is None:
+            if self._inline is not None:
+                self._inline.ran(sum(entry.rows for entry in entries), outcome.infer_s)
             self._stats.executed(entries, outcome, started_s, variant, now)
             for entry, outputs in zip(entries, outcome.outputs, strict=True):
                 request = entry.request
@@ -267,7 +296,6 @@ class ModelScheduler:
             for entry in entries:
                 self._stats.failed(entry.request.arrival_s, "BACKEND", now)
                 self._answer(entry, BackendError(str(outcome.error)))
-        self._schedule()
 
     def _on_timer(self) -> None:
         self._timer_at = None

@@ -1,7 +1,8 @@
 """One batch on one backend instance: concatenate, run, check, split.
 
-Runs on a worker thread (numpy copies and the backend release the GIL), so
-the event loop never pays for tensor work. Never raises an `Exception`: any
+Runs on the instance's worker thread (numpy copies and the backend release
+the GIL), or inline on the loop for cheap batches at low load (inline.py).
+Never raises an `Exception`: any
 failure, the backend's or a malformed result, becomes the batch's error and
 every request of the batch receives it.
 """
