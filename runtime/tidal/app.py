@@ -157,6 +157,7 @@ class App:
 
     def _decided(self, plant: _Plant, decision: Decision) -> None:
         served = plant.served
+        self.metrics.set_slo(served.name, str(served.version), self._slo_ms(served))
         self.metrics.controller_decision(
             served.name, str(served.version), decision.reason.value, decision.observed_p99_ms,
             decision.predicted_p99_ms, decision.arrival_rps, bool(decision.setpoint.admission_limits),

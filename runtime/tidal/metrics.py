@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -123,6 +124,9 @@ class ServerMetrics:
         )
         # (model, version) -> [judged, met]; read by the collector at scrape time.
         self._slo: dict[tuple[str, str], list[int]] = {}
+        # (model, version) -> the p99 target in force (SetSlo changes it while serving)
+        self._slo_target: dict[tuple[str, str], float] = {}
+        self._latency_children: dict[tuple[str, str, int], Any] = {}
         self.load_failures = Counter(
             "tidal_model_load_failures", "Model loads that failed", ["model"], registry=self.registry
         )
@@ -172,10 +176,25 @@ class ServerMetrics:
         future = asyncio.run_coroutine_threadsafe(_call(self._snapshot), self._loop)
         return future.result(timeout=10)
 
-    def observe(self, model: str, version: str, priority: int, latency_s: float, slo_ms: float, ok: bool) -> None:
-        """One finished request (on the loop): latency histogram and SLO bookkeeping."""
+    def set_slo(self, model: str, version: str, slo_ms: float) -> None:
+        """The SLO that requests are judged against from now on (on the loop)."""
+        self._slo_target[model, version] = slo_ms
+
+    def observe(
+        self, model: str, version: str, priority: int, latency_s: float, configured_slo_ms: float, ok: bool
+    ) -> None:
+        """One finished request (on the loop): latency histogram and SLO bookkeeping.
+
+        Judged against the SLO last passed to `set_slo`, or the configured one before that.
+        """
         if ok:
-            self.latency.labels(model, version, str(priority)).observe(latency_s)
+            child = self._latency_children.get((model, version, priority))
+            if child is None:
+                child = self._latency_children[model, version, priority] = self.latency.labels(
+                    model, version, str(priority)
+                )
+            child.observe(latency_s)
+        slo_ms = self._slo_target.get((model, version), configured_slo_ms)
         if slo_ms > 0:
             counts = self._slo.setdefault((model, version), [0, 0])
             counts[0] += 1
