@@ -27,6 +27,13 @@ from tidal.types import Observation
 log = logging.getLogger(__name__)
 
 
+# A worker thread whose backend call returned waits for the GIL while the event loop holds it, up to
+# Python's switch interval (5 ms by default): a quarter of a 20 ms batch, measured with perf_analyzer on the
+# wide 1024-4096-4096-1024 MLP at concurrency 64. 0.5 ms: +13-24% throughput there, +5% on the small MLP at
+# 128, no change at concurrency 1 (0.2-1 ms all did about as well).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class ModelControlMode(enum.Enum):
     """As Triton's --model-control-mode, except that `explicit` loads every model at start-up unless
     --load-model names some."""
@@ -260,6 +267,7 @@ async def serve(options: ServeOptions) -> int:
 
 def run(options: ServeOptions) -> int:
     """Run the server on uvloop where available (libuv's loop is markedly faster for gRPC)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         import uvloop
     except ImportError:
