@@ -337,17 +337,17 @@ def render(points: list[dict], raw: dict, env: dict[str, str], command: str) -> 
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the generated block of the scheduler section; create the section (or the file) when absent."""
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END, section: str = SECTION) -> None:
+    """Replace the generated block between `begin` and `end`; create `section` (or the file) when absent."""
     current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        updated = head + text + rest.split(END, 1)[1]
-    elif SECTION in current:
-        head, rest = current.split(SECTION, 1)
-        updated = f"{head}{SECTION}\n\n{text}\n{rest}"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        updated = head + text + rest.split(end, 1)[1]
+    elif section in current:
+        head, rest = current.split(section, 1)
+        updated = f"{head}{section}\n\n{text}\n{rest}"
     else:
-        updated = f"{current.rstrip()}\n\n{SECTION}\n\n{text}\n"
+        updated = f"{current.rstrip()}\n\n{section}\n\n{text}\n"
     path.write_text(updated)
 
 
