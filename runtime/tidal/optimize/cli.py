@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tidal.errors import TidalError
@@ -16,6 +17,7 @@ from tidal.optimize.build import KINDS, BuildSettings
 from tidal.optimize.pipeline import OptimizeOptions, optimize, profile_repository
 from tidal.optimize.report import format_table
 from tidal.optimize.train import TrainConfig
+from tidal.repository.variants import VariantManifest, load_manifest
 
 
 def _log(message: str) -> None:
@@ -80,8 +82,13 @@ def _optimize(args: argparse.Namespace) -> int:
         profile_seconds=args.profile_seconds,
         progress=args.progress,
     )
+    return _print_table(lambda: optimize(options, _log))
+
+
+def _print_table(build: Callable[[], VariantManifest]) -> int:
+    """Run `build` and print its variant table, or its error in one line (exit 2)."""
     try:
-        manifest = optimize(options, _log)
+        manifest = build()
     except TidalError as exc:
         _log(f"error: {exc}")
         return 2
@@ -100,8 +107,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    try:
-        manifest = profile_repository(
+    return _print_table(
+        lambda: profile_repository(
             args.repository,
             args.name,
             version=args.version,
@@ -112,11 +119,7 @@ def _profile(args: argparse.Namespace) -> int:
             progress=args.progress,
             log=_log,
         )
-    except TidalError as exc:
-        _log(f"error: {exc}")
-        return 2
-    print(format_table(manifest))
-    return 0
+    )
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -130,7 +133,6 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from tidal import demo  # keeps scikit-learn off the path of the other commands
-    from tidal.repository.variants import load_manifest
 
     try:
         repository = demo.ensure_demo_repository(progress=args.progress, rebuild=args.rebuild)
