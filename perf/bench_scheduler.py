@@ -102,8 +102,10 @@ class Server:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_s(self, loop_thread_only: bool = False) -> float:
+        """CPU seconds of the whole process, or of its main thread (where the event loop runs)."""
+        stat = f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat" if loop_thread_only else f"/proc/{self.proc.pid}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
@@ -167,11 +169,13 @@ def run_perf_analyzer(args: argparse.Namespace, url: str, model: str, concurrenc
 def measure_point(args, server: Server, model: str, concurrency: int, stats_client) -> dict | None:
     """perf_analyzer against one model, plus the server's CPU use and (tidal) the batch size it formed."""
     before = stats_client.get_inference_statistics(model).model_stats[0] if stats_client else None
-    cpu0, wall0 = server.cpu_s(), time.monotonic()
+    cpu0, loop0, wall0 = server.cpu_s(), server.cpu_s(loop_thread_only=True), time.monotonic()
     result = run_perf_analyzer(args, server.url, model, concurrency)
     if result is None:
         return None
-    result["server_cpu"] = (server.cpu_s() - cpu0) / (time.monotonic() - wall0)
+    elapsed = time.monotonic() - wall0
+    result["server_cpu"] = (server.cpu_s() - cpu0) / elapsed
+    result["loop_cpu"] = (server.cpu_s(loop_thread_only=True) - loop0) / elapsed
     if stats_client is not None:
         after = stats_client.get_inference_statistics(model).model_stats[0]
         executions = after.execution_count - before.execution_count
@@ -238,7 +242,7 @@ def summarize(points: Iterable[dict], **where) -> dict | None:
     chosen = [p for p in points if all(p[k] == v for k, v in where.items())]
     if not chosen:
         return None
-    keys = [k for k in ("throughput", "p50_ms", "p99_ms", "batch", "server_cpu") if k in chosen[0]]
+    keys = [k for k in ("throughput", "p50_ms", "p99_ms", "batch", "server_cpu", "loop_cpu") if k in chosen[0]]
     out = {k: statistics.median(p[k] for p in chosen) for k in keys}
     out["lo"], out["hi"] = min(p["throughput"] for p in chosen), max(p["throughput"] for p in chosen)
     return out
@@ -258,6 +262,14 @@ def _rate(m: dict | None) -> str:
     return f"{m['throughput']:,.0f}{spread}"
 
 
+def _cpu(m: dict | None) -> str:
+    """Server CPU per request; in brackets the part on the event-loop thread (older runs lack it)."""
+    if m is None:
+        return "-"
+    loop = f" ({m['loop_cpu'] * 1e6 / m['throughput']:.0f})" if "loop_cpu" in m else ""
+    return f"{m['server_cpu'] * 1e6 / m['throughput']:.0f}{loop}"
+
+
 def _lat(m: dict | None) -> str:
     return "-" if m is None else f"{m['p50_ms']:.2f} / {m['p99_ms']:.1f}"
 
@@ -265,14 +277,14 @@ def _lat(m: dict | None) -> str:
 def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
     lines = [
         "| conc | echo infer/s | echo p50 / p99 ms | off infer/s | off p50 / p99 | on infer/s | on p50 / p99 "
-        "| batch formed | on / echo | on / raw at that batch | server CPU (echo, off, on) |",
+        "| batch formed | on / echo | on / raw at that batch | server CPU per request, us (echo, off, on) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in sorted({p["concurrency"] for p in points if p["model"] == name}):
         echo, off, on = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
         ratio = f"{on['throughput'] / echo['throughput']:.2f}" if on and echo else "-"
         vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
-        cpu = ", ".join("-" if m is None else f"{m['server_cpu']:.2f}" for m in (echo, off, on))
+        cpu = ", ".join(_cpu(m) for m in (echo, off, on))
         batch = f"{on['batch']:.1f}" if on else "-"
         lines.append(
             f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(off)} | {_lat(off)} | {_rate(on)} | {_lat(on)} "
