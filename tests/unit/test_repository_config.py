@@ -9,7 +9,7 @@ import pytest
 import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
 from tidal.repository import layout
-from tidal.repository.config import autocomplete, build_spec, load_config, run_time_follows_shapes
+from tidal.repository.config import autocomplete, build_spec, load_config, read_graph, run_time_follows_shapes
 from tidal.repository.pbtxt import parse_model_config_text
 from tidal.scheduling.queue import TimeoutAction
 from tidal.transport._gen import model_config_pb2 as mc
@@ -149,3 +149,5 @@ def test_run_time_follows_shapes_except_for_data_dependent_graphs(tmp_path: Path
     assert not run_time_follows_shapes(models.spin(tmp_path / "spin.onnx"))  # a Loop: work follows the trip count
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     assert not run_time_follows_shapes(tmp_path / "junk.onnx")
+    # a graph already read is used instead of the file
+    assert not run_time_follows_shapes(tmp_path / "mlp.onnx", read_graph(tmp_path / "spin.onnx"))

@@ -106,22 +106,36 @@ _DATA_DEPENDENT_OPS = frozenset(
 )
 
 
-def run_time_follows_shapes(model_path: Path) -> bool:
-    """Whether equal input shapes mean equal work: only then may the scheduler predict a batch's run time
-    from its size (and run cheap ones inline). Unreadable files and custom-domain ops count as no."""
+def read_graph(model_path: Path) -> onnx.GraphProto:
+    """The graph of an ONNX file (external weights stay on disk). Parsing a large model takes seconds, so
+    callers that need it twice read it once and pass it on."""
     try:
-        graph = onnx.load(str(model_path), load_external_data=False).graph
-    except Exception:  # onnx raises several unrelated types for a bad file
-        return False
-    return all(node.domain in ("", "ai.onnx") and node.op_type not in _DATA_DEPENDENT_OPS for node in graph.node)
-
-
-def autocomplete(config: mc.ModelConfig, model_path: Path, present: frozenset[str] = frozenset()) -> None:
-    """Fill what config.pbtxt leaves out from the ONNX graph, as Triton's auto-complete does."""
-    try:
-        graph = onnx.load(str(model_path), load_external_data=False).graph
+        return onnx.load(str(model_path), load_external_data=False).graph
     except Exception as exc:  # onnx raises several unrelated types for a bad file
         raise ConfigError(f"{model_path}: not a readable ONNX model: {exc}") from exc
+
+
+def run_time_follows_shapes(model_path: Path, graph: onnx.GraphProto | None = None) -> bool:
+    """Whether equal input shapes mean equal work: only then may the scheduler predict a batch's run time
+    from its size (and run cheap ones inline). Unreadable files and custom-domain ops count as no.
+    `graph`: the file's graph when the caller has already read it."""
+    try:
+        nodes = (graph if graph is not None else read_graph(model_path)).node
+    except ConfigError:
+        return False
+    return all(node.domain in ("", "ai.onnx") and node.op_type not in _DATA_DEPENDENT_OPS for node in nodes)
+
+
+def autocomplete(
+    config: mc.ModelConfig,
+    model_path: Path,
+    present: frozenset[str] = frozenset(),
+    graph: onnx.GraphProto | None = None,
+) -> None:
+    """Fill what config.pbtxt leaves out from the ONNX graph, as Triton's auto-complete does.
+    `graph`: the file's graph when the caller has already read it."""
+    if graph is None:
+        graph = read_graph(model_path)
     initializers = {init.name for init in graph.initializer}
     inputs = _onnx_tensors(list(graph.input), initializers)
     outputs = _onnx_tensors(list(graph.output), set())

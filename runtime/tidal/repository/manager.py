@@ -13,16 +13,25 @@ import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import onnx
 
 from tidal import backends
 from tidal.backends.base import Backend, BackendOptions
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
 from tidal.repository import layout
-from tidal.repository.config import ModelSpec, autocomplete, build_spec, load_config, run_time_follows_shapes
+from tidal.repository.config import (
+    ModelSpec,
+    autocomplete,
+    build_spec,
+    load_config,
+    read_graph,
+    run_time_follows_shapes,
+)
 from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.validation import Signature
 from tidal.repository.variants import VariantManifest, load_manifest
@@ -123,7 +132,8 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     default_file = version_dir / (version_config.default_model_filename or "model.onnx")
     if not default_file.is_file():
         raise ConfigError(f"{default_file} does not exist")
-    autocomplete(version_config, default_file, parsed.present)
+    graph = read_graph(default_file)
+    autocomplete(version_config, default_file, parsed.present, graph)
     spec = build_spec(version_config)
     manifest = load_manifest(version_dir)
     runners: dict[str, list[Backend]] = {}
@@ -132,7 +142,7 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         engines[DEFAULT_VARIANT], runners[DEFAULT_VARIANT] = _load_instances(
             default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
         )
-        return _Built(spec, runners, engines, None, _predictable(spec, [default_file]))
+        return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}))
     wanted = set(spec.variants)
     errors = []
     for variant in manifest.variants.values():
@@ -150,13 +160,15 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         raise ConfigError(f"{version_dir}: no variant can run here ({detail})")
     default = manifest.default if manifest.default in runners else next(iter(runners))
     spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
-    files = [version_dir / manifest.variants[name].file for name in runners]
-    return _Built(spec, runners, engines, manifest, _predictable(spec, files))
+    files = {version_dir / manifest.variants[name].file for name in runners}
+    graphs = {f: graph if f == default_file else None for f in files}
+    return _Built(spec, runners, engines, manifest, _predictable(spec, graphs))
 
 
-def _predictable(spec: ModelSpec, files: Iterable[Path]) -> bool:
+def _predictable(spec: ModelSpec, graphs: Mapping[Path, onnx.GraphProto | None]) -> bool:
+    """`graphs`: every variant file, with its graph where already read."""
     fixed = all(-1 not in s.shape for s in spec.inputs)
-    return fixed and all(run_time_follows_shapes(f) for f in files)
+    return fixed and all(run_time_follows_shapes(f, g) for f, g in graphs.items())
 
 
 async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> list[_Built]:
