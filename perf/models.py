@@ -8,6 +8,9 @@ Three shapes of cost, so a benchmark shows where serving time goes:
 - `wide_mlp`: 1024 -> 4096 -> 4096 -> 1024. 100 MB of weights: at batch 1 every
   run streams them all from memory, at batch 32+ the same read serves every row,
   so batching pays several times over.
+- `linear`: the mlp's input and output with one 256 -> 10 layer (10 KB of
+  weights, about 2.6 k multiply-adds a row): next to no model work, so serving
+  it measures the server's own cost per request.
 
 Every model takes `INPUT` (FP32, batch dim first) and returns `OUTPUT`.
 `write_model_dir` adds a Triton-style config.pbtxt, so the same files serve
@@ -91,6 +94,7 @@ MODELS: dict[str, ReferenceModel] = {
     "mlp": ReferenceModel("mlp", (256,), (10,), lambda p: dense(p, (256, 1024, 1024, 10))),
     "cnn": ReferenceModel("cnn", (3, 32, 32), (10,), small_cnn),
     "wide_mlp": ReferenceModel("wide_mlp", (1024,), (1024,), lambda p: dense(p, (1024, 4096, 4096, 1024))),
+    "linear": ReferenceModel("linear", (256,), (10,), lambda p: dense(p, (256, 10))),
 }
 
 
