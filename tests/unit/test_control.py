@@ -11,7 +11,9 @@ import math
 
 import pytest
 
+from tidal.clock import FakeClock
 from tidal.control.api import Mode, ModelInfo, Reason, Setpoint, Slo, VariantInfo
+from tidal.control.loop import ControlLoop
 from tidal.control.plan import Line, Load, largest_batch
 from tidal.control.slo import SloController, Tuning
 from tidal.errors import InvalidArgument
@@ -345,8 +347,57 @@ def test_history_keeps_the_changes_only() -> None:
 
 
 def test_slo_values_are_checked() -> None:
-    for bad in ({"p99_ms": -1}, {"min_accuracy": 1.5}, {"period_s": 0.001}, {"priority_p99_ms": {1: 0.0}}):
+    nan, inf = float("nan"), float("inf")
+    for bad in (
+        {"p99_ms": -1},
+        {"p99_ms": nan},
+        {"p99_ms": inf},
+        {"min_accuracy": 1.5},
+        {"min_accuracy": nan},
+        {"period_s": 0.001},
+        {"period_s": nan},
+        {"priority_p99_ms": {1: 0.0}},
+        {"priority_p99_ms": {1: nan}},
+    ):
         with pytest.raises(InvalidArgument):
             Slo(**bad)
     assert Slo(10.0, priority_p99_ms={2: 30.0}).target_ms(2) == 30.0
     assert not Slo(10.0).engaged and Slo(10.0, mode=Mode.BATCH).engaged
+
+
+class _Plant:
+    """A model under control; `broken` makes every observation fail."""
+
+    def __init__(self, key: str, broken: bool = False) -> None:
+        self.key, self.generation, self.broken = key, object(), broken
+        self.setpoints = [Setpoint("fp32", 128, 0)]
+        self.observed = 0
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.key, 128, 1, 1, (variant("fp32"),), self.setpoints[0])
+
+    def configured_slo(self) -> Slo:
+        return Slo(SLO_MS, mode=Mode.FULL)
+
+    def observe(self) -> Observation:
+        if self.broken:
+            raise ValueError("cannot convert float NaN to integer")
+        self.observed += 1
+        return Observation(self.observed * PERIOD, {1: 0}, 0, {1: 0}, 0, 0, (), (), {1: 0})
+
+    def setpoint(self) -> Setpoint:
+        return self.setpoints[-1]
+
+    def apply(self, setpoint: Setpoint) -> None:
+        self.setpoints.append(setpoint)
+
+
+def test_a_failing_model_neither_stops_the_loop_nor_the_other_models(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    broken, healthy = _Plant("a:1", broken=True), _Plant("b:1")
+    loop = ControlLoop(SloController(), lambda: [broken, healthy], clock)
+    for _ in range(3):
+        loop.tick()
+        clock.advance(PERIOD)
+    assert healthy.observed == 3
+    assert caplog.text.count("controller a:1: step failed") == 1 and "NaN" in caplog.text

@@ -8,6 +8,7 @@ repository's variant manifest into them, and a `Setpoint` back into knobs.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ class Slo:
     period_s: float = DEFAULT_PERIOD_S
 
     def __post_init__(self) -> None:
-        if self.p99_ms < 0 or any(v <= 0 for v in self.priority_p99_ms.values()):
-            raise InvalidArgument("SLO targets must be positive (p99_ms 0 means none)")
+        targets = (self.p99_ms, *self.priority_p99_ms.values())
+        if not all(math.isfinite(v) for v in targets) or self.p99_ms < 0 or min(targets[1:], default=1) <= 0:
+            raise InvalidArgument("SLO targets must be finite and positive (p99_ms 0 means none)")
         if not 0.0 <= self.min_accuracy <= 1.0:
             raise InvalidArgument(f"min_accuracy must be within 0..1, got {self.min_accuracy}")
         if not 0.01 <= self.period_s <= 10.0:

@@ -55,6 +55,7 @@ class ControlLoop:
         self._on_decision = on_decision
         self._generations: dict[str, object] = {}
         self._due: dict[str, float] = {}
+        self._failing: set[str] = set()
 
     def tick(self) -> float:
         """Step every plant whose period is up; returns the seconds until the next one is due."""
@@ -62,21 +63,31 @@ class ControlLoop:
         seen = set()
         wait = DEFAULT_PERIOD_S
         for plant in self._plants():
-            key = plant.key
-            seen.add(key)
-            if self._generations.get(key) is not plant.generation:
-                self.controller.track(key, plant.info(), plant.configured_slo())
-                self._generations[key] = plant.generation
-                self._due[key] = now
-            period = self.controller.slo(key).period_s
-            if now >= self._due[key]:
-                self._step(plant)
-                self._due[key] = max(self._due[key] + period, now)
-            wait = min(wait, self._due[key] - now)
+            seen.add(plant.key)
+            try:
+                wait = min(wait, self._tick_plant(plant, now))
+                self._failing.discard(plant.key)
+            except Exception:  # one model's failure must not stop the others' control, nor the loop
+                if plant.key not in self._failing:  # once per run of failures, not every period
+                    self._failing.add(plant.key)
+                    log.exception("controller %s: step failed; its knobs stay as they are", plant.key)
         for key in set(self._generations) - seen:
             self.controller.forget(key)
             del self._generations[key], self._due[key]
+            self._failing.discard(key)
         return max(wait, 0.001)
+
+    def _tick_plant(self, plant: Plant, now: float) -> float:
+        """Step `plant` if its period is up; the seconds until it is due again."""
+        key = plant.key
+        if self._generations.get(key) is not plant.generation:
+            self.controller.track(key, plant.info(), plant.configured_slo())
+            self._generations[key] = plant.generation
+            self._due[key] = now
+        if now >= self._due[key]:
+            self._due[key] = max(self._due[key] + self.controller.slo(key).period_s, now)
+            self._step(plant)
+        return self._due[key] - now
 
     def _step(self, plant: Plant) -> None:
         active = plant.setpoint()
@@ -86,10 +97,7 @@ class ControlLoop:
                 "controller %s: %s: %s", plant.key, decision.reason.value, decision.detail,
                 extra={"model": plant.key, "reason": decision.reason.value},
             )
-            try:
-                plant.apply(decision.setpoint)
-            except Exception:  # one model's failure must not stop the others' control
-                log.exception("controller %s: applying %s failed", plant.key, decision.setpoint)
+            plant.apply(decision.setpoint)
         self._on_decision(plant, decision)
 
     async def run(self) -> None:
