@@ -35,6 +35,23 @@ def test_raw_decoding_is_zero_copy_and_checked() -> None:
         convert.decode_request(msg, 1.0, None)
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [1] * 70])
+@pytest.mark.parametrize("raw", [True, False])
+def test_shapes_numpy_cannot_hold_are_invalid_arguments(datatype: str, shape: list[int], raw: bool) -> None:
+    msg = pb.ModelInferRequest(model_name="m")
+    tensor = msg.inputs.add(name="x", datatype=datatype, shape=shape)
+    elements = 0 if 0 in shape else 1
+    if raw:
+        msg.raw_input_contents.append(b"\x00\x00\x00\x00" * elements)
+    elif datatype == "FP32":
+        tensor.contents.fp32_contents.extend([0.0] * elements)
+    else:
+        tensor.contents.bytes_contents.extend([b""] * elements)
+    with pytest.raises(InvalidArgument, match=r"input 'x': shape .* is not a valid tensor"):
+        convert.decode_request(msg, 0.0, None)
+
+
 def test_parameters_accept_uint64_and_int64_priority() -> None:
     for field in ("uint64_param", "int64_param"):
         msg = pb.ModelInferRequest(model_name="m")

@@ -123,12 +123,15 @@ def decode_request(msg: pb.ModelInferRequest, arrival_s: float, deadline_s: floa
         shape = tuple(tensor.shape)  # already Python ints
         if shape and min(shape) < 0:
             raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dim")
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(f"input '{tensor.name}': typed contents and raw_input_contents cannot be mixed")
-            inputs[tensor.name] = _decode_raw(raw[i], dtype, shape, tensor.name)
-        else:
-            inputs[tensor.name] = _decode_contents(tensor, dtype, shape)
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(f"input '{tensor.name}': typed contents and raw_input_contents cannot be mixed")
+        try:
+            if raw:
+                inputs[tensor.name] = _decode_raw(raw[i], dtype, shape, tensor.name)
+            else:
+                inputs[tensor.name] = _decode_contents(tensor, dtype, shape)
+        except ValueError as exc:  # numpy refuses the shape: over 64 dims, or too many elements to address
+            raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} is not a valid tensor: {exc}") from None
     # Most clients send neither parameters nor an output list: skip the map and list walks then.
     params = {key: param_value(value) for key, value in msg.parameters.items()} if msg.parameters else {}
     return InferRequest(

@@ -32,11 +32,19 @@ _NO_MODEL_CONTROL = FailedPrecondition(
 _CLIENT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED})
 
 
-def _log_failure(msg: pb.ModelInferRequest, exc: TidalError) -> None:
-    """Each failed request is logged once, with its id and the gRPC status it gets."""
+def _failure(msg: pb.ModelInferRequest, exc: Exception) -> TidalError:
+    """The error a failed request is answered with, logged once with its id and gRPC status.
+
+    Anything that is not a TidalError is a bug in tidal, not the client's mistake: it is logged with its
+    traceback and answered INTERNAL, so the request still gets an answer and no other request is touched."""
+    extra = {"request_id": msg.id, "model": msg.model_name}
+    if not isinstance(exc, TidalError):
+        log.error("infer %s id=%r failed unexpectedly", msg.model_name, msg.id, exc_info=exc, extra=extra)
+        return TidalError(f"internal error: {type(exc).__name__}: {exc}")
     level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
-    extra = {"request_id": msg.id, "model": msg.model_name, "status": GRPC_STATUS[exc.code].name}
+    extra["status"] = GRPC_STATUS[exc.code].name
     log.log(level, "infer %s id=%r failed: %s %s", msg.model_name, msg.id, extra["status"], exc, extra=extra)
+    return exc
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -182,9 +190,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         try:
             return await self._infer(request, context)
-        except TidalError as exc:
-            _log_failure(request, exc)
-            return await self._abort(context, exc)
+        except Exception as exc:
+            return await self._abort(context, _failure(request, exc))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
@@ -196,10 +203,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(msg: pb.ModelInferRequest) -> None:
             try:
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, context)))
-            except TidalError as exc:
-                _log_failure(msg, exc)
+            except Exception as exc:
+                error = _failure(msg, exc)
                 failed = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
-                results.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc), infer_response=failed))
+                results.put_nowait(pb.ModelStreamInferResponse(error_message=str(error), infer_response=failed))
 
         async def reader() -> None:
             try:
