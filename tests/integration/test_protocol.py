@@ -35,6 +35,12 @@ def test_server_health_and_metadata(client: tc.InferenceServerClient) -> None:
     assert "system_shared_memory" not in meta.extensions
 
 
+def test_versions_are_plain_decimal_numbers(client: tc.InferenceServerClient) -> None:
+    assert client.is_model_ready("simple", "1")
+    for version in (" 1", "+1", "1.0", "01_", "abc"):
+        assert not client.is_model_ready("simple", version), version
+
+
 def test_model_metadata_and_config(client: tc.InferenceServerClient) -> None:
     assert client.is_model_ready("simple")
     meta = client.get_model_metadata("simple")
@@ -177,6 +183,17 @@ def test_fp16_has_no_typed_field(stub: pb_grpc.GRPCInferenceServiceStub) -> None
         stub.ModelInfer(msg)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "IN_FP16" in err.value.details()
+
+
+def test_a_shape_numpy_cannot_hold_is_invalid_argument(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    msg = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        msg.inputs.add(name=name, datatype="FP32", shape=[0, 2**62, 2**62])
+    msg.raw_input_contents.extend([b"", b""])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(msg)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "INPUT0" in err.value.details() and "not a valid tensor" in err.value.details()
 
 
 def test_typed_and_raw_cannot_mix(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

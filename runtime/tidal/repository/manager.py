@@ -275,10 +275,10 @@ class ModelManager:
             raise Unavailable(f"model '{name}' is not ready ({entry.state.value}{detail})")
         if not version:
             return entry.versions[max(entry.versions)]
-        try:
-            return entry.versions[int(version)]
-        except (ValueError, KeyError):
-            raise NotFound(f"model '{name}' has no ready version '{version}'") from None
+        served = entry.versions.get(int(version)) if version.isascii() and version.isdigit() else None
+        if served is None:  # int() alone would also take " 1", "+1" and "1_0"
+            raise NotFound(f"model '{name}' has no ready version '{version}'")
+        return served
 
     def ready(self, name: str, version: str = "") -> bool:
         try:
