@@ -310,3 +310,15 @@ def test_a_burst_beyond_grpc_pending_limit_is_all_answered(tmp_path: Path) -> No
     finally:
         assert srv.stop() == 0
     assert outcomes.count("OK") == 3000, collections.Counter(outcomes)
+
+
+def test_a_port_in_use_is_a_clear_start_error(small_repo: Path) -> None:
+    first = start_server(small_repo)
+    try:
+        cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(small_repo), "--grpc-address",
+               "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0"]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        assert first.stop() == 0
+    assert second.returncode == 1
+    assert f"cannot bind gRPC to 127.0.0.1:{first.port}" in second.stderr and "Traceback" not in second.stderr

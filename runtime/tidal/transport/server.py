@@ -68,9 +68,12 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0)."""
-        self.port = self._server.add_insecure_port(self._target)
+        try:
+            self.port = self._server.add_insecure_port(self._target)
+        except RuntimeError:  # newer grpcio raises where older ones returned port 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {self._target}")
+            raise OSError(f"cannot bind gRPC to {self._target} (address in use or not available)")
         await self._server.start()
         return self.port
 
