@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+import onnx_models as models
 from live_server import start_server
+from tidal.errors import Code, TidalError
+from tidal.repository import manager as manager_module
+from tidal.repository.manager import ModelManager
+from tidal.repository.poll import RepositoryPoller
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
@@ -109,3 +117,100 @@ def test_load_only_named_models(repository) -> None:
         assert c.is_model_ready("simple")
     finally:
         assert srv.stop() == 0
+
+
+def _states(manager: ModelManager) -> dict[str, tuple[str, str]]:
+    return {name: (state, reason) for name, _, state, reason in manager.index()}
+
+
+def _broken_repository(root: Path) -> Path:
+    """One good model beside models whose config the parser once let through, or that cannot be read."""
+    for name, text in {
+        "good": "max_batch_size: 4",
+        "enum": "max_batch_size: 4 controller { mode: 7 }",
+        "explodes": "max_batch_size: 4",
+    }.items():
+        models.write_config(root / name, text)
+        models.scale(root / name / "1" / "model.onnx", 2.0)
+    (root / "binary").mkdir()
+    (root / "binary" / "config.pbtxt").write_bytes(b"\xf2\xff\x00 max_batch_size")
+    models.scale(root / "binary" / "1" / "model.onnx", 2.0)
+    return root
+
+
+@pytest.fixture
+def explosive_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug nobody has found yet: building the spec of any model named 'explodes*' raises a plain exception."""
+    real = manager_module.build_spec
+
+    def build_spec(config):
+        if config.name.startswith("explodes"):
+            raise KeyError("a bug")
+        return real(config)
+
+    monkeypatch.setattr(manager_module, "build_spec", build_spec)
+
+
+def test_start_up_load_survives_any_one_model_failing(tmp_path: Path, explosive_build: None) -> None:
+    async def scenario() -> None:
+        manager = ModelManager(_broken_repository(tmp_path))
+        await manager.load_all()
+        try:
+            states = _states(manager)
+            assert states["good"] == ("READY", "")
+            for name, named in (("enum", "controller.mode"), ("binary", "UTF-8")):
+                state, reason = states[name]
+                assert state == "UNAVAILABLE" and "config.pbtxt" in reason and named in reason, (name, reason)
+            state, reason = states["explodes"]
+            assert state == "UNAVAILABLE" and reason.startswith("internal error") and "a bug" in reason
+            with pytest.raises(TidalError) as err:  # RepositoryModelLoad answers INTERNAL, not UNKNOWN
+                await manager.load("explodes")
+            assert err.value.code is Code.INTERNAL
+            assert manager.ready("good")
+        finally:
+            await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_poll_keeps_going_after_a_model_fails_unexpectedly(tmp_path: Path, explosive_build: None) -> None:
+    async def scenario() -> None:
+        root = tmp_path / "repo"
+        models.scale(root / "good" / "1" / "model.onnx", 2.0)
+        manager = ModelManager(root)
+        await manager.load_all()
+        poller = RepositoryPoller(manager, interval_s=3600)
+        poller.snapshot()
+        try:
+            models.scale(root / "explodes" / "1" / "model.onnx", 2.0)
+            await poller.poll_once()
+            assert _states(manager)["explodes"][0] == "UNAVAILABLE"
+            models.scale(root / "later" / "1" / "model.onnx", 3.0)
+            await poller.poll_once()
+            assert manager.ready("later") and manager.ready("good")
+        finally:
+            await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_poll_loop_outlives_a_failed_poll(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        poller = RepositoryPoller(ModelManager(tmp_path), interval_s=0.01)
+        polls: list[int] = []
+
+        async def poll_once() -> None:
+            polls.append(1)
+            if len(polls) == 1:
+                raise KeyError("a bug")
+
+        poller.poll_once = poll_once  # type: ignore[method-assign]
+        poller.start()
+        try:
+            async with asyncio.timeout(10):
+                while len(polls) < 3:
+                    await asyncio.sleep(0.01)
+        finally:
+            await poller.stop()
+
+    asyncio.run(scenario())

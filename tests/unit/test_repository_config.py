@@ -10,7 +10,7 @@ import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
 from tidal.repository import layout
 from tidal.repository.config import autocomplete, build_spec, load_config, read_graph, run_time_follows_shapes
-from tidal.repository.pbtxt import parse_model_config_text
+from tidal.repository.pbtxt import parse_model_config, parse_model_config_text
 from tidal.scheduling.queue import TimeoutAction
 from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import DataType
@@ -151,3 +151,36 @@ def test_run_time_follows_shapes_except_for_data_dependent_graphs(tmp_path: Path
     assert not run_time_follows_shapes(tmp_path / "junk.onnx")
     # a graph already read is used instead of the file
     assert not run_time_follows_shapes(tmp_path / "mlp.onnx", read_graph(tmp_path / "spin.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("controller { mode: 7 }", "controller.mode"),
+        ("instance_group [ { count: 1 kind: 9 } ]", "instance_group.kind"),
+        ('input [ { name: "a" data_type: 99 dims: [ 1 ] } ]', "input.data_type"),
+        ("dynamic_batching { default_queue_policy { timeout_action: 4 } }", "default_queue_policy.timeout_action"),
+        (
+            "dynamic_batching { priority_levels: 2 priority_queue_policy { key: 1 value { timeout_action: 4 } } }",
+            "priority_queue_policy.timeout_action",
+        ),
+    ],
+)
+def test_numeric_enum_values_outside_the_schema_are_config_errors(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_model_config_text(text, "repo/m/config.pbtxt")
+    assert field in str(err.value) and "repo/m/config.pbtxt" in str(err.value)
+
+
+def test_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.pbtxt"
+    path.write_bytes(b"max_batch_size: 8 \xf2\xff\x00")
+    with pytest.raises(ConfigError, match=r"config\.pbtxt.*UTF-8"):
+        parse_model_config(path)
+
+
+def test_model_folder_in_a_symlink_loop_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises((ConfigError, NotFound)):  # Python 3.13's resolve() no longer raises on a loop
+        layout.require_model_dir(tmp_path, "a")

@@ -19,7 +19,10 @@ def model_dir(root: Path, name: str) -> Path:
     """The folder of model `name`; rejects names that could leave the repository."""
     if not name or not _NAME.match(name) or name in (".", "..") or ".." in name:
         raise InvalidArgument(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' and no '..'")
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except RuntimeError as exc:  # pathlib's word for ELOOP
+        raise ConfigError(f"{root / name}: the model folder is a symlink loop") from exc
     if path.parent != root.resolve():
         raise InvalidArgument(f"invalid model name {name!r}")
     return path

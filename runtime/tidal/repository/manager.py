@@ -223,32 +223,55 @@ class ModelManager:
             if not entry.versions:
                 entry.state = ModelState.LOADING
             try:
-                parsed = load_config(path, name)
-                versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
-                if not versions:
-                    raise ConfigError(f"{path}: no numeric version folder")
-                built = await _build_all(path, parsed, versions)
+                new = await self._load_versions(name, path)
             except TidalError as exc:
-                entry.reason = str(exc)
-                if not entry.versions:
-                    entry.state = ModelState.UNAVAILABLE
                 log.error("model %s: load failed: %s", name, exc)
-                await self._changed(entry)
+                await self._load_failed(entry, str(exc))
                 raise
-            new: dict[int, ServedVersion] = {}
+            except Exception as exc:
+                # A case the checks miss (or a bug) must fail this model like any other load error, not
+                # start-up, the other models or the poll loop; the traceback is for whoever fixes it.
+                log.exception("model %s: load failed with an internal error", name)
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                await self._load_failed(entry, reason)
+                raise TidalError(reason) from exc
+            old, entry.versions = entry.versions, new
+            entry.state, entry.reason = ModelState.READY, ""
+            log.info("model %s: ready, version(s) %s", name, ", ".join(map(str, new)))
+            await self._changed(entry)
+        for served in old.values():
+            await served.close()
+
+    async def _load_failed(self, entry: ModelEntry, reason: str) -> None:
+        """A failed reload keeps the versions already serving; a first load leaves the model UNAVAILABLE."""
+        entry.reason = reason
+        if not entry.versions:
+            entry.state = ModelState.UNAVAILABLE
+        await self._changed(entry)
+
+    async def _load_versions(self, name: str, path: Path) -> dict[int, ServedVersion]:
+        """Every selected version built and its scheduler started; on failure nothing is left open."""
+        parsed = load_config(path, name)
+        versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
+        if not versions:
+            raise ConfigError(f"{path}: no numeric version folder")
+        built = await _build_all(path, parsed, versions)
+        new: dict[int, ServedVersion] = {}
+        try:
             for version, b in zip(versions, built, strict=True):
                 outputs = [o.name for o in b.spec.outputs]
                 scheduler = ModelScheduler(
                     f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock, b.predictable
                 )
-                await scheduler.start()
                 new[version] = ServedVersion(name, version, b.spec, b.runners, scheduler, b.engines, b.manifest)
-            old, entry.versions = entry.versions, new
-            entry.state, entry.reason = ModelState.READY, ""
-            log.info("model %s: ready, version(s) %s", name, ", ".join(map(str, versions)))
-            await self._changed(entry)
-        for served in old.values():
-            await served.close()
+                await scheduler.start()
+        except BaseException:
+            for served in new.values():
+                await served.close()
+            for b in built[len(new) :]:
+                _close(b.runners)
+            raise
+        return new
 
     async def unload(self, name: str) -> None:
         entry = self._entries.get(name)

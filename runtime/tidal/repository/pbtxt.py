@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from tidal.errors import ConfigError
 from tidal.transport._gen import model_config_pb2
@@ -139,9 +140,11 @@ class ParsedConfig(NamedTuple):
 
 def parse_model_config(path: Path) -> ParsedConfig:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): is it a config.pbtxt?") from exc
     return parse_model_config_text(text, str(path))
 
 
@@ -159,5 +162,29 @@ def parse_model_config_text(text: str, source: str) -> ParsedConfig:
         text_format.Parse(" ".join(walker.kept), config)
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    _check_enums(config, "", source)
     ignored = sorted((walker.seen | walker.unknown) & TRITON_NOT_ACTED_ON)
     return ParsedConfig(config, ignored, frozenset(walker.seen))
+
+
+def _check_enums(message: Message, prefix: str, source: str) -> None:
+    """Reject enum numbers the schema does not name: proto3 text format accepts any integer for an enum
+    (`mode: 7`), and code that later asks for its name or compares it to the known values would fail
+    far from the file, or quietly take it for something else."""
+    for fd, value in message.ListFields():
+        path = prefix + fd.name
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            if value_fd.message_type is not None:
+                for item in value.values():
+                    _check_enums(item, path + ".", source)
+            continue
+        items = value if fd.is_repeated else [value]
+        if fd.enum_type is not None:
+            for number in items:
+                if number not in fd.enum_type.values_by_number:
+                    known = ", ".join(v.name for v in fd.enum_type.values)
+                    raise ConfigError(f"{source}: {path}: {number} is not a {fd.enum_type.name} value ({known})")
+        elif fd.message_type is not None:
+            for item in items:
+                _check_enums(item, path + ".", source)

@@ -71,6 +71,8 @@ class RepositoryPoller:
                 await self.poll_once()
             except OSError as exc:
                 log.error("poll: cannot read the repository: %s", exc)
+            except Exception:  # a poll task that dies would silently stop every later reload
+                log.exception("poll: failed; trying again in %gs", self._interval_s)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="repository-poll")
