@@ -184,3 +184,23 @@ def test_model_folder_in_a_symlink_loop_is_a_config_error(tmp_path: Path) -> Non
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises((ConfigError, NotFound)):  # Python 3.13's resolve() no longer raises on a loop
         layout.require_model_dir(tmp_path, "a")
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("max_batch_size: 4 dynamic_batching { priority_levels: 4294967295 }", "priority_levels"),
+        ("max_batch_size: 4 dynamic_batching { priority_levels: 257 }", "priority_levels"),
+        ("instance_group [ { count: 2147483647 } ]", "instance_group"),
+        ("instance_group [ { count: 200 }, { count: 57 } ]", "instance_group"),
+    ],
+)
+def test_sizes_that_cost_memory_or_threads_are_bounded(text: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        build_spec(parse_model_config_text(text, "c").config)
+
+
+def test_bounds_themselves_are_accepted() -> None:
+    text = "max_batch_size: 4 dynamic_batching { priority_levels: 256 } instance_group [ { count: 256 } ]"
+    spec = build_spec(parse_model_config_text(text, "c").config)
+    assert spec.scheduler.priority_levels == 256 and spec.instance_count == 256

@@ -23,6 +23,7 @@ from tidal.types import DataType, TensorSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 4  # what Triton's ONNX auto-complete chooses for a dynamic dim 0
+MAX_INSTANCES = 256  # per model: each instance is a worker thread and an ONNX Runtime session, made at load
 ONNX_PLATFORM = "onnxruntime_onnx"
 
 _CONFIG_TO_DTYPE = {
@@ -214,6 +215,8 @@ def _scheduling(config: mc.ModelConfig) -> tuple[SchedulerConfig, Knobs]:
         preserve_ordering=db.preserve_ordering,
     )
     instances = sum(max(group.count, 1) for group in config.instance_group) or 1
+    if instances > MAX_INSTANCES:
+        raise ConfigError(f"instance_group: {instances} instances in all, at most {MAX_INSTANCES} per model")
     knobs = Knobs(
         max_batch_size=config.max_batch_size if batching else 0,
         max_queue_delay_us=int(db.max_queue_delay_microseconds),

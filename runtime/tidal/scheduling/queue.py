@@ -25,6 +25,9 @@ from tidal.errors import ConfigError, DeadlineExceeded, InvalidArgument, Resourc
 from tidal.types import InferRequest
 
 _NEVER = math.inf
+# Queues, counters and metrics exist per level from the start, so the count must stay small; Triton
+# users rarely go past a handful.
+MAX_PRIORITY_LEVELS = 256
 
 
 class TimeoutAction(enum.Enum):
@@ -59,8 +62,8 @@ class SchedulerConfig:
             raise ConfigError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.batching and self.max_batch_size < 1:
             raise ConfigError("dynamic batching needs max_batch_size >= 1")
-        if self.priority_levels < 1:
-            raise ConfigError(f"priority_levels must be >= 1, got {self.priority_levels}")
+        if not 1 <= self.priority_levels <= MAX_PRIORITY_LEVELS:
+            raise ConfigError(f"priority_levels must be within 1..{MAX_PRIORITY_LEVELS}, got {self.priority_levels}")
         if not 1 <= self.default_priority_level <= self.priority_levels:
             raise ConfigError(
                 f"default_priority_level {self.default_priority_level} is outside 1..{self.priority_levels}"
