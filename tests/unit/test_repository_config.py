@@ -204,3 +204,18 @@ def test_bounds_themselves_are_accepted() -> None:
     text = "max_batch_size: 4 dynamic_batching { priority_levels: 256 } instance_group [ { count: 256 } ]"
     spec = build_spec(parse_model_config_text(text, "c").config)
     assert spec.scheduler.priority_levels == 256 and spec.instance_count == 256
+
+
+@pytest.mark.parametrize(
+    "slo",
+    [
+        "slo { p99_ms: nan }",
+        "slo { p99_ms: inf }",
+        "slo { p99_ms: 10 priority_p99_ms { key: 1 value: nan } }",
+        "slo { p99_ms: 10 priority_p99_ms { key: 1 value: inf } }",
+    ],
+)
+def test_non_finite_slo_targets_are_rejected(slo: str) -> None:
+    text = f"max_batch_size: 4 dynamic_batching {{ priority_levels: 2 }} {slo}"
+    with pytest.raises(ConfigError, match="slo"):
+        build_spec(parse_model_config_text(text, "c").config)

@@ -13,7 +13,8 @@ from pathlib import Path
 import onnx
 
 from tidal.backends.base import BackendOptions
-from tidal.errors import ConfigError
+from tidal.control.api import Slo
+from tidal.errors import ConfigError, InvalidArgument
 from tidal.repository.pbtxt import ParsedConfig, parse_model_config
 from tidal.scheduling.knobs import Knobs
 from tidal.scheduling.queue import QueuePolicy, SchedulerConfig, TimeoutAction
@@ -248,13 +249,15 @@ def _backend_options(config: mc.ModelConfig) -> BackendOptions:
 def _controller(config: mc.ModelConfig, levels: int) -> dict[str, object]:
     """The SLO and controller fields of ModelSpec, checked."""
     slo = config.slo
-    if slo.p99_ms < 0 or not 0 <= slo.min_accuracy <= 1:
-        raise ConfigError(f"slo: p99_ms must be >= 0 and min_accuracy in 0..1, not {slo.p99_ms}, {slo.min_accuracy}")
+    try:  # the controller's own checks (finite, positive targets; accuracy in 0..1), made at load
+        Slo(slo.p99_ms, slo.min_accuracy, dict(slo.priority_p99_ms))
+    except InvalidArgument as exc:
+        raise ConfigError(f"slo: {exc}") from exc
     if config.controller.period_ms and not 10 <= config.controller.period_ms <= 10_000:
         raise ConfigError(f"controller.period_ms must be within 10..10000, not {config.controller.period_ms}")
-    for level, ms in slo.priority_p99_ms.items():
-        if not 1 <= level <= levels or ms <= 0:
-            raise ConfigError(f"slo.priority_p99_ms: level {level} must be within 1..{levels} and its target > 0")
+    for level in slo.priority_p99_ms:
+        if not 1 <= level <= levels:
+            raise ConfigError(f"slo.priority_p99_ms: level {level} is outside 1..{levels} (priority_levels)")
     if config.HasField("controller"):
         mode = mc.ModelController.Mode.Name(config.controller.mode).lower()
     else:
