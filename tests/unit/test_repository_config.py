@@ -219,3 +219,47 @@ def test_non_finite_slo_targets_are_rejected(slo: str) -> None:
     text = f"max_batch_size: 4 dynamic_batching {{ priority_levels: 2 }} {slo}"
     with pytest.raises(ConfigError, match="slo"):
         build_spec(parse_model_config_text(text, "c").config)
+
+
+def _declared(path: Path, text: str) -> mc.ModelConfig:
+    parsed = parse_model_config_text(text, "c")
+    autocomplete(parsed.config, path, parsed.present)
+    return parsed.config
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 7 ] } ]',
+        'max_batch_size: 4 output [ { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 7 ] } ]',
+        'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16, 1 ] } ]',
+        'max_batch_size: 0 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2, 7 ] } ]',
+        'max_batch_size: 0 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]',
+        'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -7 ] } ]',
+    ],
+)
+def test_dims_disagreeing_with_the_graph_are_rejected(tmp_path: Path, text: str) -> None:
+    path = models.add_sub(tmp_path / "model.onnx")
+    with pytest.raises(ConfigError, match=r"(INPUT0|OUTPUT1)'?: dims"):
+        _declared(path, text)
+
+
+def test_negative_dims_are_rejected_even_where_the_graph_has_none(tmp_path: Path) -> None:
+    path = models.reshape3(tmp_path / "model.onnx")  # OUTPUT is [rows, 3]: a symbolic dim would match anything
+    with pytest.raises(ConfigError, match=r"dims \[-7, 3\]"):
+        _declared(path, 'output [ { name: "OUTPUT" data_type: TYPE_FP32 dims: [ -7, 3 ] } ]')
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]',
+        'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]',
+        'max_batch_size: 0 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 3, 16 ] } ]',
+        'max_batch_size: 0 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] } ]',
+    ],
+)
+def test_dims_agreeing_with_the_graph_are_kept(tmp_path: Path, text: str) -> None:
+    path = models.add_sub(tmp_path / "model.onnx")
+    config = _declared(path, text)
+    assert list(config.input[0].dims) == list(parse_model_config_text(text, "c").config.input[0].dims)

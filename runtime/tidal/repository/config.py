@@ -168,8 +168,25 @@ def autocomplete(
             entry.data_type = _DTYPE_TO_CONFIG[dtype]
             if not entry.dims:
                 entry.dims.extend(dims[skip:])
+            else:
+                _check_dims(f"{kind} '{entry.name}'", list(entry.dims), dims[skip:], batched=skip == 1)
     if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
         config.dynamic_batching.SetInParent()
+
+
+def _check_dims(tensor: str, declared: list[int], graph: list[int], batched: bool) -> None:
+    """Config dims the graph contradicts would load READY and fail every request in the backend.
+
+    -1 on either side matches anything; a graph without shape information (no dims) is not checked.
+    `graph` excludes the batch dim when `batched`.
+    """
+    if any(d < -1 for d in declared):
+        raise ConfigError(f"{tensor}: dims {declared}: each must be a size >= 0 or -1 (variable)")
+    if graph and (
+        len(declared) != len(graph) or any(-1 not in (d, g) and d != g for d, g in zip(declared, graph, strict=True))
+    ):
+        after = " after the batch dim" if batched else ""
+        raise ConfigError(f"{tensor}: dims {declared} disagree with the ONNX graph's {graph}{after}")
 
 
 def _tensor_specs(entries, kind: str) -> tuple[TensorSpec, ...]:
