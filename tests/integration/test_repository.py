@@ -128,6 +128,10 @@ def _broken_repository(root: Path) -> Path:
     for name, text in {
         "good": "max_batch_size: 4",
         "enum": "max_batch_size: 4 controller { mode: 7 }",
+        "preferred": "max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }",
+        "priority": "max_batch_size: 4 dynamic_batching { priority_levels: 2 default_priority_level: 5 }",
+        "slo": "max_batch_size: 4 slo { p99_ms: nan }",
+        "dims": 'max_batch_size: 4 input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 7 ] } ]',
         "explodes": "max_batch_size: 4",
     }.items():
         models.write_config(root / name, text)
@@ -158,7 +162,14 @@ def test_start_up_load_survives_any_one_model_failing(tmp_path: Path, explosive_
         try:
             states = _states(manager)
             assert states["good"] == ("READY", "")
-            for name, named in (("enum", "controller.mode"), ("binary", "UTF-8")):
+            for name, named in {
+                "enum": "controller.mode",
+                "binary": "UTF-8",
+                "preferred": "preferred_batch_size",
+                "priority": "default_priority_level",
+                "slo": "slo",
+                "dims": "dims [7]",
+            }.items():
                 state, reason = states[name]
                 assert state == "UNAVAILABLE" and "config.pbtxt" in reason and named in reason, (name, reason)
             state, reason = states["explodes"]

@@ -314,7 +314,10 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
 def load_config(model_dir: Path, name: str) -> ParsedConfig:
     """The model's config, or an empty one to auto-complete when config.pbtxt is absent."""
     path = model_dir / "config.pbtxt"
-    parsed = parse_model_config(path) if path.exists() else ParsedConfig(mc.ModelConfig(), [], frozenset())
+    if path.exists():
+        parsed = parse_model_config(path)
+    else:
+        parsed = ParsedConfig(mc.ModelConfig(), [], frozenset(), f"{model_dir} (no config.pbtxt, auto-completed)")
     config, ignored = parsed.config, parsed.ignored
     if config.name and config.name != name:
         raise ConfigError(f"{path}: name '{config.name}' does not match the folder '{name}'")

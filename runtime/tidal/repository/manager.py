@@ -133,8 +133,11 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     if not default_file.is_file():
         raise ConfigError(f"{default_file} does not exist")
     graph = read_graph(default_file)
-    autocomplete(version_config, default_file, parsed.present, graph)
-    spec = build_spec(version_config)
+    try:
+        autocomplete(version_config, default_file, parsed.present, graph)
+        spec = build_spec(version_config)
+    except ConfigError as exc:  # their checks see the settings, not the file they came from
+        raise ConfigError(f"{parsed.source}: {exc}") from exc
     manifest = load_manifest(version_dir)
     runners: dict[str, list[Backend]] = {}
     engines: dict[str, str] = {}

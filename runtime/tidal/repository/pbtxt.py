@@ -136,6 +136,7 @@ class ParsedConfig(NamedTuple):
     config: model_config_pb2.ModelConfig
     ignored: list[str]  # Triton fields it sets that tidal does not act on
     present: frozenset[str]  # dotted paths of every field the text sets (proto3 cannot tell 0 from unset)
+    source: str  # what errors about this config name: the config.pbtxt, or the folder when there is none
 
 
 def parse_model_config(path: Path) -> ParsedConfig:
@@ -164,7 +165,7 @@ def parse_model_config_text(text: str, source: str) -> ParsedConfig:
         raise ConfigError(f"{source}: {exc}") from exc
     _check_enums(config, "", source)
     ignored = sorted((walker.seen | walker.unknown) & TRITON_NOT_ACTED_ON)
-    return ParsedConfig(config, ignored, frozenset(walker.seen))
+    return ParsedConfig(config, ignored, frozenset(walker.seen), source)
 
 
 def _check_enums(message: Message, prefix: str, source: str) -> None:
