@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tidal import __version__, logs
 from tidal.app import ModelControlMode, ServeOptions, run
+from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
 from tidal.errors import InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
@@ -19,10 +20,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
     p.add_argument("--model-repository", type=Path, help="Triton-style repository; omitted: the built-in demo")
     p.add_argument("--grpc-address", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="port to bind; 0 picks a free one")
+    p.add_argument("--grpc-port", type=PORT, default=8001, help="port to bind; 0 picks a free one")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
-    p.add_argument("--drain-grace-s", type=float, default=30.0, help="time for in-flight requests on shutdown")
+    p.add_argument("--drain-grace-s", type=NON_NEGATIVE, default=30.0, help="time for in-flight requests on shutdown")
     p.add_argument(
         "--strict-readiness",
         action="append",
@@ -36,8 +37,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=ModelControlMode.EXPLICIT.value,
         help="explicit: load/unload RPCs allowed; poll: reload what changes on disk; none: neither",
     )
-    p.add_argument("--repository-poll-secs", type=float, default=15.0, help="poll period in poll mode")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
+    p.add_argument(
+        "--repository-poll-secs", type=bounded(float, 0.1), default=15.0, help="poll period in poll mode (>= 0.1)"
+    )
+    p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
     p.set_defaults(func=_serve)
 
@@ -52,6 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not repository.is_dir():
         print(f"tidal: model repository {repository} is not a folder", file=sys.stderr)
         return 2
+    for flag, names in (("--load-model", args.load_model), ("--strict-readiness", args.strict_readiness)):
+        missing = [name for name in names if not (repository / name).is_dir()]
+        if missing:
+            print(f"tidal: {flag} {', '.join(missing)}: no such model folder in {repository}", file=sys.stderr)
+            return 2
     options = ServeOptions(
         model_repository=repository,
         grpc_address=args.grpc_address,
@@ -73,14 +81,15 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     commands = p.add_subparsers(dest="control_command", required=True)
     status = commands.add_parser("status", help="per model: SLO, observed latency, rate, variant, knobs, decisions")
     status.add_argument("model", nargs="?", default="", help="one model (default: all)")
-    status.add_argument("--decisions", type=int, default=8, help="latest decisions to show per model")
+    status.add_argument("--decisions", type=bounded(int, 0), default=8, help="latest decisions to show per model")
     change = commands.add_parser("set", help="change a model's SLO or controller mode live")
     change.add_argument("model")
     change.add_argument("--version", default="", help="one version (default: every served one)")
     change.add_argument("--p99-ms", type=float, help="p99 latency target; 0 removes the SLO")
     change.add_argument("--min-accuracy", type=float, help="lowest variant accuracy to serve (0..1)")
     change.add_argument("--mode", choices=["off", "batch", "full"], help="what the controller may change")
-    change.add_argument("--period-ms", type=int, help="control period")
+    # The server checks the range; this only keeps the value within the wire field
+    change.add_argument("--period-ms", type=bounded(int, 1, 2**32 - 1), help="control period")
     change.add_argument("--priority-p99-ms", action="append", metavar="LEVEL=MS",
                         help="per-priority target (repeat); replaces all of them")
     change.add_argument("--clear-priority-p99", action="store_true", help="drop the per-priority targets")

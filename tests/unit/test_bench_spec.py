@@ -32,7 +32,10 @@ def test_sweeps(text: str, expected: list[float]) -> None:
     assert parse_sweep(text, "--rate") == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["", "a", "0", "-1", "1:8:x1", "1:8:x0.5", "1:8:0", "1:2:3:4", "1::x2"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "a", "0", "-1", "1:8:x1", "1:8:x0.5", "1:8:0", "1:2:3:4", "1::x2", "nan", "inf", "1:inf:x2", "1:5000:+1"],
+)
 def test_bad_sweeps_name_the_flag(text: str) -> None:
     with pytest.raises(InvalidArgument, match="--concurrency"):
         parse_sweep(text, "--concurrency")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvloop
 
+from tidal.argtypes import NON_NEGATIVE, POSITIVE
 from tidal.bench.client import Target
 from tidal.bench.load import ClosedLoad, OpenLoad
 from tidal.bench.output import Progress, render_table, write_files
@@ -40,19 +41,19 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--input-data", default="random", help="random, zeros, or a .npy/.npz file (arrays by input name)")
     p.add_argument("--shape", action="append", default=[], metavar="INPUT:D1,D2",
                    help="per-sample dims of an input with variable dims")
-    p.add_argument("--slo-ms", type=float, help="latency objective: report SLO attainment and goodput")
+    p.add_argument("--slo-ms", type=POSITIVE, help="latency objective: report SLO attainment and goodput")
     measure = p.add_argument_group("measurement")
-    measure.add_argument("--window-s", type=float, default=2.0, help="stable-window length (default 2)")
-    measure.add_argument("--stability-pct", type=float, default=10.0, help="last 3 windows agree within this")
+    measure.add_argument("--window-s", type=POSITIVE, default=2.0, help="stable-window length (default 2)")
+    measure.add_argument("--stability-pct", type=POSITIVE, default=10.0, help="last 3 windows agree within this")
     measure.add_argument("--max-windows", type=int, default=10, help="give up on stability after this many")
-    measure.add_argument("--duration-s", type=float, help="one fixed measurement per point instead of stable windows")
-    measure.add_argument("--warmup-s", type=float, default=0.5, help="unmeasured time before each sweep point")
+    measure.add_argument("--duration-s", type=POSITIVE, help="one fixed measurement per point, not stable windows")
+    measure.add_argument("--warmup-s", type=NON_NEGATIVE, default=0.5, help="unmeasured time before each sweep point")
     client = p.add_argument_group("client")
     client.add_argument("--workers", type=int, default=1, help="load processes (default 1)")
     client.add_argument("--max-inflight", type=int, default=4096, help="open-loop cap per process")
-    client.add_argument("--request-timeout-s", type=float, default=60.0, help="gRPC deadline per request")
-    client.add_argument("--drain-timeout-s", type=float, default=10.0, help="wait for stragglers, then cancel")
-    client.add_argument("--lag-threshold-ms", type=float, default=5.0,
+    client.add_argument("--request-timeout-s", type=POSITIVE, default=60.0, help="gRPC deadline per request")
+    client.add_argument("--drain-timeout-s", type=NON_NEGATIVE, default=10.0, help="wait for stragglers, then cancel")
+    client.add_argument("--lag-threshold-ms", type=POSITIVE, default=5.0,
                         help="p99 send or event-loop lag above this flags the client as the bottleneck")
     client.add_argument("--tls", action="store_true", help="use TLS (system roots unless --tls-ca)")
     client.add_argument("--tls-ca", help="PEM root certificates")

@@ -30,6 +30,7 @@ class TrafficClass:
         return f"{self.model}/p{self.priority}/b{self.batch_size}"
 
 
+MAX_SWEEP_POINTS = 1000  # a typo such as 1:100000:+1 should fail, not run for days
 _CLASS_KEYS = {"priority": int, "batch": int, "weight": float, "slo_ms": float}
 
 
@@ -71,28 +72,25 @@ def parse_sweep(text: str, what: str) -> list[float]:
             values = _progression(float(parts[0]), float(parts[1]), parts[2] if len(parts) == 3 else "+1")
     except ValueError:
         raise InvalidArgument(f"{what} '{text}': expected N, N,M,..., START:END:xFACTOR or START:END:STEP") from None
-    if not values or any(v <= 0 for v in values):
-        raise InvalidArgument(f"{what} '{text}': values must be positive")
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InvalidArgument(f"{what} '{text}': values must be positive and finite")
     return values
 
 
 def _progression(start: float, end: float, step: str) -> list[float]:
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise ValueError(f"{start}:{end}")  # an endless sweep
+    geometric = step.startswith("x")
+    by = float(step[1:] if geometric else step.lstrip("+"))
+    if by <= (1 if geometric else 0):
+        raise ValueError(step)
     values = []
     value = start
-    if step.startswith("x"):
-        factor = float(step[1:])
-        if factor <= 1:
-            raise ValueError(step)
-        while value <= end * (1 + 1e-9):
-            values.append(value)
-            value *= factor
-    else:
-        inc = float(step.lstrip("+"))
-        if inc <= 0:
-            raise ValueError(step)
-        while value <= end + inc * 1e-9:
-            values.append(value)
-            value += inc
+    while value <= (end * (1 + 1e-9) if geometric else end + by * 1e-9):
+        if len(values) == MAX_SWEEP_POINTS:
+            raise ValueError(f"more than {MAX_SWEEP_POINTS} points")
+        values.append(value)
+        value = value * by if geometric else value + by
     return values
 
 
