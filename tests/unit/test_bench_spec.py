@@ -61,7 +61,15 @@ def test_classes_take_defaults_and_overrides() -> None:
     assert cls.key == "mlp/p2/b8"
 
 
-@pytest.mark.parametrize("text", [":priority=1", "m:prio=1", "m:batch=0", "m:weight=0", "m:priority=x", "m:batch"])
+def test_class_priority_spans_the_wire_uint64() -> None:
+    assert parse_class(f"m:priority={2**64 - 1}", 1, None).priority == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [":priority=1", "m:prio=1", "m:batch=0", "m:weight=0", "m:priority=x", "m:batch", "m:weight=nan", "m:weight=inf",
+     "m:slo_ms=nan", "m:slo_ms=inf", "m:slo_ms=-5", "m:slo_ms=0", "m:priority=-1", f"m:priority={2**64}"],
+)
 def test_bad_classes(text: str) -> None:
     with pytest.raises(InvalidArgument, match="model spec"):
         parse_class(text, 1, None)

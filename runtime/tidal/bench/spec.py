@@ -31,6 +31,7 @@ class TrafficClass:
 
 
 MAX_SWEEP_POINTS = 1000  # a typo such as 1:100000:+1 should fail, not run for days
+MAX_PRIORITY = 2**64 - 1  # the "priority" request parameter is a uint64 on the wire
 _CLASS_KEYS = {"priority": int, "batch": int, "weight": float, "slo_ms": float}
 
 
@@ -55,8 +56,11 @@ def parse_class(text: str, batch_size: int, slo_ms: float | None) -> TrafficClas
         weight=float(fields.get("weight", 1.0)),
         slo_ms=float(fields["slo_ms"]) if "slo_ms" in fields else slo_ms,
     )
-    if cls.batch_size < 1 or cls.weight <= 0 or cls.priority < 0:
-        raise InvalidArgument(f"model spec '{text}': batch must be >= 1, weight > 0, priority >= 0")
+    # Written as "valid" tests so that NaN, which compares false with everything, fails them.
+    if not (cls.batch_size >= 1 and 0 < cls.weight < math.inf and 0 <= cls.priority <= MAX_PRIORITY
+            and (cls.slo_ms is None or 0 < cls.slo_ms < math.inf)):
+        raise InvalidArgument(f"model spec '{text}': batch must be >= 1, weight and slo_ms positive and finite, "
+                              f"priority 0..{MAX_PRIORITY}")
     return cls
 
 
