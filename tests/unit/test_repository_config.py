@@ -9,7 +9,14 @@ import pytest
 import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
 from tidal.repository import layout
-from tidal.repository.config import autocomplete, build_spec, load_config, read_graph, run_time_follows_shapes
+from tidal.repository.config import (
+    autocomplete,
+    build_spec,
+    couples_rows,
+    load_config,
+    read_graph,
+    run_time_follows_shapes,
+)
 from tidal.repository.pbtxt import parse_model_config, parse_model_config_text
 from tidal.scheduling.queue import TimeoutAction
 from tidal.transport._gen import model_config_pb2 as mc
@@ -263,3 +270,12 @@ def test_dims_agreeing_with_the_graph_are_kept(tmp_path: Path, text: str) -> Non
     path = models.add_sub(tmp_path / "model.onnx")
     config = _declared(path, text)
     assert list(config.input[0].dims) == list(parse_model_config_text(text, "c").config.input[0].dims)
+
+
+def test_dynamic_quantization_couples_the_rows_of_a_batch(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = models.mlp(tmp_path / "mlp.onnx", (64, 64, 8))
+    quantize_dynamic(str(fp32), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    assert couples_rows(read_graph(tmp_path / "dynamic.onnx"))  # one activation range per tensor: per batch
+    assert not couples_rows(read_graph(fp32))

@@ -273,3 +273,40 @@ def test_stop_drains_or_fails_the_queue_and_then_refuses(run_async, row_backend,
             assert s.pending() == 0
 
         run_async(main())
+
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+def test_a_non_finite_request_never_shares_a_coupled_batch(run_async, row_backend, make_request, coupled: bool):
+    class BatchRange(row_backend):
+        """Scales by the largest magnitude in the whole batch, as a per-batch quantization range does."""
+
+        @staticmethod
+        def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+            with np.errstate(invalid="ignore", divide="ignore"):  # inf / inf: the NaN a real range gives
+                scaled = x / np.abs(x).max()
+            return {"y": scaled, "s": scaled.sum(axis=-1, keepdims=True)}
+
+    gate = threading.Event()
+    backend = BatchRange(gate)
+    variants = frozenset({"int8-dynamic"} if coupled else ())
+    scheduler = ModelScheduler(
+        "m", BATCHING, Knobs(4, 0), {"int8-dynamic": [backend]}, ["y", "s"], SystemClock(), coupled=variants
+    )
+
+    async def main():
+        async with serving(scheduler, gate) as s:
+            first = asyncio.create_task(s.infer(make_request(value=1.0)))
+            await started(backend)  # the instance is busy: the next three queue up and form one batch
+            tasks = [asyncio.create_task(s.infer(make_request(value=v))) for v in (2.0, np.inf, 2.0)]
+            await asyncio.sleep(0)
+            gate.set()
+            return await asyncio.gather(first, *tasks)
+
+    responses = run_async(main())
+    as_if_alone = [np.array_equal(r.outputs["y"], np.ones((1, 3), np.float32)) for r in responses[1::2]]
+    if coupled:
+        assert backend.batches == [1, 2, 1]  # the clean pair together, the inf request on its own
+        assert all(as_if_alone)
+    else:
+        assert backend.batches == [1, 3] and not any(as_if_alone)  # the harm the isolation prevents

@@ -128,6 +128,17 @@ def run_time_follows_shapes(model_path: Path, graph: onnx.GraphProto | None = No
     return all(node.domain in ("", "ai.onnx") and node.op_type not in _DATA_DEPENDENT_OPS for node in nodes)
 
 
+# Ops whose result for one row depends on the other rows of the tensor: tidal optimize's int8-dynamic
+# variant quantizes activations with one range per tensor, i.e. per batch.
+_BATCH_COUPLING_OPS = frozenset({"DynamicQuantizeLinear"})
+
+
+def couples_rows(graph: onnx.GraphProto) -> bool:
+    """Whether a row's output depends on the rows batched with it; the scheduler then keeps a request with
+    non-finite values out of other requests' batches, so one client's inf cannot turn another's answer into NaN."""
+    return any(node.op_type in _BATCH_COUPLING_OPS for node in graph.node)
+
+
 def autocomplete(
     config: mc.ModelConfig,
     model_path: Path,

@@ -28,6 +28,7 @@ from tidal.repository.config import (
     ModelSpec,
     autocomplete,
     build_spec,
+    couples_rows,
     load_config,
     read_graph,
     run_time_follows_shapes,
@@ -119,6 +120,7 @@ class _Built:
     engines: dict[str, str]
     manifest: VariantManifest | None
     predictable: bool  # every variant's run time follows its batch size (see scheduling/inline.py)
+    coupled: frozenset[str]  # variants whose rows share statistics across the batch (see config.couples_rows)
 
 
 def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Built:
@@ -145,7 +147,8 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         engines[DEFAULT_VARIANT], runners[DEFAULT_VARIANT] = _load_instances(
             default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
         )
-        return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}))
+        coupled = frozenset({DEFAULT_VARIANT} if couples_rows(graph) else ())
+        return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}), coupled)
     wanted = set(spec.variants)
     errors = []
     for variant in manifest.variants.values():
@@ -163,15 +166,24 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         raise ConfigError(f"{version_dir}: no variant can run here ({detail})")
     default = manifest.default if manifest.default in runners else next(iter(runners))
     spec = replace(spec, knobs=replace(spec.knobs, active_variant=default))
-    files = {version_dir / manifest.variants[name].file for name in runners}
-    graphs = {f: graph if f == default_file else None for f in files}
-    return _Built(spec, runners, engines, manifest, _predictable(spec, graphs))
+    files = {name: version_dir / manifest.variants[name].file for name in runners}
+    graphs = {f: graph if f == default_file else _graph_or_none(f) for f in files.values()}
+    coupled = frozenset(name for name, f in files.items() if (g := graphs[f]) is not None and couples_rows(g))
+    return _Built(spec, runners, engines, manifest, _predictable(spec, graphs), coupled)
+
+
+def _graph_or_none(path: Path) -> onnx.GraphProto | None:
+    """A variant file's graph; None for one that is not ONNX (an engine file that only its backend reads)."""
+    try:
+        return read_graph(path)
+    except ConfigError:
+        return None
 
 
 def _predictable(spec: ModelSpec, graphs: Mapping[Path, onnx.GraphProto | None]) -> bool:
-    """`graphs`: every variant file, with its graph where already read."""
+    """`graphs`: every variant file with its graph, None where it is not ONNX."""
     fixed = all(-1 not in s.shape for s in spec.inputs)
-    return fixed and all(run_time_follows_shapes(f, g) for f, g in graphs.items())
+    return fixed and all(g is not None and run_time_follows_shapes(f, g) for f, g in graphs.items())
 
 
 async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> list[_Built]:
@@ -264,7 +276,8 @@ class ModelManager:
             for version, b in zip(versions, built, strict=True):
                 outputs = [o.name for o in b.spec.outputs]
                 scheduler = ModelScheduler(
-                    f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock, b.predictable
+                    f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock, b.predictable,
+                    b.coupled,
                 )
                 new[version] = ServedVersion(name, version, b.spec, b.runners, scheduler, b.engines, b.manifest)
                 await scheduler.start()

@@ -73,9 +73,11 @@ class ModelScheduler:
         output_names: Sequence[str],
         clock: Clock | None = None,
         inline: bool = True,
+        coupled: frozenset[str] = frozenset(),
     ) -> None:
         """`inline` False keeps every batch off the loop: for models whose run time the batch size does
-        not predict (variable input dims, loops and other data-dependent ops)."""
+        not predict (variable input dims, loops and other data-dependent ops). `coupled`: variants whose
+        rows share statistics across the batch (execute.py keeps non-finite requests out of their batches)."""
         if not runners or not all(runners.values()):
             raise ConfigError(f"model '{name}': every variant needs at least one backend instance")
         self._name = name
@@ -95,6 +97,7 @@ class ModelScheduler:
         self._timer = PreciseTimer(name, self._on_timer)
         self._timer_at: float | None = None
         self._may_inline = inline
+        self._coupled = coupled
         self._inline: InlinePolicy | None = None
         self._stats = StatsRecorder(config.priority_levels)
         self._state = _State.NEW
@@ -264,7 +267,10 @@ class ModelScheduler:
         """Start a batch on instance `index`; True if it already ran, inline."""
         self._busy[index] = True
         self._running += len(entries)
-        job = functools.partial(run_batch, active.backends[index], entries, self._declared, self._batched, self._clock)
+        job = functools.partial(
+            run_batch, active.backends[index], entries, self._declared, self._batched, self._clock,
+            active.variant in self._coupled,
+        )
         if self._inline is not None and self._inline.inline(sum(entry.rows for entry in entries)):
             self._complete(index, entries, active.variant, now, job())
             return True

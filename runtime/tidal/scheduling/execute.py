@@ -43,28 +43,54 @@ def output_names_for(entries: Sequence[Entry], declared: Sequence[str]) -> list[
 
 
 def run_batch(
-    backend: Backend, entries: Sequence[Entry], declared: Sequence[str], batched: bool, clock: Clock
+    backend: Backend,
+    entries: Sequence[Entry],
+    declared: Sequence[str],
+    batched: bool,
+    clock: Clock,
+    coupled: bool = False,
 ) -> BatchOutcome:
-    """Execute `entries` as one backend call; `batched` means inputs and outputs carry the batch in dim 0."""
+    """Execute `entries` as one backend call; `batched` means inputs and outputs carry the batch in dim 0.
+
+    `coupled`: the backend's rows share statistics across the batch (a per-batch quantization range), so a
+    request with a NaN or inf would corrupt every other request of its batch; such requests run alone."""
     outcome = BatchOutcome()
-    t0 = clock.now()
+    groups = _isolate_non_finite(entries) if coupled and len(entries) > 1 else [entries]
     try:
-        inputs = _concatenate(entries)
-        names = output_names_for(entries, declared)
-        t1 = clock.now()
-        results = backend.run(inputs, names)
-        t2 = clock.now()
-        rows = sum(entry.rows for entry in entries)
-        _check(results, names, rows if batched else None)
-        outcome.outputs = _split(results, entries, declared)
-        t3 = clock.now()
+        by_entry: dict[int, dict[str, np.ndarray]] = {}
+        for group in groups:
+            t0 = clock.now()
+            inputs = _concatenate(group)
+            names = output_names_for(group, declared)
+            t1 = clock.now()
+            results = backend.run(inputs, names)
+            t2 = clock.now()
+            rows = sum(entry.rows for entry in group)
+            _check(results, names, rows if batched else None)
+            by_entry.update(zip(map(id, group), _split(results, group, declared), strict=True))
+            t3 = clock.now()
+            outcome.input_s, outcome.infer_s, outcome.output_s = (
+                outcome.input_s + t1 - t0, outcome.infer_s + t2 - t1, outcome.output_s + t3 - t2
+            )
+        outcome.outputs = [by_entry[id(entry)] for entry in entries]
     except BackendError as exc:
         outcome.error = exc
     except Exception as exc:
         outcome.error = BackendError(f"{type(exc).__name__}: {exc}")
-    else:
-        outcome.input_s, outcome.infer_s, outcome.output_s = t1 - t0, t2 - t1, t3 - t2
+    if outcome.error is not None:
+        outcome.input_s = outcome.infer_s = outcome.output_s = 0.0
     return outcome
+
+
+def _isolate_non_finite(entries: Sequence[Entry]) -> list[Sequence[Entry]]:
+    """The entries whose float inputs are all finite as one group, every other entry as a group of its own."""
+    clean, alone = [], []
+    for entry in entries:
+        finite = all(
+            np.isfinite(array).all() for array in entry.request.inputs.values() if array.dtype.kind in "fc"
+        )
+        (clean if finite else alone).append(entry)
+    return ([clean] if clean else []) + [[entry] for entry in alone]
 
 
 def _concatenate(entries: Sequence[Entry]) -> dict[str, np.ndarray]:
