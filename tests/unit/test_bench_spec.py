@@ -88,11 +88,49 @@ def test_trace_reads_header_comments_and_optional_deadline(tmp_path: Path) -> No
     assert load.requests == (TraceRequest(0.0, 0, 25_000), TraceRequest(0.5, 1, 0), TraceRequest(1.0, 0, 0))
 
 
-@pytest.mark.parametrize("body", ["0.0,a,1,1\nlater,a,1,1\n", "0.0,a,1,0\n", "-1,a,1,1\n", "", "header,only,x,y\n"])
+@pytest.mark.parametrize(
+    "body",
+    ["0.0,a,1,1\nlater,a,1,1\n", "0.0,a,1,0\n", "-1,a,1,1\n", "", "header,only,x,y\n",
+     "0.0,a,1.5,1\n0.1,a,0,1\n"],  # the last: a bad first request is not a header
+)
 def test_bad_traces_name_the_line(tmp_path: Path, body: str) -> None:
     path = tmp_path / "t.csv"
     path.write_text(body)
     with pytest.raises(InvalidArgument, match=r"t\.csv"):
+        read_trace(path)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"0.0,a,0,1\n0.1,a,0,1,nan\n",
+        b"0.0,a,0,1\n0.1,a,0,1,inf\n",
+        b"0.0,a,0,1\n0.1,a,0,1,-5\n",
+        b"0.0,a,0,1\n0.1,a,0,1,1e300\n",
+        b"0.0,a,0,1\nnan,a,0,1\n",
+        b"0.0,a,0,1\ninf,a,0,1\n",
+        b"0.0,a,0,1\n0.1,a,18446744073709551616,1\n",
+        b"0.0,a,0,1\n0.1,a\n",
+        b"0.0,a,0,1\n0.1," + b"a" * 200_000 + b",0,1\n",  # over csv's field size limit
+    ],
+)
+def test_bad_trace_rows_name_their_line(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(body)
+    with pytest.raises(InvalidArgument, match=r"t\.csv:2: expected send_s"):
+        read_trace(path)
+
+
+def test_trace_priority_spans_the_wire_uint64(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(f"0.0,a,{2**64 - 1},1,0.001\n")
+    assert read_trace(path)[0].priority == 2**64 - 1
+
+
+def test_trace_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"0.0,a,0,1\n\xff\xfe\x00\x01,a,0,1\n")
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
         read_trace(path)
 
 

@@ -141,22 +141,31 @@ class TraceRow:
     deadline_ms: float | None = None
 
 
+_TRACE_FORMAT = "send_s,model,priority,batch_size[,deadline_ms]"
+# "timeout" travels as whole microseconds in an int64: below one it would round to no deadline at all,
+# and the top of the range stays clear of 2^63 after float rounding.
+_DEADLINE_MS = (0.001, 9e15)
+
+
 def read_trace(path: Path) -> list[TraceRow]:
     """CSV rows `send_s,model,priority,batch_size[,deadline_ms]`; a header row is allowed."""
     rows = []
     try:
-        with path.open(newline="") as f:
-            for lineno, record in enumerate(csv.reader(f), start=1):
-                if not record or record[0].strip().startswith("#"):
-                    continue
-                try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            try:
+                for record in reader:
+                    if not record or record[0].strip().startswith("#"):
+                        continue
+                    # Only a first line that does not start with a number is a header: a mistyped
+                    # first request must fail like any other, not vanish.
+                    if reader.line_num == 1 and not _is_number(record[0]):
+                        continue
                     rows.append(_trace_row(record))
-                except (ValueError, IndexError):
-                    if lineno == 1 and not rows:
-                        continue  # header
-                    raise InvalidArgument(
-                        f"{path}:{lineno}: expected send_s,model,priority,batch_size[,deadline_ms]"
-                    ) from None
+            except UnicodeDecodeError:  # decoded a block at a time, so no line number to give
+                raise InvalidArgument(f"trace {path} is not UTF-8 text") from None
+            except (ValueError, csv.Error) as exc:
+                raise InvalidArgument(f"{path}:{reader.line_num}: expected {_TRACE_FORMAT}: {exc}") from None
     except OSError as exc:
         raise InvalidArgument(f"cannot read trace {path}: {exc.strerror}") from None
     if not rows:
@@ -164,7 +173,17 @@ def read_trace(path: Path) -> list[TraceRow]:
     return sorted(rows, key=lambda r: r.send_s)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _trace_row(record: list[str]) -> TraceRow:
+    if len(record) < 4:
+        raise ValueError(f"{len(record)} fields")
     deadline = record[4].strip() if len(record) > 4 else ""
     row = TraceRow(
         send_s=float(record[0]),
@@ -173,6 +192,9 @@ def _trace_row(record: list[str]) -> TraceRow:
         batch_size=int(record[3]),
         deadline_ms=float(deadline) if deadline else None,
     )
-    if row.send_s < 0 or not row.model or row.batch_size < 1 or row.priority < 0:
-        raise ValueError(record)
+    # Written as "valid" tests so that NaN, which compares false with everything, fails them.
+    if not (0 <= row.send_s < math.inf and row.model and row.batch_size >= 1 and 0 <= row.priority <= MAX_PRIORITY
+            and (row.deadline_ms is None or _DEADLINE_MS[0] <= row.deadline_ms <= _DEADLINE_MS[1])):
+        raise ValueError(f"out of range; want send_s finite and >= 0, a model, priority 0..{MAX_PRIORITY}, "
+                         f"batch_size >= 1, deadline_ms {_DEADLINE_MS[0]}..{_DEADLINE_MS[1]:.6g}")
     return row
