@@ -173,3 +173,17 @@ def test_input_files_fit_the_batch(tmp_path) -> None:
         build_request(_info([-1, 4], 8, "INT32"), TrafficClass("m"), InputSource(str(tmp_path / "one.npy")), {})
     with pytest.raises(InvalidArgument, match="cannot read input data"):
         InputSource(str(tmp_path / "missing.npy"))
+
+
+def test_unreadable_input_files_are_user_errors(tmp_path) -> None:
+    np.savez(tmp_path / "good.npz", x=np.arange(1000, dtype=np.float32))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:40])
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04garbage")
+    np.savez(tmp_path / "objects.npz", x=np.array([b"a", None], dtype=object))
+    np.savez_compressed(tmp_path / "corrupt.npz", x=np.arange(1000, dtype=np.float32))
+    data = bytearray((tmp_path / "corrupt.npz").read_bytes())
+    data[200:260] = bytes(60)  # inside the compressed member; its CRC or inflate fails on reading
+    (tmp_path / "corrupt.npz").write_bytes(data)
+    for name in ("truncated.npz", "garbage.npz", "objects.npz", "corrupt.npz"):
+        with pytest.raises(InvalidArgument, match="cannot read input data"):
+            InputSource(str(tmp_path / name))

@@ -61,14 +61,17 @@ class InputSource:
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
+    # An .npz reads each array lazily, so a damaged member or an object array only fails on access:
+    # everything is read here. numpy raises whatever its zip, inflate and header parsers hit on a
+    # damaged file (BadZipFile, zlib.error, EOFError, even SyntaxError), hence the broad except.
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot read input data {path}: {exc}") from None
-    if isinstance(loaded, np.ndarray):
-        return {"": loaded}
-    with loaded:
-        return {key: loaded[key] for key in loaded.files}
+        if isinstance(loaded, np.ndarray):
+            return {"": loaded}
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except Exception as exc:
+        raise InvalidArgument(f"cannot read input data {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _objects(shape: list[int], values: list[bytes]) -> np.ndarray:
