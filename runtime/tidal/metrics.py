@@ -42,6 +42,19 @@ class ModelSnapshot:
     slo_p99_ms: float
 
 
+class _TritonCounter(Metric):
+    """A counter under exactly Triton's name: prometheus_client appends `_total` to every counter it exposes,
+    and dashboards built for Triton query `nv_inference_count`, not `nv_inference_count_total`. Exposed as
+    untyped, the one type whose samples keep their name; `rate()` and `increase()` work on it all the same."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        super().__init__(name, documentation, "unknown")
+        self._label_names = labels
+
+    def add_metric(self, values: list[str], value: float) -> None:
+        self.add_sample(self.name, dict(zip(self._label_names, values, strict=True)), value)
+
+
 class _SnapshotCollector(Collector):
     """Builds the scrape from snapshots taken on the event loop (the HTTP thread never touches live state)."""
 
@@ -55,13 +68,13 @@ class _SnapshotCollector(Collector):
         def family(kind, name: str, doc: str, extra: tuple[str, ...] = ()):
             return kind(name, doc, labels=[*labels, *extra])
 
-        success = family(CounterMetricFamily, "nv_inference_request_success", "Successful inference requests")
-        failure = family(CounterMetricFamily, "nv_inference_request_failure", "Failed inference requests", ("reason",))
-        count = family(CounterMetricFamily, "nv_inference_count", "Inferences performed (batch rows)")
-        execs = family(CounterMetricFamily, "nv_inference_exec_count", "Model executions (batches)")
+        success = family(_TritonCounter, "nv_inference_request_success", "Successful inference requests")
+        failure = family(_TritonCounter, "nv_inference_request_failure", "Failed inference requests", ("reason",))
+        count = family(_TritonCounter, "nv_inference_count", "Inferences performed (batch rows)")
+        execs = family(_TritonCounter, "nv_inference_exec_count", "Model executions (batches)")
         pending = family(GaugeMetricFamily, "nv_inference_pending_request_count", "Requests queued or running")
         durations = {
-            key: family(CounterMetricFamily, f"nv_inference_{key}_duration_us", f"Cumulative {key} duration (us)")
+            key: family(_TritonCounter, f"nv_inference_{key}_duration_us", f"Cumulative {key} duration (us)")
             for key in ("request", "queue", "compute_input", "compute_infer", "compute_output")
         }
         batch = family(HistogramMetricFamily, "tidal_batch_size", "Rows per executed batch")

@@ -65,14 +65,14 @@ def test_metrics_count_exactly_and_match_statistics(small_repo: Path) -> None:
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         values = scrape(srv)
         labels = {"model": "scale", "version": "1"}
-        assert metric(values, "nv_inference_request_success_total", **labels) == 7
-        assert metric(values, "nv_inference_request_failure_total", **labels) == 1
-        assert metric(values, "nv_inference_request_failure_total", reason="REJECTED", **labels) == 1
-        assert metric(values, "nv_inference_count_total", **labels) == 7
+        assert metric(values, "nv_inference_request_success", **labels) == 7
+        assert metric(values, "nv_inference_request_failure", **labels) == 1
+        assert metric(values, "nv_inference_request_failure", reason="REJECTED", **labels) == 1
+        assert metric(values, "nv_inference_count", **labels) == 7
         stats = client.get_inference_statistics("scale", "1").model_stats[0]
         assert stats.inference_stats.success.count == 7 and stats.inference_stats.fail.count == 1
-        assert metric(values, "nv_inference_exec_count_total", **labels) == stats.execution_count
-        queue_us = metric(values, "nv_inference_queue_duration_us_total", **labels)
+        assert metric(values, "nv_inference_exec_count", **labels) == stats.execution_count
+        queue_us = metric(values, "nv_inference_queue_duration_us", **labels)
         assert queue_us == pytest.approx(stats.inference_stats.queue.ns / 1e3, rel=1e-6)
         assert metric(values, "tidal_request_duration_seconds_count", **labels) == 7
         assert metric(values, "tidal_batch_size_count", **labels) == stats.execution_count

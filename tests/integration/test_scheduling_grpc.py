@@ -167,7 +167,7 @@ def failures(server: ServerProcess, model: str) -> dict[str, float]:
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "nv_inference_request_failure_total" and sample.labels["model"] == model and sample.value
+        if sample.name == "nv_inference_request_failure" and sample.labels["model"] == model and sample.value
     }
 
 
