@@ -17,7 +17,7 @@ import uvloop
 from tidal.argtypes import NON_NEGATIVE, POSITIVE
 from tidal.bench.client import Target
 from tidal.bench.load import ClosedLoad, OpenLoad
-from tidal.bench.output import Progress, render_table, write_files
+from tidal.bench.output import DEFAULT_STEM, Progress, check_writable, output_paths, render_table, write_files
 from tidal.bench.runner import Point, Timing
 from tidal.bench.session import BenchConfig, run_bench, trace_plan
 from tidal.bench.spec import Stage, parse_class, parse_profile, parse_sweep, read_trace
@@ -62,7 +62,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     client.add_argument("--seed", type=int, default=0, help="for arrivals, class mix and random inputs")
     out = p.add_argument_group("output")
     out.add_argument("--metrics-url", help="tidal Prometheus endpoint (default: port 8002 when the server is tidal)")
-    out.add_argument("-o", "--out", type=Path, metavar="PREFIX", help="write PREFIX.json, .csv, -timeseries.csv")
+    out.add_argument("-o", "--out", metavar="PREFIX",
+                     help="write PREFIX.json, .csv, -timeseries.csv; a directory (or a path ending in /) gets "
+                          f"{DEFAULT_STEM}.json and so on inside it")
     out.add_argument("--plot", type=Path, metavar="PNG", help="latency, throughput, batch size and variant over time")
     out.add_argument("--no-progress", action="store_true", help="no live status line")
     p.set_defaults(func=run)
@@ -120,10 +122,12 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=False if args.no_progress else None)
     try:
         config = build_config(args)
+        out_paths = output_paths(args.out) if args.out else []
         if args.plot:
             from tidal.bench.plot import require_matplotlib
 
             require_matplotlib()
+        check_writable(out_paths + ([args.plot] if args.plot else []))
         try:
             result = uvloop.run(run_bench(config, progress))
         finally:
@@ -132,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tidal bench: {exc}", file=sys.stderr)
         return 2
     print(render_table(result))
-    if args.out:
-        for path in write_files(result, args.out):
+    if out_paths:
+        write_files(result, out_paths)
+        for path in out_paths:
             print(f"wrote {path}")
     if args.plot:
         from tidal.bench.plot import plot

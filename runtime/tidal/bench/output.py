@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from tidal.errors import InvalidArgument
 
 _PCTS = ("p50", "p90", "p95", "p99", "p99.9", "max")
 
@@ -162,12 +165,39 @@ def write_timeseries_csv(result: dict[str, Any], path: Path) -> None:
             writer.writerow(row)
 
 
-def write_files(result: dict[str, Any], prefix: Path) -> list[Path]:
-    """PREFIX.json (everything), PREFIX.csv (one row per point and class), PREFIX-timeseries.csv."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv"),
-             prefix.with_name(prefix.name + "-timeseries.csv")]
+DEFAULT_STEM = "bench"
+
+
+def output_paths(prefix: str) -> list[Path]:
+    """PREFIX.json (everything), PREFIX.csv (one row per point and class), PREFIX-timeseries.csv.
+
+    A prefix ending in a slash, or naming an existing directory, means files inside it: taken as a
+    plain prefix it would put `dir.json` beside the directory the user pointed at.
+    """
+    base = Path(prefix)
+    if prefix.endswith(("/", os.sep)) or base.is_dir():
+        base /= DEFAULT_STEM
+    return [base.with_name(base.name + suffix) for suffix in (".json", ".csv", "-timeseries.csv")]
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Creates the folders and proves each file can be opened for writing, before a run whose results
+    would otherwise be lost to a bad path at the very end. Existing files are left as they are."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            existed = path.exists()
+            with path.open("ab"):
+                pass
+            if not existed:
+                path.unlink()
+        except OSError as exc:
+            culprit = f"{exc.filename}: " if exc.filename and exc.filename != str(path) else ""  # e.g. a parent
+            raise InvalidArgument(f"cannot write {path}: {culprit}{exc.strerror or exc}") from None
+
+
+def write_files(result: dict[str, Any], paths: list[Path]) -> None:
+    """Writes the `output_paths` files."""
     write_json(result, paths[0])
     write_summary_csv(result, paths[1])
     write_timeseries_csv(result, paths[2])
-    return paths
