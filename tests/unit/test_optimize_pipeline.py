@@ -200,3 +200,20 @@ def test_non_classifier_output_is_refused(files: Path, tmp_path: Path, capsys: p
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "sum.onnx"))
     assert "must be [N, classes]" in _bad_run(tmp_path, capsys, tmp_path / "sum.onnx", files / "cal.npz")
+
+
+def test_data_must_be_npz_and_finite(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = files / "model.onnx"
+    x = np.load(files / "cal.npz")["features"][:50]
+    np.save(tmp_path / "cal.npy", x)
+    assert "must be an .npz (numpy.savez)" in _bad_run(tmp_path, capsys, model, tmp_path / "cal.npy")
+    x[3, 1], x[7, 0] = np.inf, np.nan
+    np.savez(tmp_path / "bad.npz", features=x)
+    message = _bad_run(tmp_path, capsys, model, tmp_path / "bad.npz")
+    assert message.count("\n") == 1
+    assert f"{tmp_path / 'bad.npz'}: calibration array 'features' has 2 non-finite values" in message
+    argv = ["optimize", str(model), "--repository", str(tmp_path / "r"), "--name", "m"]
+    argv += ["--calibration", str(files / "cal.npz"), "--validation", str(tmp_path / "bad.npz"), *FAST]
+    assert _cli(argv) == 2
+    assert "validation array 'features' has 2 non-finite values" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any variant is built

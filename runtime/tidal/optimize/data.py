@@ -42,8 +42,16 @@ def load_dataset(path: Path, inputs: list[IoSpec], role: str) -> Dataset:
     if not path.is_file():
         raise NotFound(f"{role} file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy holds one bare array, not named inputs
+            raise ConfigError(
+                f"{path}: {role} data must be an .npz (numpy.savez) with one array per model input, "
+                f"not a single .npy array; e.g. np.savez('{role}.npz', {inputs[0].name}=array)"
+            )
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
+    except ConfigError:
+        raise
     except Exception as exc:  # numpy raises ValueError, OSError, BadZipFile...
         raise ConfigError(f"{path}: cannot read {role} data as .npz: {exc}") from exc
     labels = arrays.pop(LABELS, None)
@@ -69,7 +77,13 @@ def _checked(path: Path, role: str, spec: IoSpec, arrays: dict[str, np.ndarray])
         )
     if not np.can_cast(array.dtype, spec.np_dtype, casting="same_kind"):
         raise ConfigError(f"{path}: {role} array '{spec.name}' is {array.dtype}; the model takes {spec.np_dtype}")
-    return np.ascontiguousarray(array, dtype=spec.np_dtype)
+    array = np.ascontiguousarray(array, dtype=spec.np_dtype)
+    # Checked after the cast, which can overflow to inf: one inf or nan turns INT8 scales, the distilled
+    # student's training and every accuracy figure into NaN without an error of their own.
+    bad = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
+    if bad:
+        raise ConfigError(f"{path}: {role} array '{spec.name}' has {bad} non-finite values (inf or nan)")
+    return array
 
 
 def _checked_labels(path: Path, labels: np.ndarray, rows: int) -> np.ndarray:
