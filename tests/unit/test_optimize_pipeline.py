@@ -200,6 +200,11 @@ def test_non_classifier_output_is_refused(files: Path, tmp_path: Path, capsys: p
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "sum.onnx"))
     assert "must be [N, classes]" in _bad_run(tmp_path, capsys, tmp_path / "sum.onnx", files / "cal.npz")
+    one_class = onnx.load(str(files / "model.onnx"))
+    one_class.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(one_class, str(tmp_path / "one.onnx"))
+    message = _bad_run(tmp_path, capsys, tmp_path / "one.onnx", files / "cal.npz")
+    assert "2 or more classes; 'scores' is [N, 1]" in message
 
 
 def test_data_must_be_npz_and_finite(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import session_options
 from tidal.errors import ConfigError
 from tidal.optimize.data import Dataset
-from tidal.optimize.graph import IoSpec, build_mlp, graph_inputs, graph_outputs
+from tidal.optimize.graph import IoSpec, build_mlp, graph_inputs, graph_outputs, is_classifier_output, show_shape
 from tidal.optimize.train import MlpTrainer, TrainConfig
 
 _MIN_WIDTH = 8
@@ -62,8 +62,9 @@ def _teacher_io(teacher: onnx.ModelProto) -> tuple[IoSpec, IoSpec, bool]:
             f"distillation needs a model with one input and one output; this one has {len(inputs)} and {len(outputs)}"
         )
     out = outputs[0]
-    if len(out.shape) != 2 or (out.shape[1] or 0) < 2:
-        raise ConfigError(f"distillation needs a classifier output [N, classes]; '{out.name}' is {list(out.shape)}")
+    if not is_classifier_output(out):
+        shape = show_shape(out.shape)
+        raise ConfigError(f"distillation needs a classifier output [N, classes]; '{out.name}' is {shape}")
     if inputs[0].np_dtype.kind != "f" or out.np_dtype.kind != "f":
         raise ConfigError("distillation needs floating-point model inputs and outputs")
     producer = next((n for n in teacher.graph.node if out.name in n.output), None)

@@ -77,15 +77,20 @@ def check_batchable(model: onnx.ModelProto, path: Path) -> None:
     for spec in graph_inputs(model) + graph_outputs(model):
         if not spec.shape or spec.shape[0] is not None:
             raise ConfigError(
-                f"{path}: tensor '{spec.name}' has shape {_show(spec.shape)}: tidal optimize needs a variable "
+                f"{path}: tensor '{spec.name}' has shape {show_shape(spec.shape)}: tidal optimize needs a variable "
                 "batch dimension first (e.g. ['N', 64]); re-export the model with a dynamic dim 0"
             )
         if any(d is None for d in spec.shape[1:]):
-            raise ConfigError(f"{path}: tensor '{spec.name}' has shape {_show(spec.shape)}: only dim 0 may vary")
+            raise ConfigError(f"{path}: tensor '{spec.name}' has shape {show_shape(spec.shape)}: only dim 0 may vary")
 
 
-def _show(shape: tuple[int | None, ...]) -> str:
+def show_shape(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def is_classifier_output(spec: IoSpec) -> bool:
+    """[N, classes] with 2 or more classes: top-1 of a single class would always agree."""
+    return len(spec.shape) == 2 and (spec.shape[1] or 0) >= 2
 
 
 def parameter_count(model: onnx.ModelProto) -> int:

@@ -32,7 +32,14 @@ from tidal.optimize.build import (
     build_fp32,
 )
 from tidal.optimize.data import Dataset, load_dataset
-from tidal.optimize.graph import check_batchable, graph_inputs, graph_outputs, load_model
+from tidal.optimize.graph import (
+    check_batchable,
+    graph_inputs,
+    graph_outputs,
+    is_classifier_output,
+    load_model,
+    show_shape,
+)
 from tidal.optimize.modelconfig import CONFIG_FILE, existing_max_batch_size, write_config
 from tidal.optimize.profile import ProfileSettings, current_hardware, measure
 from tidal.repository.layout import list_versions, model_dir
@@ -114,10 +121,10 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
 
 def _check_classifier(model: onnx.ModelProto, path: Path) -> None:
     out = graph_outputs(model)[0]
-    if len(out.shape) != 2 or (out.shape[1] or 0) < 2:
+    if not is_classifier_output(out):
         raise ConfigError(
             f"{path}: tidal optimize measures variants by top-1 accuracy, so the first output must be "
-            f"[N, classes]; '{out.name}' has {len(out.shape)} dims"
+            f"[N, classes] with 2 or more classes; '{out.name}' is {show_shape(out.shape)}"
         )
 
 
