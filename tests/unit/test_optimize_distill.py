@@ -71,7 +71,7 @@ def test_student_flattens_image_inputs() -> None:
         [onnx.numpy_helper.from_array(np.ones((16, 3), np.float32), "w")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    student = distill(model, Dataset({"img": x}, None, "cal"), (8,), TrainConfig(epochs=2)).model
+    student = distill(model, Dataset({"img": x}, None, "cal"), (2,), TrainConfig(epochs=2)).model
     session = ort.InferenceSession(student.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"img": x})[0].shape == (64, 3)
 
@@ -82,3 +82,39 @@ def test_multi_output_teacher_is_refused(teacher: onnx.ModelProto) -> None:
     two.graph.output.append(two.graph.output[0])
     with pytest.raises(ConfigError, match="one input and one output"):
         distill(two, Dataset({"input": X[:10]}, None, "cal"))
+
+
+def _conv_teacher(channels: int) -> onnx.ModelProto:
+    """Conv -> Relu -> global pool -> Gemm on [N, 3, 8, 8]: no dense hidden layer to size a student from."""
+    rng = np.random.default_rng(0)
+    weights = {"cw": (channels, 3, 3, 3), "cb": (channels,), "w": (channels, 10), "b": (10,)}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w", "b"], ["y"]),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
+        [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_teacher_gets_a_student_sized_from_it() -> None:
+    teacher = _conv_teacher(64)  # 2,442 parameters; a fixed 256-wide student on 192 inputs would have 52,234
+    x = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    result = distill(teacher, Dataset({"x": x}, None, "cal"), config=TrainConfig(epochs=1))
+    assert result.hidden == default_student(teacher) == (8,)
+    assert parameter_count(result.model) < parameter_count(teacher)
+
+
+def test_no_student_bigger_than_its_teacher(teacher: onnx.ModelProto) -> None:
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(ConfigError, match="1,634 parameters, not fewer than the teacher's 618"):
+        distill(_conv_teacher(16), Dataset({"x": x}, None, "cal"), config=TrainConfig(epochs=1))
+    with pytest.raises(ConfigError, match="no smaller student"):
+        distill(teacher, Dataset({"input": X[:10]}, None, "cal"), (512,), TrainConfig(epochs=1))

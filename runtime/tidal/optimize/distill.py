@@ -9,6 +9,7 @@ behaves between the points it was given, which is what held-out data needs.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,10 +21,19 @@ from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import session_options
 from tidal.errors import ConfigError
 from tidal.optimize.data import Dataset
-from tidal.optimize.graph import IoSpec, build_mlp, graph_inputs, graph_outputs, is_classifier_output, show_shape
+from tidal.optimize.graph import (
+    IoSpec,
+    build_mlp,
+    graph_inputs,
+    graph_outputs,
+    is_classifier_output,
+    parameter_count,
+    show_shape,
+)
 from tidal.optimize.train import MlpTrainer, TrainConfig
 
 _MIN_WIDTH = 8
+_MAX_WIDTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +46,9 @@ class Distilled:
 def default_student(teacher: onnx.ModelProto) -> tuple[int, ...]:
     """One hidden layer fewer than the teacher's dense stack, each a quarter as wide.
 
-    A teacher without dense hidden layers (e.g. convolutional) gets one layer of 256.
+    A teacher without dense hidden layers (e.g. convolutional) gets the one hidden
+    layer, at most 256 wide, that leaves the student a quarter of its parameters:
+    a flattened image is wide, so a fixed width could outgrow the teacher.
     """
     matrices = {t.name: t.dims for t in teacher.graph.initializer if len(t.dims) == 2}
     widths = [
@@ -46,9 +58,30 @@ def default_student(teacher: onnx.ModelProto) -> tuple[int, ...]:
     ]
     hidden = widths[:-1]
     if not hidden:
-        return (256,)
+        n_in, n_out = _widths(teacher)
+        width = (parameter_count(teacher) // 4 - n_out) // (n_in + 1 + n_out)
+        return (max(_MIN_WIDTH, min(_MAX_WIDTH, width)),)
     kept = hidden[:-1] if len(hidden) > 1 else hidden
     return tuple(max(_MIN_WIDTH, w // 4) for w in kept)
+
+
+def _widths(teacher: onnx.ModelProto) -> tuple[int, int]:
+    """The student's input (flattened row) and output widths."""
+    in_spec, out_spec, _ = _teacher_io(teacher)
+    return int(np.prod(in_spec.row_shape)), int(out_spec.row_shape[0])
+
+
+def _check_smaller(teacher: onnx.ModelProto, hidden: tuple[int, ...]) -> None:
+    """A distilled variant is worth serving only if it is smaller than its teacher."""
+    n_in, n_out = _widths(teacher)
+    sizes = [n_in, *hidden, n_out]
+    student = sum((a + 1) * b for a, b in itertools.pairwise(sizes))
+    teacher_size = parameter_count(teacher)
+    if student >= teacher_size:
+        raise ConfigError(
+            f"a student with hidden layers {list(hidden)} would have {student:,} parameters, not fewer than "
+            f"the teacher's {teacher_size:,}: no smaller student to distill"
+        )
 
 
 def _trans_b(node: onnx.NodeProto) -> bool:
@@ -82,6 +115,7 @@ def distill(
     config = config or TrainConfig()
     in_spec, out_spec, probabilities = _teacher_io(teacher)
     hidden = tuple(hidden) if hidden else default_student(teacher)
+    _check_smaller(teacher, hidden)
     # Serving's settings: spinning ORT threads would steal the cores numpy trains on between teacher calls.
     so = session_options(BackendOptions())
     session = ort.InferenceSession(teacher.SerializeToString(), so, providers=["CPUExecutionProvider"])
