@@ -118,3 +118,12 @@ def test_no_student_bigger_than_its_teacher(teacher: onnx.ModelProto) -> None:
         distill(_conv_teacher(16), Dataset({"x": x}, None, "cal"), config=TrainConfig(epochs=1))
     with pytest.raises(ConfigError, match="no smaller student"):
         distill(teacher, Dataset({"input": X[:10]}, None, "cal"), (512,), TrainConfig(epochs=1))
+
+
+def test_non_fp32_teacher_is_refused(teacher: onnx.ModelProto) -> None:
+    double = onnx.ModelProto()
+    double.CopyFrom(teacher)
+    for value in [*double.graph.input, *double.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    with pytest.raises(ConfigError, match="fp32 model inputs and outputs"):
+        distill(double, Dataset({"input": X[:10].astype(np.float64)}, None, "cal"), (8,), TrainConfig(epochs=1))

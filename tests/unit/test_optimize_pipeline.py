@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tidal.optimize.cli import add_optimize_parser, add_profile_parser
 from tidal.optimize.data import load_dataset
 from tidal.optimize.evaluate import predict, score
-from tidal.optimize.graph import graph_inputs
+from tidal.optimize.graph import graph_inputs, save_graph
 from tidal.optimize.reference import synthetic_classification, train_classifier
 from tidal.optimize.train import TrainConfig
 from tidal.repository.manager import ModelManager
@@ -222,3 +222,41 @@ def test_data_must_be_npz_and_finite(files: Path, tmp_path: Path, capsys: pytest
     assert _cli(argv) == 2
     assert "validation array 'features' has 2 non-finite values" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before any variant is built
+
+
+def _fp64_model(files: Path, tmp_path: Path) -> Path:
+    model = onnx.load(str(files / "model.onnx"))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    onnx.save(model, str(tmp_path / "fp64.onnx"))
+    return tmp_path / "fp64.onnx"
+
+
+def test_kinds_an_fp64_model_cannot_have(files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["optimize", str(_fp64_model(files, tmp_path)), "--calibration", str(files / "cal.npz"), "--name", "m"]
+    assert _cli([*argv, "--repository", str(tmp_path / "asked"), "--variants", "fp32,int8", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot build the int8 variant asked for" in err and "DOUBLE" in err
+    assert not (tmp_path / "asked").exists()
+    assert _cli([*argv, "--repository", str(tmp_path / "default"), *FAST]) == 0
+    err = capsys.readouterr().err
+    for kind in ("int8", "int8-dynamic", "distilled", "fp16"):
+        assert f"skipped {kind}: {kind} is built from fp32 tensors" in err
+    manifest = load_manifest(tmp_path / "default" / "m" / "1")
+    assert manifest is not None and list(manifest.variants) == ["fp32", "pruned-50", "pruned-75"]
+
+
+def test_int8_without_quantized_ops_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])], "neg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )  # fmt: skip
+    model = save_graph(graph, tmp_path / "neg.onnx")
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32))
+    argv = ["optimize", str(model), "--repository", str(tmp_path / "r"), "--name", "m"]
+    assert _cli([*argv, "--calibration", str(tmp_path / "cal.npz"), "--variants", "fp32,int8", *FAST]) == 2
+    assert "int8 variant asked for: the quantizer found nothing to quantize" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "m" / "1" / "model.int8.onnx").exists()

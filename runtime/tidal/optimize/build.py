@@ -3,7 +3,8 @@
 Every builder starts from the fp32 variant (model.onnx after the offline graph
 optimizations), so all variants share its inputs, outputs and folded
 constants. A builder that does not apply to a model raises ConfigError with
-the reason; `tidal optimize` reports it and goes on with the other kinds.
+the reason; `tidal optimize` stops on it when the kind was asked for by name,
+else reports it and goes on with the other kinds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import onnx
 from tidal.errors import ConfigError
 from tidal.optimize import distill, prune, quantize
 from tidal.optimize.data import Dataset
-from tidal.optimize.graph import flops_per_row, parameter_count
+from tidal.optimize.graph import flops_per_row, non_fp32_floats, parameter_count
 from tidal.optimize.train import TrainConfig
 
 KINDS = ("fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16")
@@ -34,6 +35,11 @@ CANDIDATE_BACKENDS = {
     "fp16": ("tensorrt",),
 }
 RUNNABLE_ON = {"fp16": ("gpu",)}  # the rest: ("cpu",)
+
+# Kinds built only from fp32 tensors: the quantizers and the fp16 conversion leave other precisions
+# as they are (a "quantized" file would be the model unchanged), and the student trains in fp32.
+_FP32_ONLY = frozenset({"int8", "int8-dynamic", "distilled", "fp16"})
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,21 @@ class Context:
         return Built(name, kind, f"model.{name}.onnx", parameter_count(self.fp32), flops_per_row(self.fp32), details)
 
 
+def unsupported(kind: str, model: onnx.ModelProto) -> str | None:
+    """Why `kind` cannot be built from `model`, known before anything is built; None when it may be."""
+    others = non_fp32_floats(model)
+    if kind in _FP32_ONLY and others:
+        return f"{kind} is built from fp32 tensors; this model has {', '.join(others)} ones"
+    return None
+
+
+def _check_quantized(path: Path) -> None:
+    """A file the quantizer left without integer ops must not be recorded as INT8."""
+    if not {n.op_type for n in onnx.load(str(path)).graph.node} & _QUANTIZED_OPS:
+        path.unlink()
+        raise ConfigError("the quantizer found nothing to quantize in this graph")
+
+
 def build_fp32(source: Path, version_dir: Path) -> tuple[Built, onnx.ModelProto]:
     path = version_dir / FP32_FILE
     quantize.optimize_fp32(source, path)
@@ -87,9 +108,9 @@ def build_fp32(source: Path, version_dir: Path) -> tuple[Built, onnx.ModelProto]
 
 
 def build_int8(ctx: Context) -> list[Built]:
-    quantize.quantize_int8_static(
-        ctx.fp32_path, ctx.version_dir / "model.int8.onnx", ctx.calibration, ctx.settings.calibration_method
-    )
+    path = ctx.version_dir / "model.int8.onnx"
+    quantize.quantize_int8_static(ctx.fp32_path, path, ctx.calibration, ctx.settings.calibration_method)
+    _check_quantized(path)
     details = {
         "format": "QDQ",
         "activations": "int8 per-tensor",
@@ -103,8 +124,11 @@ def build_int8(ctx: Context) -> list[Built]:
 
 def build_int8_dynamic(ctx: Context) -> list[Built]:
     if not quantize.suits_dynamic(ctx.fp32):
-        raise ConfigError("dynamic INT8 suits MatMul/Gemm graphs without convolutions; this graph has convolutions")
-    quantize.quantize_int8_dynamic(ctx.fp32_path, ctx.version_dir / "model.int8-dynamic.onnx")
+        ops = ", ".join(sorted({n.op_type for n in ctx.fp32.graph.node}))
+        raise ConfigError(f"dynamic INT8 suits MatMul/Gemm graphs without convolutions; this graph has {ops}")
+    path = ctx.version_dir / "model.int8-dynamic.onnx"
+    quantize.quantize_int8_dynamic(ctx.fp32_path, path)
+    _check_quantized(path)
     details = {"activations": "uint8, quantized per batch at run time", "weights": "int8 per-tensor"}
     return [ctx.like_fp32("int8-dynamic", "int8-dynamic", details)]
 

@@ -46,7 +46,11 @@ def add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=Path, required=True, help=".npz with an array per model input")
     p.add_argument("--validation", type=Path, help=".npz like --calibration, plus optional 'labels'")
     p.add_argument("--version", type=int, default=1, help="version folder to write (default 1)")
-    p.add_argument("--variants", type=lambda t: _csv(str, t), default=KINDS, help=f"kinds to build: {','.join(KINDS)}")
+    p.add_argument(
+        "--variants",
+        type=lambda t: _csv(str, t),
+        help=f"kinds to build, each one required (default: every one of {','.join(KINDS)} that applies)",
+    )
     p.add_argument("--prune-ratios", type=lambda t: _csv(float, t), default=(0.5, 0.75), help="e.g. 0.5,0.75")
     p.add_argument("--student-hidden", type=lambda t: _csv(int, t), help="distilled student widths, e.g. 128,64")
     p.add_argument("--distill-epochs", type=int, default=40)
@@ -67,7 +71,7 @@ def _optimize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         validation=args.validation,
         version=args.version,
-        kinds=tuple(args.variants),
+        kinds=args.variants,
         build=BuildSettings(
             prune_ratios=tuple(args.prune_ratios),
             student_hidden=args.student_hidden,

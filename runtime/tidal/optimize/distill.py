@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto
 
 from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import session_options
@@ -98,8 +99,8 @@ def _teacher_io(teacher: onnx.ModelProto) -> tuple[IoSpec, IoSpec, bool]:
     if not is_classifier_output(out):
         shape = show_shape(out.shape)
         raise ConfigError(f"distillation needs a classifier output [N, classes]; '{out.name}' is {shape}")
-    if inputs[0].np_dtype.kind != "f" or out.np_dtype.kind != "f":
-        raise ConfigError("distillation needs floating-point model inputs and outputs")
+    if inputs[0].elem_type != TensorProto.FLOAT or out.elem_type != TensorProto.FLOAT:
+        raise ConfigError("distillation needs fp32 model inputs and outputs: the student trains and runs in fp32")
     producer = next((n for n in teacher.graph.node if out.name in n.output), None)
     return inputs[0], out, producer is not None and producer.op_type == "Softmax"
 

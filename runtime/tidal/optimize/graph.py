@@ -93,6 +93,16 @@ def is_classifier_output(spec: IoSpec) -> bool:
     return len(spec.shape) == 2 and (spec.shape[1] or 0) >= 2
 
 
+_OTHER_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def non_fp32_floats(model: onnx.ModelProto) -> list[str]:
+    """Floating-point types other than fp32 among the inputs, outputs and weights, e.g. ['DOUBLE']."""
+    found = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    found |= {t.data_type for t in model.graph.initializer}
+    return [TensorProto.DataType.Name(t) for t in _OTHER_FLOATS if t in found]
+
+
 def parameter_count(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 

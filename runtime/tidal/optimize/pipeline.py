@@ -1,9 +1,10 @@
 """`tidal optimize` and `tidal profile`: build, measure and record variants.
 
 optimize: check the inputs, write the fp32 variant, build every other kind
-that applies, measure accuracy (validation labels, else agreement with fp32
-on the calibration rows), leave out what falls below --min-accuracy, profile
-the rest on each backend that can load them, then write variants.json (and a
+that applies (a kind named in --variants that does not fails the run),
+measure accuracy (validation labels, else agreement with fp32 on the
+calibration rows), leave out what falls below --min-accuracy, profile the rest
+on each backend that can load them, then write variants.json (and a
 config.pbtxt when the model has none yet). profile: only the last step, for a
 repository moved to other hardware.
 """
@@ -30,6 +31,7 @@ from tidal.optimize.build import (
     Built,
     Context,
     build_fp32,
+    unsupported,
 )
 from tidal.optimize.data import Dataset, load_dataset
 from tidal.optimize.graph import (
@@ -64,7 +66,7 @@ class OptimizeOptions:
     calibration: Path
     validation: Path | None = None
     version: int = 1
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] | None = None  # None: every kind that applies; named kinds must all be built
     build: BuildSettings = field(default_factory=BuildSettings)
     calibration_rows: int = 2048
     min_accuracy: float = 0.0
@@ -76,12 +78,14 @@ class OptimizeOptions:
 
 
 def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
-    unknown = sorted(set(options.kinds) - set(KINDS))
-    if unknown or "fp32" not in options.kinds:
-        raise ConfigError(f"variant kinds must include fp32 and come from {', '.join(KINDS)}; got {options.kinds}")
+    requested = KINDS if options.kinds is None else options.kinds
+    unknown = sorted(set(requested) - set(KINDS))
+    if unknown or "fp32" not in requested:
+        raise ConfigError(f"variant kinds must include fp32 and come from {', '.join(KINDS)}; got {requested}")
     source = load_model(options.model)
     check_batchable(source, options.model)
     _check_classifier(source, options.model)
+    kinds = [k for k in KINDS if k in requested and _applies(k, source, options, log)]
     inputs = graph_inputs(source)
     calibration = load_dataset(options.calibration, inputs, "calibration").take(options.calibration_rows)
     validation = load_dataset(options.validation, inputs, "validation") if options.validation else None
@@ -89,7 +93,7 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
     version_dir = folder / str(options.version)
     version_dir.mkdir(parents=True, exist_ok=True)
     max_batch = options.max_batch_size or existing_max_batch_size(folder) or DEFAULT_MAX_BATCH_SIZE
-    built = _build(options, calibration, version_dir, log)
+    built = _build(options, kinds, calibration, version_dir, log)
     accuracy = _accuracies(built, version_dir, validation or calibration, options.progress)
     kept = [b for b in built if _passes(b, accuracy[b.name], options.min_accuracy, version_dir, log)]
     settings = ProfileSettings(max_batch, options.instances, options.intra_op_threads, options.profile_seconds)
@@ -128,8 +132,26 @@ def _check_classifier(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def _build(options: OptimizeOptions, calibration: Dataset, version_dir: Path, log: Log) -> list[Built]:
-    kinds = [k for k in KINDS if k in options.kinds and k != "fp32"]
+def _applies(kind: str, source: onnx.ModelProto, options: OptimizeOptions, log: Log) -> bool:
+    """Whether to build `kind`: what cannot be built is refused before anything is written if named."""
+    reason = unsupported(kind, source)
+    if reason is None:
+        return True
+    _not_built(kind, ConfigError(reason), options, log)
+    return False
+
+
+def _not_built(kind: str, exc: ConfigError, options: OptimizeOptions, log: Log) -> None:
+    """A kind asked for by name fails the run; one built by default is skipped with the reason."""
+    if options.kinds is not None:
+        raise ConfigError(f"cannot build the {kind} variant asked for: {exc}") from exc
+    log(f"skipped {kind}: {exc}")
+
+
+def _build(
+    options: OptimizeOptions, kinds: list[str], calibration: Dataset, version_dir: Path, log: Log
+) -> list[Built]:
+    kinds = [k for k in kinds if k != "fp32"]
     with tqdm(total=len(kinds) + 1, desc="building variants", disable=not options.progress, leave=False) as bar:
         fp32, fp32_model = build_fp32(options.model, version_dir)
         bar.update()
@@ -142,7 +164,7 @@ def _build(options: OptimizeOptions, calibration: Dataset, version_dir: Path, lo
 
 
 def _run_builder(kind: str, ctx: Context, options: OptimizeOptions, log: Log) -> list[Built]:
-    """One kind's variants, with a per-epoch bar for training; [] (reported) when the kind does not apply."""
+    """One kind's variants, with a per-epoch bar for training; [] (reported) when a default kind does not apply."""
     show = options.progress and kind == "distilled"
     with tqdm(total=options.build.train.epochs, desc="distilling", leave=False, disable=not show) as epochs:
 
@@ -153,7 +175,7 @@ def _run_builder(kind: str, ctx: Context, options: OptimizeOptions, log: Log) ->
         try:
             return BUILDERS[kind](dataclasses.replace(ctx, on_epoch=on_epoch))
         except ConfigError as exc:
-            log(f"skipped {kind}: {exc}")
+            _not_built(kind, exc, options, log)
             return []
 
 
