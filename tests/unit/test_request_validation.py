@@ -70,3 +70,16 @@ def test_missing_input_and_zero_rows_are_refused():
         Signature(s).check(lone)
     with pytest.raises(InvalidArgument, match=r"outside 1\.\.8"):
         Signature(s).check(request(rows=0))
+
+
+def test_bytes_inputs_must_be_utf8_text():
+    text = spec(
+        'name: "t" max_batch_size: 4 input [ { name: "s" data_type: TYPE_STRING dims: [ 2 ] } ] '
+        'output [ { name: "y" data_type: TYPE_STRING dims: [ 2 ] } ]'
+    )
+    check = Signature(text).check
+    good = np.array([["héllo".encode(), b""]], dtype=object)
+    check(InferRequest("t", "", {"s": good}))
+    bad = np.array([[b"ok", b"\x00\xff"]], dtype=object)
+    with pytest.raises(InvalidArgument, match=r"input 's': element 1 is not UTF-8"):
+        check(InferRequest("t", "", {"s": bad}))

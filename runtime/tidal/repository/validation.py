@@ -6,6 +6,8 @@ input, and never reaches a batch where it would fail its neighbours.
 
 from __future__ import annotations
 
+import numpy as np
+
 from tidal.errors import InvalidArgument
 from tidal.repository.config import ModelSpec
 from tidal.types import DataType, InferRequest
@@ -23,9 +25,13 @@ class Signature:
         self._exact = {s.name: (s.datatype.np_dtype, s.shape) for s in spec.inputs if -1 not in s.shape}
         self._complete = len(self._exact) == len(spec.inputs)
         self._outputs = frozenset(s.name for s in spec.outputs)
+        self._text = tuple(s.name for s in spec.inputs if s.datatype is DataType.BYTES)
 
     def check(self, request: InferRequest) -> None:
         inputs, exact = request.inputs, self._exact
+        for name in self._text:
+            if name in inputs:
+                _require_utf8(name, inputs[name])
         if self._complete and len(inputs) == len(exact) and self._outputs.issuperset(request.requested_outputs):
             batch = None
             for name, arr in inputs.items():
@@ -84,3 +90,16 @@ def validate_request(spec: ModelSpec, request: InferRequest) -> None:
     unknown = [name for name in request.requested_outputs if name not in outputs]
     if unknown:
         raise InvalidArgument(f"model '{spec.name}' has no output(s) {', '.join(unknown)}")
+
+
+def _require_utf8(name: str, arr: np.ndarray) -> None:
+    """ONNX Runtime's string tensors hold text: other bytes would reach the model altered (U+FFFD), not as sent."""
+    for index, value in enumerate(arr.reshape(-1)):
+        if isinstance(value, bytes):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    f"input '{name}': element {index} is not UTF-8 text (byte {exc.start}); BYTES inputs of ONNX "
+                    "models are strings"
+                ) from None
