@@ -93,6 +93,21 @@ def test_infer_sync_outputs_and_subset(client: tc.InferenceServerClient) -> None
     np.testing.assert_allclose(only.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
 
 
+def test_classification_returns_the_top_classes_as_triton_does(client: tc.InferenceServerClient) -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 16), dtype=np.float32), rng.standard_normal((2, 16), dtype=np.float32)
+    outputs = [tc.InferRequestedOutput("OUTPUT0", class_count=3), tc.InferRequestedOutput("OUTPUT1")]
+    result = client.infer("simple", _inputs(a, b), outputs=outputs)
+    top = result.as_numpy("OUTPUT0")
+    assert top.shape == (2, 3) and result.get_output("OUTPUT0").datatype == "BYTES"
+    for row, want in zip(top, a + b, strict=True):
+        pairs = [entry.decode().split(":") for entry in row]
+        assert [int(index) for _, index in pairs] == list(np.argsort(-want, kind="stable")[:3])
+        np.testing.assert_allclose([float(value) for value, _ in pairs], np.sort(want)[::-1][:3], atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT1"), a - b, rtol=1e-6)  # unclassified: the tensor
+    assert "classification" in client.get_server_metadata().extensions
+
+
 def test_infer_aio_concurrent(server) -> None:
     async def run() -> None:
         async with tc_aio.InferenceServerClient(server.url) as aclient:

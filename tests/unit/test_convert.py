@@ -73,3 +73,28 @@ def test_response_is_raw_and_keeps_declared_types() -> None:
     assert [(o.name, o.datatype, list(o.shape)) for o in msg.outputs] == [("s", "BYTES", [1, 2]), ("f", "FP64", [1, 2])]
     assert msg.raw_output_contents[0] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"
     assert np.frombuffer(msg.raw_output_contents[1], np.float64).tolist() == [1.0, 1.0]
+
+
+def test_classification_is_the_top_n_per_row_as_value_colon_index() -> None:
+    logits = np.array([[0.1, 2.5, -1.0, 2.5], [3.0, 0.0, 1.0, 2.0]], np.float32)
+    top = convert.classify(logits, 2, batched=True)
+    assert top.tolist() == [[b"2.500000:1", b"2.500000:3"], [b"3.000000:0", b"2.000000:3"]]  # ties: lower index first
+    assert convert.classify(logits[0], 9, batched=False).tolist() == [
+        b"2.500000:1", b"2.500000:3", b"0.100000:0", b"-1.000000:2"
+    ]
+    assert convert.classify(np.array([[7, 9]], np.int32), 1, batched=True).tolist() == [[b"9:1"]]
+
+
+def test_classification_request_parameters() -> None:
+    specs = {"y": TensorSpec("y", DataType.FP32, (4,)), "s": TensorSpec("s", DataType.BYTES, (1,))}
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.outputs.add(name="y").parameters["classification"].int64_param = 2
+    msg.outputs.add(name="z")
+    assert convert.class_counts(msg, specs) == {"y": 2}
+    msg.outputs.add(name="s").parameters["classification"].int64_param = 1
+    with pytest.raises(InvalidArgument, match="output 's': classification needs a numeric output"):
+        convert.class_counts(msg, specs)
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.outputs.add(name="y").parameters["classification"].string_param = "two"
+    with pytest.raises(InvalidArgument, match="classification"):
+        convert.class_counts(msg, specs)

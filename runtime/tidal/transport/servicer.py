@@ -21,7 +21,9 @@ from tidal.transport.status import GRPC_STATUS
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"]
+EXTENSIONS = [
+    "classification", "model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"
+]
 FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
 
 
@@ -170,6 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("server is not accepting requests (starting or shutting down)")
         served = self._manager.get(request.model_name, request.model_version)
         served.signature.check(request)
+        classes = convert.class_counts(msg, served.output_specs) if msg.outputs else None
         try:
             response = await served.scheduler.infer(request)
         except TidalError:
@@ -179,7 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response.model_name, response.model_version = served.name, str(served.version)
         if request.parameters.get(FINAL_RESPONSE_PARAM):
             response.parameters["triton_final_response"] = True
-        return convert.encode_response(response, served.output_specs)
+        return convert.encode_response(response, served.output_specs, classes, served.spec.batching)
 
     def _observe(self, served: ServedVersion, priority: int, arrival_s: float, ok: bool) -> None:
         if self._metrics is not None:
