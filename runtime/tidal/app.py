@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.clock import SystemClock
-from tidal.control.api import Decision, Mode, ModelInfo, Setpoint, Slo, VariantInfo, model_key
+from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, VariantInfo, model_key
 from tidal.control.loop import ControlLoop
 from tidal.control.slo import SloController
 from tidal.metrics import ModelSnapshot, ServerMetrics
@@ -93,10 +93,7 @@ class _Plant:
                          configured)
 
     def configured_slo(self) -> Slo:
-        spec = self.served.spec
-        period = {"period_s": spec.controller_period_ms / 1e3} if spec.controller_period_ms else {}
-        return Slo(spec.slo_p99_ms, spec.slo_min_accuracy, dict(spec.slo_priority_p99_ms),
-                   Mode(spec.controller_mode), **period)
+        return self.served.spec.slo()
 
     def observe(self) -> Observation:
         return self.served.scheduler.observe()

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from tidal.backends.base import BackendOptions
-from tidal.control.api import Slo
+from tidal.control.api import Mode, Slo
 from tidal.errors import ConfigError, InvalidArgument
 from tidal.repository.pbtxt import ParsedConfig, parse_model_config
 from tidal.scheduling.knobs import Knobs
@@ -87,6 +87,13 @@ class ModelSpec:
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 0
+
+    def slo(self) -> Slo:
+        """The controller's objective as configured; `build_spec` refuses a config this would reject."""
+        period = {"period_s": self.controller_period_ms / 1e3} if self.controller_period_ms else {}
+        return Slo(
+            self.slo_p99_ms, self.slo_min_accuracy, dict(self.slo_priority_p99_ms), Mode(self.controller_mode), **period
+        )
 
 
 def _onnx_tensors(values: list[onnx.ValueInfoProto], skip: set[str]) -> list[tuple[str, DataType, list[int]]]:
@@ -277,12 +284,6 @@ def _backend_options(config: mc.ModelConfig) -> BackendOptions:
 def _controller(config: mc.ModelConfig, levels: int) -> dict[str, object]:
     """The SLO and controller fields of ModelSpec, checked."""
     slo = config.slo
-    try:  # the controller's own checks (finite, positive targets; accuracy in 0..1), made at load
-        Slo(slo.p99_ms, slo.min_accuracy, dict(slo.priority_p99_ms))
-    except InvalidArgument as exc:
-        raise ConfigError(f"slo: {exc}") from exc
-    if config.controller.period_ms and not 10 <= config.controller.period_ms <= 10_000:
-        raise ConfigError(f"controller.period_ms must be within 10..10000, not {config.controller.period_ms}")
     for level in slo.priority_p99_ms:
         if not 1 <= level <= levels:
             raise ConfigError(f"slo.priority_p99_ms: level {level} is outside 1..{levels} (priority_levels)")
@@ -306,7 +307,7 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
             raise ConfigError(f"instance_group kind {mc.ModelInstanceGroup.Kind.Name(group.kind)} needs a GPU backend")
     scheduler, knobs = _scheduling(config)
-    return ModelSpec(
+    spec = ModelSpec(
         name=config.name,
         max_batch_size=max(config.max_batch_size, 0),
         inputs=_tensor_specs(config.input, "input"),
@@ -320,6 +321,11 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         variants=tuple(config.variants),
         config=config,
     )
+    try:  # the controller's own checks (finite, positive targets; accuracy in 0..1; the period), made at load
+        spec.slo()
+    except InvalidArgument as exc:
+        raise ConfigError(f"slo/controller: {exc}") from exc
+    return spec
 
 
 def load_config(model_dir: Path, name: str) -> ParsedConfig:
