@@ -34,8 +34,8 @@ class Slo:
     period_s: float = DEFAULT_PERIOD_S
 
     def __post_init__(self) -> None:
-        targets = (self.p99_ms, *self.priority_p99_ms.values())
-        if not all(math.isfinite(v) for v in targets) or self.p99_ms < 0 or min(targets[1:], default=1) <= 0:
+        levels = self.priority_p99_ms.values()
+        if not all(map(math.isfinite, (self.p99_ms, *levels))) or self.p99_ms < 0 or any(v <= 0 for v in levels):
             raise InvalidArgument("SLO targets must be finite and positive (p99_ms 0 means none)")
         if not 0.0 <= self.min_accuracy <= 1.0:
             raise InvalidArgument(f"min_accuracy must be within 0..1, got {self.min_accuracy}")

@@ -68,10 +68,9 @@ def run_batch(
             rows = sum(entry.rows for entry in group)
             _check(results, names, rows if batched else None)
             by_entry.update(zip(map(id, group), _split(results, group, declared), strict=True))
-            t3 = clock.now()
-            outcome.input_s, outcome.infer_s, outcome.output_s = (
-                outcome.input_s + t1 - t0, outcome.infer_s + t2 - t1, outcome.output_s + t3 - t2
-            )
+            outcome.input_s += t1 - t0
+            outcome.infer_s += t2 - t1
+            outcome.output_s += clock.now() - t2
         outcome.outputs = [by_entry[id(entry)] for entry in entries]
     except BackendError as exc:
         outcome.error = exc

@@ -153,14 +153,14 @@ def class_counts(msg: pb.ModelInferRequest, specs: dict[str, TensorSpec]) -> dic
     """Outputs asked for with Triton's classification extension (tritonclient's `class_count`): name -> top N."""
     counts: dict[str, int] = {}
     for out in msg.outputs:
-        if CLASSIFICATION not in out.parameters:
+        params = {key: param_value(value) for key, value in out.parameters.items()} if out.parameters else {}
+        count = int_param(params, CLASSIFICATION)
+        if not count:  # absent or 0: the tensor itself
             continue
-        count = int_param({CLASSIFICATION: param_value(out.parameters[CLASSIFICATION])}, CLASSIFICATION)
         spec = specs.get(out.name)
-        if count and spec is not None and spec.datatype is DataType.BYTES:
+        if spec is not None and spec.datatype is DataType.BYTES:
             raise InvalidArgument(f"output '{out.name}': classification needs a numeric output, not BYTES")
-        if count:
-            counts[out.name] = count
+        counts[out.name] = count
     return counts
 
 
