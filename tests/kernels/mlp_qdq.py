@@ -1,4 +1,5 @@
-"""Small float MLPs and their QDQ-quantized forms, made the way `tidal optimize` makes them (ORT static QDQ)."""
+"""Small float MLPs, their QDQ-quantized forms (made the way `tidal optimize` makes them, ORT static QDQ), and
+the exact reference the int8 kernels are judged against."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -61,3 +63,12 @@ def quantize(model: onnx.ModelProto, out_dir: Path, *, signed: bool = False, per
         per_channel=per_channel,
     )
     return qdq
+
+
+def exact_reference(path: Path) -> ort.InferenceSession:
+    """ONNX Runtime with every graph optimization off: each DequantizeLinear -> float MatMul -> QuantizeLinear
+    runs as written. The optimized session fuses them into MLAS's int8 GEMM, whose AVX2 u8 x s8 path (hosts
+    without VNNI) saturates its int16 pair sums, so it is no oracle on such hosts."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

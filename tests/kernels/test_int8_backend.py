@@ -1,4 +1,8 @@
-"""The int8 backend against ONNX Runtime's own int8 execution of the same QDQ model."""
+"""The int8 backend against the exact execution of the same QDQ model, on every kernel path this CPU runs.
+
+The oracle is ONNX Runtime with graph optimizations off (see mlp_qdq.exact_reference), never its fused int8
+path: on AVX2 hosts without VNNI that path saturates u8 x s8 pair sums while tidal's kernels stay exact.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from mlp_qdq import mlp, quantize
+from mlp_qdq import exact_reference, mlp, quantize
 from onnx import TensorProto, helper
 
 from tidal import _kernels
@@ -23,10 +26,6 @@ from tidal.types import DataType, TensorSpec
 DIMS = [37, 96, 51, 10]
 
 
-def _ort(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def _output_scale(path: Path) -> float:
     """Scale of the QuantizeLinear that feeds the graph output: one step of the model's own resolution."""
     model = onnx.load(str(path))
@@ -36,44 +35,52 @@ def _output_scale(path: Path) -> float:
     return float(onnx.numpy_helper.to_array(scale))
 
 
+def _run(path: Path, x: np.ndarray, isa: str, threads: int = 0) -> np.ndarray:
+    backend = load(path, BackendOptions(intra_op_threads=threads, parameters={"isa": isa}))
+    name = backend.outputs()[0].name
+    try:
+        return backend.run({"x": x}, [name])[name]
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul-add", "gemm"])
 @pytest.mark.parametrize("signed", [False, True], ids=["u8-act", "s8-act"])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
-def test_matches_onnxruntime_int8(tmp_path: Path, gemm: bool, signed: bool, per_channel: bool) -> None:
+@pytest.mark.parametrize("spread", [1.0, 6.0], ids=["in-range", "saturating-input"])
+def test_matches_exact_reference(tmp_path: Path, gemm: bool, signed: bool, per_channel: bool, spread: float) -> None:
+    # spread 6 puts most activations at the ends of their range (u8 0 or 255): the largest pair sums, where a
+    # saturating u8 x s8 kernel (MLAS on AVX2) is furthest from the exact result.
     path = quantize(mlp(DIMS, gemm=gemm), tmp_path, signed=signed, per_channel=per_channel)
-    session = _ort(path)
-    x = np.random.default_rng(1).standard_normal((33, DIMS[0])).astype(np.float32)
-    expected = session.run(None, {"x": x})[0]
+    x = (np.random.default_rng(1).standard_normal((33, DIMS[0])) * spread).astype(np.float32)
+    expected = exact_reference(path).run(None, {"x": x})[0]
     tolerance = _output_scale(path) * 1.001  # at most one quantization step, from float rounding order
     for isa in _kernels.isas():
-        backend = load(path, BackendOptions(parameters={"isa": isa}))
-        got = backend.run({"x": x}, [backend.outputs()[0].name])[backend.outputs()[0].name]
+        got = _run(path, x, isa)
         assert got.dtype == np.float32 and got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance, err_msg=f"isa={isa}")
-        backend.close()
 
 
 @pytest.mark.parametrize("batch", [1, 2, 64])
 def test_batches_and_threads(tmp_path: Path, batch: int) -> None:
     path = quantize(mlp([64, 256, 512, 16]), tmp_path)
     x = np.random.default_rng(batch).standard_normal((batch, 64)).astype(np.float32)
-    expected = _ort(path).run(None, {"x": x})[0]
+    expected = exact_reference(path).run(None, {"x": x})[0]
     tolerance = _output_scale(path) * 1.001
-    for threads in (0, 1):
-        backend = load(path, BackendOptions(intra_op_threads=threads))
-        name = backend.outputs()[0].name
-        np.testing.assert_allclose(backend.run({"x": x}, [name])[name], expected, rtol=0, atol=tolerance)
+    for isa in _kernels.isas():
+        for threads in (0, 1):
+            got = _run(path, x, isa, threads)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance, err_msg=f"isa={isa} threads={threads}")
 
 
 def test_leading_dims_are_kept(tmp_path: Path) -> None:
     path = quantize(mlp([24, 32, 8], leading=("B", "S")), tmp_path, calibration_shape=(2, 5, 24))
     x = np.random.default_rng(2).standard_normal((3, 4, 24)).astype(np.float32)
-    expected = _ort(path).run(None, {"x": x})[0]
-    backend = load(path, BackendOptions())
-    name = backend.outputs()[0].name
-    got = backend.run({"x": x}, [name])[name]
-    assert got.shape == (3, 4, 8)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=_output_scale(path) * 1.001)
+    expected = exact_reference(path).run(None, {"x": x})[0]
+    for isa in _kernels.isas():
+        got = _run(path, x, isa)
+        assert got.shape == (3, 4, 8)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=_output_scale(path) * 1.001, err_msg=f"isa={isa}")
 
 
 def test_describes_inputs_and_outputs(tmp_path: Path) -> None:
@@ -180,13 +187,14 @@ def _drop_final_dequantize(path: Path) -> Path:
 def test_quantized_output(tmp_path: Path, signed: bool) -> None:
     path = _drop_final_dequantize(quantize(mlp(DIMS), tmp_path, signed=signed))
     x = np.random.default_rng(3).standard_normal((17, DIMS[0])).astype(np.float32)
-    expected = _ort(path).run(None, {"x": x})[0]
-    backend = load(path, BackendOptions())
-    [out] = backend.outputs()
-    assert out.datatype == (DataType.INT8 if signed else DataType.UINT8)
-    got = backend.run({"x": x}, [out.name])[out.name]
-    assert got.dtype == expected.dtype
-    assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1
+    expected = exact_reference(path).run(None, {"x": x})[0]
+    for isa in _kernels.isas():
+        backend = load(path, BackendOptions(parameters={"isa": isa}))
+        [out] = backend.outputs()
+        assert out.datatype == (DataType.INT8 if signed else DataType.UINT8)
+        got = backend.run({"x": x}, [out.name])[out.name]
+        assert got.dtype == expected.dtype
+        assert np.abs(got.astype(np.int32) - expected.astype(np.int32)).max() <= 1, f"isa={isa}"
 
 
 def test_chain_equals_layer_by_layer_kernels() -> None:

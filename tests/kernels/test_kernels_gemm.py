@@ -64,6 +64,29 @@ def test_extreme_weights_do_not_saturate(isa: str, fill: int) -> None:
     np.testing.assert_array_equal(_kernels.gemm_s32(a, w), _reference_s32(a, b, 0, np.zeros(20, np.int32)))
 
 
+def _saturating_s32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What a u8 x s8 kernel computes when it adds each pair of products in saturating int16 (vpmaddubsw used
+    on full 8-bit weights, as MLAS's AVX2 path does): the result tidal's kernels must never produce."""
+    products = a.astype(np.int64)[:, :, None] * b.astype(np.int64)[None]
+    if products.shape[1] % 2:
+        products = np.concatenate([products, np.zeros_like(products[:, :1])], axis=1)
+    return np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767).sum(axis=1)
+
+
+@each_isa
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 12), k=st.integers(2, 300), n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_exact_where_saturating_pairs_are_not(isa: str, m: int, k: int, n: int, seed: int) -> None:
+    # Bright activations against large same-signed weights: many pairs exceed int16, so the check below
+    # proves the inputs would expose a saturating kernel, and the kernel must still equal the int64 sums.
+    rng = np.random.default_rng(seed)
+    a = rng.integers(192, 256, (m, k), dtype=np.uint8)
+    b = (rng.integers(96, 128, (k, n)) * rng.choice([-1, 1], n)).astype(np.int8)
+    exact = _reference_s32(a, b, 0, np.zeros(n, np.int32))
+    assert (_saturating_s32(a, b) != exact).any()
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, _kernels.PackedWeights(b, isa=isa)), exact)
+
+
 @each_isa
 def test_transposed_packing_matches(isa: str) -> None:
     a, b, _ = _operands(9, 70, 45, 3, False)
