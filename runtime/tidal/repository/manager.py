@@ -200,6 +200,15 @@ async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> l
     raise failure
 
 
+def _read_model(name: str, path: Path) -> tuple[ParsedConfig, list[int]]:
+    """Blocking: the model's config and the versions its policy selects."""
+    parsed = load_config(path, name)
+    versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
+    if not versions:
+        raise ConfigError(f"{path}: no numeric version folder")
+    return parsed, versions
+
+
 StateListener = Callable[[str, ModelState, str], Awaitable[None]]
 
 
@@ -266,10 +275,9 @@ class ModelManager:
 
     async def _load_versions(self, name: str, path: Path) -> dict[int, ServedVersion]:
         """Every selected version built and its scheduler started; on failure nothing is left open."""
-        parsed = load_config(path, name)
-        versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
-        if not versions:
-            raise ConfigError(f"{path}: no numeric version folder")
+        # Reading and parsing files is blocking work on whatever the repository holds: off the event loop,
+        # so a slow disk or a pathological config cannot stall requests, health checks or a SIGTERM.
+        parsed, versions = await asyncio.to_thread(_read_model, name, path)
         built = await _build_all(path, parsed, versions)
         new: dict[int, ServedVersion] = {}
         try:

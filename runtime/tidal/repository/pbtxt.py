@@ -9,6 +9,7 @@ field and the file). Protobuf's own parser cannot tell the last two apart.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +63,8 @@ TRITON_NOT_ACTED_ON = frozenset(
 )
 
 _OPEN = {"{": "}", "<": ">"}
+# Deeper nesting than any real config: beyond it the walk would end in a RecursionError, not a named line.
+MAX_NESTING = 64
 
 
 class _Walker:
@@ -77,17 +80,23 @@ class _Walker:
         self.kept: list[str] = []
         self.seen: set[str] = set()
         self.unknown: set[str] = set()
+        self.depth = 0
+        self._line = 0
 
     def _take(self, keep: bool) -> str:
         token = self.tok.token
         if keep:
+            while self._line < self.tok._line:  # kept tokens stay on their lines, so errors name the right one
+                self.kept.append("\n")
+                self._line += 1
             self.kept.append(token)
         self.tok.NextToken()
         return token
 
     def _expect(self, token: str, keep: bool) -> None:
         if self.tok.token != token:
-            raise text_format.ParseError(f"expected '{token}' but found '{self.tok.token}'")
+            found = f"'{self.tok.token}'" if not self.tok.AtEnd() else "the end of the file"
+            raise self.tok.ParseError(f"expected '{token}' but found {found}")
         self._take(keep)
 
     def message(self, desc: _descriptor.Descriptor | None, prefix: str, closer: str | None, keep: bool) -> None:
@@ -107,6 +116,8 @@ class _Walker:
             if self.tok.token == "[":
                 self._take(keep_field)
                 while self.tok.token != "]":
+                    if self.tok.AtEnd():  # an unclosed list: without this check the walk never ends
+                        raise self.tok.ParseError(f"'{path}': list opened with '[' is never closed with ']'")
                     self.value(sub, path, keep_field, has_colon=True, known=field is not None)
                     if self.tok.token == ",":
                         self._take(keep_field)
@@ -119,17 +130,35 @@ class _Walker:
     def value(self, sub: _descriptor.Descriptor | None, path: str, keep: bool, has_colon: bool, known: bool) -> None:
         closer = _OPEN.get(self.tok.token)
         if closer is not None:
+            if self.depth >= MAX_NESTING:
+                raise self.tok.ParseError(f"'{path}': blocks nested deeper than {MAX_NESTING} levels")
             self._take(keep)
+            self.depth += 1
             self.message(sub if known else None, path + ".", closer, keep)
+            self.depth -= 1
             self._expect(closer, keep)
             return
         if not has_colon:
-            raise text_format.ParseError(f"expected ':' or a block after '{path}'")
+            raise self.tok.ParseError(f"expected ':' or a block after '{path}'")
         if self.tok.token[:1] in ("'", '"'):
             while self.tok.token[:1] in ("'", '"'):
                 self._take(keep)
         else:
             self._take(keep)
+
+
+_ECHOED_LINE = re.compile(r"^(\d+:\d+ : )'(.*)': ", re.DOTALL)
+_ECHO_CHARS = 80
+
+
+def _config_error(source: str, exc: text_format.ParseError) -> ConfigError:
+    """protobuf's message repeats the whole offending line; a file with one huge line would make the error
+    (kept in RepositoryIndex, sent in gRPC metadata) as large as the file, so the echo is cut."""
+    text = str(exc)
+    match = _ECHOED_LINE.match(text)
+    if match and len(match.group(2)) > _ECHO_CHARS:
+        text = f"{match.group(1)}'{match.group(2)[:_ECHO_CHARS]}...': {text[match.end():]}"
+    return ConfigError(f"{source}: {text}")
 
 
 class ParsedConfig(NamedTuple):
@@ -154,7 +183,7 @@ def parse_model_config_text(text: str, source: str) -> ParsedConfig:
     try:
         walker.message(model_config_pb2.ModelConfig.DESCRIPTOR, "", None, keep=True)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise _config_error(source, exc) from exc
     foreign = sorted(walker.unknown - TRITON_NOT_ACTED_ON)
     if foreign:
         raise ConfigError(f"{source}: unknown field(s) {', '.join(foreign)} (neither Triton's nor tidal's)")
@@ -162,7 +191,7 @@ def parse_model_config_text(text: str, source: str) -> ParsedConfig:
     try:
         text_format.Parse(" ".join(walker.kept), config)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise _config_error(source, exc) from exc
     _check_enums(config, "", source)
     ignored = sorted((walker.seen | walker.unknown) & TRITON_NOT_ACTED_ON)
     return ParsedConfig(config, ignored, frozenset(walker.seen), source)

@@ -46,12 +46,15 @@ class RepositoryPoller:
 
     def snapshot(self) -> None:
         """Record the state the start-up load saw, so only later changes trigger reloads."""
+        self._known = self._scan()
+
+    def _scan(self) -> dict[str, Fingerprint]:
+        """Blocking: walks every file of the repository."""
         root = self._manager.root
-        self._known = {name: fingerprint(root / name) for name in layout.list_models(root)}
+        return {name: fingerprint(root / name) for name in layout.list_models(root)}
 
     async def poll_once(self) -> None:
-        root = self._manager.root
-        current = {name: fingerprint(root / name) for name in layout.list_models(root)}
+        current = await asyncio.to_thread(self._scan)  # a large or slow repository must not stall requests
         for name in sorted(set(self._known) - set(current)):
             log.info("poll: model %s removed from the repository, unloading", name)
             with contextlib.suppress(TidalError):
