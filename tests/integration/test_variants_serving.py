@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -107,3 +108,10 @@ def test_unknown_variant_is_refused(variant_server) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _set_variant(srv, "fp64")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fp64" in err.value.details()
+
+
+def test_the_serving_log_names_each_variants_backend_choice(variant_server) -> None:
+    srv, _ = variant_server
+    log = srv.log()
+    assert re.search(r"variant int8: backend (int8|onnxruntime) is the fastest exact backend \(", log), log[-3000:]
+    assert "variant pruned-50: backend onnxruntime: the only backend that runs it here" in log

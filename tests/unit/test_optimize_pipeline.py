@@ -88,12 +88,29 @@ def test_recorded_accuracies_match_a_fresh_measurement(repo: Path, files: Path) 
     reference = predict(folder / "model.onnx", val)
     for v in manifest.variants.values():
         assert v.accuracy is not None and v.accuracy.metric == "top1_accuracy" and v.accuracy.samples == 600
-        fresh = score(predict(folder / v.file, val), reference, val.labels)
+        served_on = v.backends[0] if v.choice else "onnxruntime"  # fp16: no CPU choice, ORT measures it
+        fresh = score(predict(folder / v.file, val, served_on), reference, val.labels)
         assert fresh.value == pytest.approx(v.accuracy.value, abs=1.01 / 600), v.name  # at most one row flips
         assert fresh.top1_agreement == pytest.approx(v.accuracy.top1_agreement, abs=1.01 / 600), v.name
     fp32 = manifest.variants["fp32"].accuracy
     assert fp32 is not None and fp32.value > 0.7
     assert manifest.variants["int8"].accuracy.value >= fp32.value - 0.02
+
+
+def test_int8_serves_on_the_fastest_exact_backend(repo: Path) -> None:
+    manifest = load_manifest(repo / "clf" / "1")
+    assert manifest is not None
+    int8 = manifest.variants["int8"]
+    choice = int8.choice
+    assert choice is not None and choice.hardware == manifest.hardware
+    assert set(choice.measured) == set(int8.profiles) == {"int8", "onnxruntime"}
+    exact = [name for name, m in choice.measured.items() if m.agrees]
+    assert all(m.max_error_steps is not None and m.agrees == (m.max_error_steps <= 1) for m in choice.measured.values())
+    assert int8.backends == tuple(sorted(exact, key=lambda n: choice.measured[n].mean_p50_ms))
+    assert choice.chosen == int8.backends[0] and choice.chosen in choice.reason
+    assert choice.measured["int8"].agrees  # tidal's kernels are exact on every ISA
+    fp32 = manifest.variants["fp32"]
+    assert fp32.choice is not None and fp32.choice.measured["onnxruntime"].max_error_steps is None
 
 
 def test_pruned_and_distilled_variants_do_less_work(repo: Path) -> None:

@@ -70,6 +70,27 @@ def test_dynamic_int8(trained: tuple[Path, Dataset, Dataset]) -> None:
     assert acc.metric == "top1_agreement" and acc.value >= 0.95
 
 
+def _largest_int8_weight(path: Path) -> int:
+    inits = onnx.load(str(path)).graph.initializer
+    return max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max()) for t in inits
+               if t.data_type == TensorProto.INT8 and len(t.dims) == 2)  # fmt: skip
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_reduce_range_makes_seven_bit_weights(trained: tuple[Path, Dataset, Dataset], dynamic: bool) -> None:
+    # |w| <= 64 keeps every u8 x s8 pair sum (2 * 255 * 64) inside int16: what hosts without VNNI need.
+    folder, cal, val = trained
+    full, seven = folder / f"full-{dynamic}.onnx", folder / f"seven-{dynamic}.onnx"
+    for path, reduce_range in ((full, False), (seven, True)):
+        if dynamic:
+            quantize.quantize_int8_dynamic(folder / "model.onnx", path, reduce_range=reduce_range)
+        else:
+            quantize.quantize_int8_static(folder / "model.onnx", path, cal, reduce_range=reduce_range)
+    assert _largest_int8_weight(full) > 64 >= _largest_int8_weight(seven)
+    acc = score(predict(seven, val), predict(folder / "model.onnx", val), val.labels)
+    assert acc.top1_agreement >= 0.95
+
+
 def test_dynamic_int8_does_not_suit_convolutions() -> None:
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "c",

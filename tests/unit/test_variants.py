@@ -12,8 +12,10 @@ from tidal.errors import ConfigError
 from tidal.repository.variants import (
     MANIFEST_FILE,
     Accuracy,
+    BackendChoice,
     Hardware,
     LatencyProfile,
+    Measured,
     Variant,
     VariantManifest,
     load_manifest,
@@ -21,6 +23,10 @@ from tidal.repository.variants import (
 )
 
 HW = Hardware("Test CPU", 2, ("avx2", "avx512_vnni"))
+CHOICE = BackendChoice(
+    "int8", "int8 is the fastest exact backend", HW,
+    {"int8": Measured(0.67, 0.0, True), "onnxruntime": Measured(1.65, 26.0, False)},
+)  # fmt: skip
 
 
 def _profile(p50: tuple[float, ...] = (1.0, 1.5, 3.0), sizes: tuple[int, ...] = (1, 2, 8)) -> LatencyProfile:
@@ -47,7 +53,7 @@ def _manifest(folder: Path) -> VariantManifest:
         ),
         "int8": Variant(
             "int8", "model.int8.onnx", "int8", ("int8", "onnxruntime"), ("cpu",), 4, 5, None, acc,
-            {"onnxruntime": _profile(), "int8": _profile((0.5, 0.6, 1.0))}, {"calibration_rows": 64},
+            {"onnxruntime": _profile(), "int8": _profile((0.5, 0.6, 1.0))}, {"calibration_rows": 64}, CHOICE,
         ),
         "fp16": Variant("fp16", "model.fp16.onnx", "fp16", ("tensorrt",), ("gpu",), 6, 5, 10, None),
     }  # fmt: skip
@@ -137,3 +143,19 @@ def test_select(tmp_path: Path) -> None:
     assert [v.name for v in manifest.select(["int8", "fp32"])] == ["fp32", "int8"]
     with pytest.raises(ConfigError, match="pruned-50"):
         manifest.select(["pruned-50"])
+
+
+def test_choice_is_trusted_only_on_the_cpu_it_was_measured_on(tmp_path: Path) -> None:
+    int8 = _manifest(tmp_path).variants["int8"]
+    assert int8.serving_order("Test CPU", ["avx512_vnni", "avx2"]) == (("int8", "onnxruntime"), None)
+    order, why = int8.serving_order("Test CPU", ["avx2"])
+    assert order == int8.backends and why is not None and "avx512_vnni" in why and "Test CPU" in why
+    _, why = int8.serving_order("Other CPU", ["avx2", "avx512_vnni"])
+    assert why is not None and "'Other CPU'" in why
+    fp16 = _manifest(tmp_path).variants["fp16"]  # nothing measured: nothing to distrust
+    assert fp16.serving_order("Other CPU", []) == (("tensorrt",), None)
+
+
+def test_choice_fields_are_checked(tmp_path: Path) -> None:
+    message = _broken(tmp_path, lambda r: r["variants"]["int8"]["choice"]["measured"]["int8"].update(agrees="yes"))
+    assert "variants.int8.choice.measured.int8.agrees" in message

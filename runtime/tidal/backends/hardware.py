@@ -23,6 +23,13 @@ _AVX512_VNNI = "avx512_vnni"
 _AVX_VNNI = "avx_vnni"
 _AVX2 = "avx2"
 
+# ISA extensions that decide which kernels a model gets (tidal's and ONNX Runtime's MLAS); the rest of
+# /proc/cpuinfo is noise for that. Two hosts that agree on these and the model name run the same code.
+ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16", "neon", "asimddp",
+)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class CpuInfo:
@@ -44,6 +51,15 @@ class CpuInfo:
     @property
     def has_avx2(self) -> bool:
         return _AVX2 in self.flags
+
+    @property
+    def has_vnni(self) -> bool:
+        """Whether int8 dot products run without int16 intermediates (no pair-sum saturation anywhere)."""
+        return self.has_avx512_vnni or self.has_avx_vnni
+
+    @property
+    def isa_flags(self) -> tuple[str, ...]:
+        return tuple(f for f in ISA_FLAGS if f in self.flags)
 
     def best_int8_isa(self) -> str | None:
         """The widest int8 dot-product extension present, by tidal's kernel names."""
@@ -129,4 +145,4 @@ def hardware() -> Hardware:
     return Hardware(cpu=cpu_info(), gpus=gpus())
 
 
-__all__ = ["CpuInfo", "GpuInfo", "Hardware", "cpu_info", "gpus", "hardware"]
+__all__ = ["ISA_FLAGS", "CpuInfo", "GpuInfo", "Hardware", "cpu_info", "gpus", "hardware"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from tidal.backends import hardware as host
 from tidal.errors import ConfigError
 from tidal.optimize import distill, prune, quantize
 from tidal.optimize.data import Dataset
@@ -39,6 +40,7 @@ RUNNABLE_ON = {"fp16": ("gpu",)}  # the rest: ("cpu",)
 # Kinds built only from fp32 tensors: the quantizers and the fp16 conversion leave other precisions
 # as they are (a "quantized" file would be the model unchanged), and the student trains in fp32.
 _FP32_ONLY = frozenset({"int8", "int8-dynamic", "distilled", "fp16"})
+_SEVEN_BIT = ", 7-bit (reduce_range: |w| <= 64, no int16 pair-sum saturation)"
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
 
 
@@ -48,6 +50,12 @@ class BuildSettings:
     student_hidden: tuple[int, ...] | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40))
     calibration_method: str = "minmax"
+    # 7-bit weights, so no u8 x s8 pair sum saturates int16; None: exactly when this CPU lacks VNNI, where
+    # ONNX Runtime's int8 kernels would saturate and tidal's exact ones would need their slower 8-bit path.
+    reduce_range: bool | None = None
+
+    def seven_bit_weights(self) -> bool:
+        return not host.cpu_info().has_vnni if self.reduce_range is None else self.reduce_range
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +117,13 @@ def build_fp32(source: Path, version_dir: Path) -> tuple[Built, onnx.ModelProto]
 
 def build_int8(ctx: Context) -> list[Built]:
     path = ctx.version_dir / "model.int8.onnx"
-    quantize.quantize_int8_static(ctx.fp32_path, path, ctx.calibration, ctx.settings.calibration_method)
+    seven_bit = ctx.settings.seven_bit_weights()
+    quantize.quantize_int8_static(ctx.fp32_path, path, ctx.calibration, ctx.settings.calibration_method, seven_bit)
     _check_quantized(path)
     details = {
         "format": "QDQ",
         "activations": "int8 per-tensor",
-        "weights": "int8 per-channel, symmetric",
+        "weights": f"int8 per-channel, symmetric{_SEVEN_BIT if seven_bit else ''}",
         "calibration": ctx.calibration.source,
         "calibration_rows": ctx.calibration.rows,
         "calibration_method": ctx.settings.calibration_method,
@@ -127,9 +136,11 @@ def build_int8_dynamic(ctx: Context) -> list[Built]:
         ops = ", ".join(sorted({n.op_type for n in ctx.fp32.graph.node}))
         raise ConfigError(f"dynamic INT8 suits MatMul/Gemm graphs without convolutions; this graph has {ops}")
     path = ctx.version_dir / "model.int8-dynamic.onnx"
-    quantize.quantize_int8_dynamic(ctx.fp32_path, path)
+    seven_bit = ctx.settings.seven_bit_weights()
+    quantize.quantize_int8_dynamic(ctx.fp32_path, path, seven_bit)
     _check_quantized(path)
-    details = {"activations": "uint8, quantized per batch at run time", "weights": "int8 per-tensor"}
+    weights = f"int8 per-tensor{_SEVEN_BIT if seven_bit else ''}"
+    details = {"activations": "uint8, quantized per batch at run time", "weights": weights}
     return [ctx.like_fp32("int8-dynamic", "int8-dynamic", details)]
 
 

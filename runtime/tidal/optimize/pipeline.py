@@ -2,11 +2,12 @@
 
 optimize: check the inputs, write the fp32 variant, build every other kind
 that applies (a kind named in --variants that does not fails the run),
-measure accuracy (validation labels, else agreement with fp32 on the
-calibration rows), leave out what falls below --min-accuracy, profile the rest
-on each backend that can load them, then write variants.json (and a
-config.pbtxt when the model has none yet). profile: only the last step, for a
-repository moved to other hardware.
+profile each on every backend that can load it and keep those whose outputs
+are exact (choose.py), fastest first; measure accuracy on the backend that
+will serve it (validation labels, else agreement with fp32 on the calibration
+rows), leave out what falls below --min-accuracy, then write variants.json
+(and a config.pbtxt when the model has none yet). profile: only the
+profiling and the choice, for a repository moved to other hardware.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
 from tidal import backends
 from tidal.errors import ConfigError, NotFound, TidalError
-from tidal.optimize import evaluate
+from tidal.optimize import choose, evaluate
 from tidal.optimize.build import (
     BUILDERS,
     CANDIDATE_BACKENDS,
@@ -47,6 +49,7 @@ from tidal.optimize.profile import ProfileSettings, current_hardware, measure
 from tidal.repository.layout import list_versions, model_dir
 from tidal.repository.variants import (
     Accuracy,
+    BackendChoice,
     LatencyProfile,
     Variant,
     VariantManifest,
@@ -56,6 +59,7 @@ from tidal.repository.variants import (
 
 Log = Callable[[str], None]
 DEFAULT_MAX_BATCH_SIZE = 64
+_CHECK_ROWS = 256  # rows each backend runs for the exactness check against the reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,24 +98,30 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
     version_dir.mkdir(parents=True, exist_ok=True)
     max_batch = options.max_batch_size or existing_max_batch_size(folder) or DEFAULT_MAX_BATCH_SIZE
     built = _build(options, kinds, calibration, version_dir, log)
-    accuracy = _accuracies(built, version_dir, validation or calibration, options.progress)
-    kept = [b for b in built if _passes(b, accuracy[b.name], options.min_accuracy, version_dir, log)]
+    data = validation or calibration
+    reference = evaluate.predict(version_dir / built[0].file, data)
     settings = ProfileSettings(max_batch, options.instances, options.intra_op_threads, options.profile_seconds)
+    check_rows = {k: v[:_CHECK_ROWS] for k, v in data.feeds.items()}
     variants = {}
-    for b in kept:
+    for b in tqdm(built, desc="measuring variants", disable=not options.progress, leave=False):
         runnable = RUNNABLE_ON.get(b.kind, ("cpu",))
         try:
-            usable, profiles = _profile(
-                version_dir / b.file, b.name, CANDIDATE_BACKENDS[b.kind], runnable, settings, options.progress, log
+            usable, profiles, choice = _profile(
+                version_dir / b.file, b.name, CANDIDATE_BACKENDS[b.kind], runnable, settings, check_rows, log,
+                options.progress,
             )
         except ConfigError as exc:
             if b.kind == "fp32":
                 raise
             log(f"left out {b.name}: {exc}")
+            (version_dir / b.file).unlink(missing_ok=True)
+            continue
+        accuracy = _accuracy(version_dir / b.file, usable[0] if choice else "onnxruntime", data, reference)
+        if not _passes(b, accuracy, options.min_accuracy, version_dir, log):
             continue
         variants[b.name] = Variant(
             b.name, b.file, b.kind, usable, runnable, (version_dir / b.file).stat().st_size,
-            b.parameters, b.flops_per_row, accuracy[b.name], profiles, b.details,
+            b.parameters, b.flops_per_row, accuracy, profiles, b.details, choice,
         )  # fmt: skip
     if not (folder / CONFIG_FILE).is_file():
         write_config(folder, options.name, version_dir / "model.onnx", max_batch)
@@ -179,15 +189,12 @@ def _run_builder(kind: str, ctx: Context, options: OptimizeOptions, log: Log) ->
             return []
 
 
-def _accuracies(built: list[Built], version_dir: Path, data: Dataset, progress: bool) -> dict[str, Accuracy | None]:
-    reference = evaluate.predict(version_dir / built[0].file, data)
-    found: dict[str, Accuracy | None] = {}
-    for b in tqdm(built, desc="measuring accuracy", disable=not progress, leave=False):
-        try:
-            found[b.name] = evaluate.score(evaluate.predict(version_dir / b.file, data), reference, data.labels)
-        except TidalError:  # e.g. fp16 kernels ONNX Runtime lacks on this CPU
-            found[b.name] = None
-    return found
+def _accuracy(path: Path, backend: str, data: Dataset, reference: np.ndarray) -> Accuracy | None:
+    """Measured on the backend that will serve the variant here, so the number is what clients get."""
+    try:
+        return evaluate.score(evaluate.predict(path, data, backend), reference, data.labels)
+    except TidalError:  # e.g. fp16 kernels ONNX Runtime lacks on this CPU
+        return None
 
 
 def _passes(b: Built, acc: Accuracy | None, minimum: float, version_dir: Path, log: Log) -> bool:
@@ -204,12 +211,13 @@ def _profile(
     candidates: tuple[str, ...],
     runnable_on: tuple[str, ...],
     settings: ProfileSettings,
-    progress: bool,
+    check_rows: dict[str, np.ndarray],
     log: Log,
-) -> tuple[tuple[str, ...], dict[str, LatencyProfile]]:
-    """Profiles on every candidate backend this host has; the backends that could load it."""
+    progress: bool,
+) -> tuple[tuple[str, ...], dict[str, LatencyProfile], BackendChoice | None]:
+    """Profiles on every candidate backend this host has; those that agree with the exact result, fastest first."""
     if "cpu" not in runnable_on:
-        return candidates, {}
+        return candidates, {}, None
     profiles = {}
     for backend in (b for b in candidates if b in backends.names()):
         sizes = settings.batch_sizes()
@@ -220,7 +228,10 @@ def _profile(
                 log(f"{name}: backend {backend} cannot run it here: {type(exc).__name__}: {exc}")
     if not profiles:
         raise ConfigError(f"{path}: no backend on this host can run variant {name}")
-    return tuple(b for b in candidates if b in profiles), profiles
+    usable, choice = choose.choose(path, profiles, check_rows)
+    if len(profiles) > 1:
+        log(f"{name}: serves on {choice.reason}")
+    return usable, profiles, choice
 
 
 def profile_repository(
@@ -247,10 +258,13 @@ def profile_repository(
     max_batch = max_batch_size or existing_max_batch_size(folder) or DEFAULT_MAX_BATCH_SIZE
     settings = ProfileSettings(max_batch, instances, intra_op_threads, profile_seconds)
     variants = {}
+    check_rows = choose.synthetic_feeds(version_dir / manifest.variants[manifest.default].file, _CHECK_ROWS)
     for v in manifest.variants.values():
         tried = tuple(dict.fromkeys([*v.backends, *CANDIDATE_BACKENDS[v.kind]]))
-        usable, profiles = _profile(version_dir / v.file, v.name, tried, v.runnable_on, settings, progress, log)
-        variants[v.name] = dataclasses.replace(v, backends=usable, profiles=profiles)
+        usable, profiles, choice = _profile(
+            version_dir / v.file, v.name, tried, v.runnable_on, settings, check_rows, log, progress
+        )
+        variants[v.name] = dataclasses.replace(v, backends=usable, profiles=profiles, choice=choice)
     updated = dataclasses.replace(manifest, hardware=current_hardware(), variants=variants)
     save_manifest(version_dir, updated)
     return updated

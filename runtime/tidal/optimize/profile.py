@@ -26,28 +26,6 @@ from tidal.errors import ConfigError
 from tidal.repository.variants import Hardware, LatencyProfile
 from tidal.types import DataType, TensorSpec
 
-# ISA extensions that decide which kernels a variant gets; the rest of /proc/cpuinfo is noise here.
-_ISA = tuple(
-    [
-        "sse4_2",
-        "avx",
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512_vnni",
-        "avx_vnni",
-        "avx512_bf16",
-        "avx512_fp16",
-        "amx_int8",
-        "amx_bf16",
-        "neon",
-        "asimddp",
-    ]
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ProfileSettings:
@@ -76,7 +54,7 @@ def current_hardware() -> Hardware:
     return Hardware(
         cpu_model=cpu.model,
         cores=cpu.cores,
-        isa_flags=tuple(f for f in _ISA if f in cpu.flags),
+        isa_flags=cpu.isa_flags,
         gpus=tuple(g.name for g in host.gpus()),
     )
 

@@ -72,11 +72,15 @@ class _Batches(CalibrationDataReader):
         return next(self._iter, None)
 
 
-def quantize_int8_static(src: Path, dst: Path, calibration: Dataset, method: str = "minmax") -> None:
+def quantize_int8_static(
+    src: Path, dst: Path, calibration: Dataset, method: str = "minmax", reduce_range: bool = False
+) -> None:
     """Static INT8 in QDQ format, S8S8, per-channel weights, calibrated on `calibration`.
 
-    S8S8 is ONNX Runtime's recommended QDQ default, and it avoids the u8 x s8
-    overflow of pre-VNNI AVX2 kernels; ReLU is folded into the activation ranges.
+    S8S8 is ONNX Runtime's recommended QDQ default; ReLU is folded into the
+    activation ranges. `reduce_range` makes 7-bit weights (|w| <= 64): no
+    u8 x s8 pair sum can then saturate int16, so ONNX Runtime's AVX2 kernels
+    are exact and tidal's run their fast one-instruction path (see kernels/).
     """
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"unknown calibration method '{method}' (known: {', '.join(CALIBRATION_METHODS)})")
@@ -92,6 +96,7 @@ def quantize_int8_static(src: Path, dst: Path, calibration: Dataset, method: str
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=reduce_range,
             calibrate_method=CALIBRATION_METHODS[method],
         )
 
@@ -102,9 +107,14 @@ def suits_dynamic(model: onnx.ModelProto) -> bool:
     return bool(ops & _MATMUL_OPS) and not ops & _CONV_OPS
 
 
-def quantize_int8_dynamic(src: Path, dst: Path) -> None:
-    """INT8 weights, activations quantized per batch at run time: no calibration needed."""
-    _quiet(quantize_dynamic, str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+def quantize_int8_dynamic(src: Path, dst: Path, reduce_range: bool = False) -> None:
+    """INT8 weights, activations quantized per batch at run time: no calibration needed.
+
+    ONNX Runtime runs it as u8 x s8 MatMulInteger, whose AVX2 kernel saturates without `reduce_range`.
+    """
+    _quiet(
+        quantize_dynamic, str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=reduce_range
+    )
 
 
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 
 from tidal import backends
+from tidal.backends import hardware
 from tidal.backends.base import Backend, BackendOptions
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
@@ -35,7 +36,7 @@ from tidal.repository.config import (
 )
 from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.validation import Signature
-from tidal.repository.variants import VariantManifest, load_manifest
+from tidal.repository.variants import Variant, VariantManifest, load_manifest
 from tidal.scheduling.engine import ModelScheduler
 from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import TensorSpec
@@ -156,7 +157,8 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
             continue
         try:
             engines[variant.name], runners[variant.name] = _load_instances(
-                version_dir / variant.file, variant.backends, spec.backend_options, spec.instance_count
+                version_dir / variant.file, _serving_order(spec.name, version, variant), spec.backend_options,
+                spec.instance_count,
             )
         except ConfigError as exc:
             log.warning("model %s version %d: variant %s left out: %s", spec.name, version, variant.name, exc)
@@ -170,6 +172,18 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     graphs = {f: graph if f == default_file else _graph_or_none(f) for f in files.values()}
     coupled = frozenset(name for name, f in files.items() if (g := graphs[f]) is not None and couples_rows(g))
     return _Built(spec, runners, engines, manifest, _predictable(spec, graphs), coupled)
+
+
+def _serving_order(model: str, version: int, variant: Variant) -> tuple[str, ...]:
+    """The variant's backends, fastest exact one first as `tidal optimize` measured; logs the choice."""
+    cpu = hardware.cpu_info()
+    order, distrust = variant.serving_order(cpu.model, cpu.isa_flags)
+    where = f"model {model} version {version}: variant {variant.name}"
+    if distrust:
+        log.warning("%s: %s; run `tidal profile REPOSITORY %s` on this host to choose again", where, distrust, model)
+    elif variant.choice is not None:
+        log.info("%s: backend %s", where, variant.choice.reason)
+    return order
 
 
 def _graph_or_none(path: Path) -> onnx.GraphProto | None:

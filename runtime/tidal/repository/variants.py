@@ -37,6 +37,7 @@ variants.json, format 1 (all keys required unless marked optional)::
           "flops_per_row": 91011 | null,   multiply-adds x2 for one batch row, when known
           "accuracy": ACCURACY | null,     null: not measured (e.g. fp16 on a CPU-only host)
           "profiles": {"onnxruntime": PROFILE, ...},
+          "choice": CHOICE | null,         optional: why "backends" is in its order
           "details": {...}                 how it was made (ratio, calibration, training losses)
         }, ...
       }
@@ -51,6 +52,11 @@ variants.json, format 1 (all keys required unless marked optional)::
                "instances": 1, "intra_op_threads": 2, "allow_spinning": false,
                "measured_at": "2026-01-01T00:00:00+00:00", "hardware": HARDWARE}
     HARDWARE = {"cpu_model": "...", "cores": 2, "isa_flags": ["avx2", "avx512_vnni"], "gpus": []}
+    CHOICE = {"chosen": "int8", "reason": "...", "hardware": HARDWARE,
+              "measured": {"int8": {"mean_p50_ms": 0.2, "max_error_steps": 0.0, "agrees": true}, ...}}
+        Every backend profiled: geometric mean of its p50 over the profile's batch sizes, and its largest
+        distance from the exact reference in output quantization steps. "backends" lists those that agree
+        (within one step), fastest first; a choice made on other hardware is not trusted (serving_order).
 
 This module only reads, checks and writes that file; it imports nothing above
 tidal.errors so every layer may use its types.
@@ -131,6 +137,23 @@ class LatencyProfile:
 
 
 @dataclass(frozen=True, slots=True)
+class Measured:
+    mean_p50_ms: float
+    max_error_steps: float | None  # None: not checked (the backend is the reference itself)
+    agrees: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackendChoice:
+    """Which backend serves a variant and why, as measured on `hardware`."""
+
+    chosen: str
+    reason: str
+    hardware: Hardware
+    measured: Mapping[str, Measured]
+
+
+@dataclass(frozen=True, slots=True)
 class Variant:
     name: str
     file: str
@@ -143,6 +166,22 @@ class Variant:
     accuracy: Accuracy | None
     profiles: Mapping[str, LatencyProfile] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
+    choice: BackendChoice | None = None
+
+    def serving_order(self, cpu_model: str, isa_flags: Iterable[str]) -> tuple[tuple[str, ...], str | None]:
+        """Backends to try at load, and why the recorded choice is not trusted here (None when it is).
+
+        A choice measured on another CPU model or ISA set may name a backend that is slower, or not
+        exact, on this one (MLAS saturates u8 x s8 pair sums without VNNI): the order stays, flagged.
+        """
+        hw = self.choice.hardware if self.choice else None
+        if hw is None or (hw.cpu_model == cpu_model and set(hw.isa_flags) == set(isa_flags)):
+            return self.backends, None
+        flags = ", ".join(sorted(set(hw.isa_flags) ^ set(isa_flags))) or "none"
+        return self.backends, (
+            f"its backend choice ({self.choice.chosen}) was measured on '{hw.cpu_model}', this host is "
+            f"'{cpu_model}' (ISA flags that differ: {flags})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +263,20 @@ def _variant_to_json(v: Variant) -> dict[str, Any]:
             "max_abs_err": acc.max_abs_err,
         },
         "profiles": {name: _profile_to_json(p) for name, p in v.profiles.items()},
+        "choice": None if v.choice is None else _choice_to_json(v.choice),
         "details": dict(v.details),
+    }
+
+
+def _choice_to_json(c: BackendChoice) -> dict[str, Any]:
+    return {
+        "chosen": c.chosen,
+        "reason": c.reason,
+        "hardware": hardware_to_json(c.hardware),
+        "measured": {
+            name: {"mean_p50_ms": m.mean_p50_ms, "max_error_steps": m.max_error_steps, "agrees": m.agrees}
+            for name, m in c.measured.items()
+        },
     }
 
 
@@ -316,6 +368,7 @@ class _Reader:
         if kind not in KINDS:
             raise self.child("kind").fail(f"unknown kind '{kind}'; allowed: {sorted(KINDS)}")
         acc = self.child("accuracy", optional=True)
+        choice = self.child("choice", optional=True)
         return Variant(
             name=name,
             file=self.get("file", str),
@@ -328,6 +381,23 @@ class _Reader:
             accuracy=None if acc.value is None else acc.accuracy(),
             profiles={backend: node.profile() for backend, node in self.items("profiles")},
             details=self.get("details", dict),
+            choice=None if choice.value is None else choice.choice(),
+        )
+
+    def choice(self) -> BackendChoice:
+        measured = {
+            name: Measured(
+                mean_p50_ms=float(node.get("mean_p50_ms", (int, float))),
+                max_error_steps=node.get("max_error_steps", (int, float), optional=True),
+                agrees=node.get("agrees", bool),
+            )
+            for name, node in self.items("measured")
+        }
+        return BackendChoice(
+            chosen=self.get("chosen", str),
+            reason=self.get("reason", str),
+            hardware=self.child("hardware").hardware(),
+            measured=measured,
         )
 
     def accuracy(self) -> Accuracy:
