@@ -272,6 +272,8 @@ NB_MODULE(_kernels, m) {
         .def_prop_ro("n", [](const tidal::PackedWeights& w) { return w.n; })
         .def_prop_ro("isa", [](const tidal::PackedWeights& w) { return std::string(tidal::isa_name(w.isa)); })
         .def_prop_ro("nbytes", [](const tidal::PackedWeights& w) { return static_cast<int64_t>(w.data.size()); })
+        .def_prop_ro("widened", [](const tidal::PackedWeights& w) { return w.widened; },
+                     "True when AVX2 runs these weights on its exact 8-bit (vpmaddwd) path: some |w| > 64.")
         .def("__repr__", [](const tidal::PackedWeights& w) {
             return "PackedWeights(k=" + std::to_string(w.k) + ", n=" + std::to_string(w.n) + ", isa='" +
                    tidal::isa_name(w.isa) + "')";

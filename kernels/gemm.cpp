@@ -192,6 +192,18 @@ void gemm(const GemmArgs& in, int threads) {
             for (int64_t k = 0; k < w.k; ++k) row_sums[m] += g.a[m * g.lda + k];
         g.row_sums = row_sums.data();
     }
+    // Widened (AVX2, 8-bit) weights multiply int16 activations: one widened copy of A per call, O(M x K)
+    // beside the O(M x N x K) product.
+    std::vector<int16_t> widened;
+    if (w.widened) {
+        const int64_t ld = 4 * w.k_groups;
+        widened.assign(static_cast<size_t>(g.m * ld), 0);
+        for (int64_t m = 0; m < g.m; ++m)
+            for (int64_t k = 0; k < w.k; ++k) widened[m * ld + k] = g.a[m * g.lda + k];
+        g.a = reinterpret_cast<const uint8_t*>(widened.data());
+        g.lda = 2 * ld;
+        g.a_group_bytes = 8;
+    }
 
     const TileFn fn = tile_fn(w.isa);
     ThreadPool& pool = ThreadPool::instance();

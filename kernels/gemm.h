@@ -26,8 +26,10 @@ bool isa_compiled(Isa isa);
 Isa best_isa();
 
 // Weights packed once: panels of 16 columns, K in groups of 4 bytes, so one 64-byte block feeds one
-// 512-bit vpdpbusd (or two 256-bit ones). The AVX2 path stores each weight as two halves in [-64, 64]
-// (two 64-byte blocks per group) unless every weight already lies there, so vpmaddubsw never saturates.
+// 512-bit vpdpbusd (or two 256-bit ones). AVX2 has no exact u8 x s8 dot product: vpmaddubsw adds each
+// pair of products in saturating int16, exact only while every weight lies in [-64, 64] (7-bit weights,
+// 2 * 255 * 64 < 2^15). Wider weights are stored widened: int16, 128 bytes per block (K pairs 0-1 then
+// 2-3, each as lanes 0-7 then 8-15), multiplied with vpmaddwd by activations widened the same way.
 // Panels are interleaved in groups of as many as the ISA's micro-kernel reads at once, so its weights
 // arrive as one sequential stream: group g (the last may be narrower) holds, for each K group in turn,
 // the blocks of its panels side by side.
@@ -36,12 +38,13 @@ struct PackedWeights {
     int64_t k = 0, n = 0;        // logical shape of B (K x N)
     int64_t k_groups = 0;        // ceil(K / 4)
     int64_t panels = 0;          // ceil(N / 16)
-    int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when split
+    int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when widened
     int64_t group = 1;           // panels interleaved per K group (panel_group(isa))
     std::vector<int8_t> data;    // [panels][k_groups][block_bytes], zero padded
     std::vector<int32_t> col_sums;     // [panels * 16] sum over k of B, for the activation zero point
     std::vector<int32_t> zero_points;  // [panels * 16] weight zero points (zeros when symmetric)
     bool has_zero_points = false;
+    bool widened = false;        // AVX2 only: int16 weights, activations widened at run time
 
 };
 
@@ -65,7 +68,7 @@ struct Epilogue {
 };
 
 struct GemmArgs {
-    const uint8_t* a = nullptr;  // M x lda, row-major, lda >= K
+    const uint8_t* a = nullptr;  // M x lda, row-major, lda >= K (bytes; int16 rows when widened)
     int64_t m = 0, lda = 0;
     int32_t a_zero_point = 0;
     const PackedWeights* w = nullptr;
@@ -76,6 +79,7 @@ struct GemmArgs {
     const int32_t* col_terms = nullptr;
     // Filled by gemm() so tile kernels touch raw pointers only (no std:: code compiled with ISA flags):
     int64_t k_groups = 0, panels = 0, block_bytes = 0, group = 1, n = 0;
+    int64_t a_group_bytes = 4;  // bytes of one A row per K group: 4, or 8 when widened
     const int8_t* b = nullptr;
     const int32_t* zero_points = nullptr;  // [panels*16]
     const int32_t* row_sums = nullptr;     // [M] sum over k of A; null when the weights are symmetric

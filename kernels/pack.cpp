@@ -1,6 +1,7 @@
 // Weight packing: done once per model load, so it favours clarity over speed.
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 
 #include "gemm.h"
 
@@ -25,8 +26,8 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
     w.n = n;
     w.k_groups = (k + 3) / 4;
     w.panels = (n + 15) / 16;
-    const bool split = isa == Isa::avx2 && !fits_half_range(b, k * n);
-    w.block_bytes = split ? 128 : 64;
+    w.widened = isa == Isa::avx2 && !fits_half_range(b, k * n);
+    w.block_bytes = w.widened ? 128 : 64;
     w.group = panel_group(isa);
     w.data.assign(static_cast<std::size_t>(w.panels * w.k_groups * w.block_bytes), 0);
     w.col_sums.assign(static_cast<std::size_t>(w.panels * 16), 0);
@@ -39,10 +40,10 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
             const int64_t first = panel / w.group * w.group, width = std::min(w.group, w.panels - first);
             int8_t* block = w.data.data() + first * w.k_groups * w.block_bytes +
                             (kgroup * width + panel - first) * w.block_bytes;
-            if (split) {
-                const int8_t hi = static_cast<int8_t>(value >> 1);  // floor(v / 2): both halves in [-64, 64]
-                block[lane * 4 + byte] = hi;
-                block[64 + lane * 4 + byte] = static_cast<int8_t>(value - hi);
+            if (w.widened) {
+                const int16_t wide = value;
+                const int64_t slot = (byte / 2) * 32 + (lane / 8) * 16 + (lane % 8) * 2 + byte % 2;
+                std::memcpy(block + 2 * slot, &wide, sizeof wide);
             } else {
                 block[lane * 4 + byte] = value;
             }

@@ -87,6 +87,24 @@ def test_exact_where_saturating_pairs_are_not(isa: str, m: int, k: int, n: int, 
     np.testing.assert_array_equal(_kernels.gemm_s32(a, _kernels.PackedWeights(b, isa=isa)), exact)
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 12), k=st.integers(1, 300), n=st.integers(1, 40), wide=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_avx2_takes_its_fast_path_only_for_seven_bit_weights(m: int, k: int, n: int, wide: bool, seed: int) -> None:
+    # 7-bit weights (what `tidal optimize` makes on hosts without VNNI) run on vpmaddubsw, whose pair sums
+    # cannot saturate there; one weight beyond [-64, 64] moves the whole matrix to the widened path.
+    if "avx2" not in _kernels.isas():
+        pytest.skip("this CPU lacks avx2")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(192, 256, (m, k), dtype=np.uint8)
+    b = rng.integers(-64, 65, (k, n), dtype=np.int8)
+    if wide:
+        b[rng.integers(k), rng.integers(n)] = rng.choice([-128, 65, 127])
+    w = _kernels.PackedWeights(b, isa="avx2")
+    assert w.widened == wide
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 7), _reference_s32(a, b, 7, np.zeros(n, np.int32)))
+
+
 @each_isa
 def test_transposed_packing_matches(isa: str) -> None:
     a, b, _ = _operands(9, 70, 45, 3, False)
