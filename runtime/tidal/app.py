@@ -20,6 +20,7 @@ from tidal.metrics import ModelSnapshot, ServerMetrics
 from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
+from tidal.transport.edge import EdgeMeter
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
 from tidal.types import Observation
@@ -62,8 +63,9 @@ class ServeOptions:
 class _Plant:
     """A served model version as the control loop sees it: knobs <-> setpoints, variants <-> manifest."""
 
-    def __init__(self, served: ServedVersion) -> None:
+    def __init__(self, served: ServedVersion, edge: EdgeMeter) -> None:
         self.served = served
+        self.edge = edge
         self.key = model_key(served.name, served.version)
         self.generation = served
 
@@ -96,7 +98,7 @@ class _Plant:
         return self.served.spec.slo()
 
     def observe(self) -> Observation:
-        return self.served.scheduler.observe()
+        return dataclasses.replace(self.served.scheduler.observe(), edge=self.edge.observe(self.served.name))
 
     def setpoint(self) -> Setpoint:
         k = self.served.scheduler.knobs
@@ -128,6 +130,7 @@ class App:
         )
         self._accepting = False
         self._stopping = asyncio.Event()
+        self.edge = EdgeMeter(self.clock.now)
         self.servicer = servicer = InferenceServicer(
             self.manager,
             self.clock,
@@ -135,11 +138,12 @@ class App:
             lambda: self._accepting,
             self.metrics,
             model_control=options.model_control_mode is ModelControlMode.EXPLICIT,
+            edge=self.edge,
         )
         self.controller = SloController()
         self.control_loop = ControlLoop(
             self.controller,
-            lambda: [_Plant(s) for s in self.manager.served()],
+            lambda: [_Plant(s, self.edge) for s in self.manager.served()],
             self.clock,
             self._decided,
         )
@@ -161,6 +165,11 @@ class App:
 
     def _decided(self, plant: _Plant, decision: Decision) -> None:
         served = plant.served
+        slo = self.controller.slo(plant.key)
+        target = min([slo.p99_ms, *slo.priority_p99_ms.values()]) if slo.engaged else 0.0
+        levels = served.spec.scheduler.priority_levels
+        self.edge.gate(served.name, levels).configure(target, decision.inflight_limit)
+        self.metrics.set_saturation(served.name, self.edge.saturation(served.name, decision.utilisation))
         self.metrics.set_slo(served.name, str(served.version), self._slo_ms(served))
         self.metrics.controller_decision(
             served.name, str(served.version), decision.reason.value, decision.observed_p99_ms,
@@ -183,6 +192,8 @@ class App:
                 variants=tuple(sorted(s.runners)),
                 instances=len(next(iter(s.runners.values()))),
                 slo_p99_ms=self._slo_ms(s),
+                edge=self.edge.observe(s.name),
+                received_rps=self.edge.rates(s.name)[0],
             )
             for s in self.manager.served()
         ]
@@ -200,6 +211,7 @@ class App:
             self.poller.snapshot()
             self.poller.start()
         self._control_task = asyncio.create_task(self.control_loop.run(), name="tidal-control")
+        self.edge.start()
         self._accepting = True
         await self.server.set_serving("", True)
         # A machine-readable line: tests and wrappers read the bound port from it.
@@ -223,6 +235,7 @@ class App:
             self._control_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._control_task
+        await self.edge.stop()
         try:
             # Schedulers keep running until every accepted request has its answer.
             await asyncio.wait_for(self.servicer.drained(), self.options.drain_grace_s)

@@ -41,7 +41,14 @@ class Unavailable(TidalError):
 
 
 class ResourceExhausted(TidalError):
+    """`pushback_ms`, when given, is sent as gRPC's `grpc-retry-pushback-ms`: clients with a retry policy wait
+    that long (or try another replica) instead of retrying at once into the same overload."""
+
     code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.pushback_ms = pushback_ms
 
 
 class DeadlineExceeded(TidalError):

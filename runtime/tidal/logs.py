@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -39,3 +40,44 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+
+
+
+class FailureDigest:
+    """Routine request failures as at most one line per (model, status, kind) and interval, with counts.
+
+    Under overload thousands of requests a second are refused or time out; a line each would bury every
+    other event and cost the event loop that is already saturated. The first failure of a key is logged at
+    once, so a lone failure stays visible as it happens; later ones within the interval are counted and
+    summed up in one line when it ends. Per-request detail goes to DEBUG. Event-loop only.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._open: dict[tuple[str, str, str], list] = {}  # key -> [count since the line, level, example]
+
+    def record(self, level: int, model: str, status: str, kind: str, message: str) -> None:
+        key = (model, status, kind)
+        entry = self._open.get(key)
+        if entry is not None:
+            entry[0] += 1
+            return
+        self._log.log(level, "infer %s failed: %s %s", model, status, message,
+                      extra={"model": model, "status": status})
+        self._start(key, level, message)
+
+    def _start(self, key: tuple[str, str, str], level: int, example: str) -> None:
+        self._open[key] = [0, level, example]
+        asyncio.get_running_loop().call_later(self._interval_s, self._close, key)
+
+    def _close(self, key: tuple[str, str, str]) -> None:
+        count, level, example = self._open.pop(key)
+        if not count:
+            return
+        model, status, kind = key
+        self._log.log(
+            level, "infer %s: %d more requests failed %s (%s) in the last %.0f s, e.g. %s",
+            model, count, status, kind, self._interval_s, example, extra={"model": model, "status": status},
+        )
+        self._start(key, level, example)

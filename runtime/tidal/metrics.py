@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tidal.types import EdgeObservation
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -40,6 +42,8 @@ class ModelSnapshot:
     variants: tuple[str, ...]
     instances: int
     slo_p99_ms: float
+    edge: EdgeObservation | None = None  # the transport's view of the model (by name, shared by its versions)
+    received_rps: float = 0.0  # inference RPCs reaching the server per second, admitted or not
 
 
 class _TritonCounter(Metric):
@@ -119,6 +123,7 @@ class _SnapshotCollector(Collector):
         yield from (success, failure, count, execs, pending, *durations.values())
         yield from (batch, depth, busy, instances, variant, knob, target)
         yield from self._metrics.slo_gauges(snaps)
+        yield from self._metrics.edge_gauges(snaps)
 
 
 class ServerMetrics:
@@ -144,6 +149,7 @@ class ServerMetrics:
             "tidal_model_load_failures", "Model loads that failed", ["model"], registry=self.registry
         )
         self._goodput: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._saturation: dict[str, float] = {}  # model -> its gauge as of its last control period
         self.registry.register(_SnapshotCollector(self))
         mv = ["model", "version"]
         self.decisions = Counter(
@@ -188,6 +194,58 @@ class ServerMetrics:
             return []
         future = asyncio.run_coroutine_threadsafe(_call(self._snapshot), self._loop)
         return future.result(timeout=10)
+
+    def set_saturation(self, model: str, value: float) -> None:
+        """The model's saturation gauge as of its last control period (on the loop)."""
+        self._saturation[model] = value
+
+    def edge_gauges(self, snaps: list[ModelSnapshot]) -> Iterable[Metric]:
+        """What the transport sees, read at scrape time; one series per model name (versions share the edge)."""
+        received = CounterMetricFamily(
+            "tidal_edge_received", "Inference RPCs that reached the server, admitted or not", labels=["model"]
+        )
+        rps = GaugeMetricFamily(
+            "tidal_edge_received_rps", "Inference RPCs reaching the server per second, last second", labels=["model"]
+        )
+        refused = CounterMetricFamily(
+            "tidal_edge_refused", "Requests refused at the edge before decoding (RESOURCE_EXHAUSTED)",
+            labels=["model", "priority"],
+        )
+        inflight = GaugeMetricFamily("tidal_edge_inflight", "Admitted requests not yet answered", labels=["model"])
+        limit = GaugeMetricFamily(
+            "tidal_edge_inflight_limit", "The edge's adaptive in-flight limit (0: admits all)", labels=["model"]
+        )
+        saturation = GaugeMetricFamily(
+            "tidal_saturation",
+            "Offered load over what a replica serves within the SLO, edge or backend, whichever binds; 1 = full, "
+            "above 1 = that many replicas' worth. model=\"\" is the server's: the autoscaling signal",
+            labels=["model"],
+        )
+        lag = GaugeMetricFamily("tidal_edge_loop_lag_seconds", "Event-loop lag, worst of the last second")
+        busy = GaugeMetricFamily("tidal_edge_loop_busy", "Share of the event loop's time spent working, last second")
+        seen: dict[str, ModelSnapshot] = {s.model: s for s in snaps if s.edge is not None}
+        for name, s in seen.items():
+            edge = s.edge
+            assert edge is not None
+            received.add_metric([name], edge.received)
+            rps.add_metric([name], s.received_rps)
+            for level, n in sorted(edge.refused.items()):
+                refused.add_metric([name, str(level)], n)
+            inflight.add_metric([name], edge.inflight)
+            limit.add_metric([name], edge.limit)
+        for name in set(self._saturation) - {s.model for s in snaps}:
+            del self._saturation[name]
+        for name, value in sorted(self._saturation.items()):
+            saturation.add_metric([name], value)
+        server = max(self._saturation.values(), default=0.0)
+        if seen:
+            edge = next(iter(seen.values())).edge
+            assert edge is not None
+            lag.add_metric([], edge.lag_ms / 1e3)
+            busy.add_metric([], edge.busy)
+            server = max(server, edge.busy)
+        saturation.add_metric([""], server)
+        yield from (received, rps, refused, inflight, limit, saturation, lag, busy)
 
     def set_slo(self, model: str, version: str, slo_ms: float) -> None:
         """The SLO that requests are judged against from now on (on the loop)."""

@@ -132,6 +132,18 @@ class LatencySample:
     queue_s: float  # arrival -> batch start
 
 
+@dataclass(frozen=True, slots=True)
+class EdgeObservation:
+    """What the transport saw of one model: requests reaching the server before any queue the scheduler owns."""
+
+    received: int  # inference RPCs whose handler started (cumulative), admitted or not
+    refused: dict[int, int]  # priority level -> refused by the edge gate before decoding (cumulative)
+    inflight: int  # admitted and not yet answered
+    limit: int  # the gate's current in-flight limit; 0 while the gate admits all
+    lag_ms: float  # the event loop's recent worst lag: what an arriving RPC waits before its handler runs
+    busy: float  # share of the event loop's time spent working (1 when lag says it is starved)
+
+
 @dataclass(frozen=True)
 class Observation:
     """What the scheduler shows the SLO controller each period.
@@ -150,3 +162,4 @@ class Observation:
     batches: tuple[BatchSample, ...]
     latencies: tuple[LatencySample, ...]
     shed: dict[int, int] = field(default_factory=dict)  # priority level -> refused by admission limits (cumulative)
+    edge: EdgeObservation | None = None  # the transport's view of the same model, where a transport feeds one

@@ -8,8 +8,10 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from onnx_models import DTYPES
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.types import DataType
 
 
 def _tensor(name: str, data: np.ndarray, datatype: str) -> tc.InferInput:
@@ -95,8 +97,10 @@ def test_unknown_datatype_and_bad_bytes_encoding(stub: pb_grpc.GRPCInferenceServ
         stub.ModelInfer(msg)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "FP8" in err.value.details()
     msg = pb.ModelInferRequest(model_name="identity")
-    msg.inputs.add(name="IN_BYTES", datatype="BYTES", shape=[1, 1])
-    msg.raw_input_contents.append(b"\x09\x00\x00\x00abc")  # says 9 bytes, carries 3
+    for datatype in DTYPES:  # every input the model takes, all well formed but one
+        msg.inputs.add(name=f"IN_{datatype}", datatype=datatype, shape=[1, 1])
+        msg.raw_input_contents.append(b"\x00" * DataType.from_wire(datatype).itemsize)
+    msg.raw_input_contents[list(DTYPES).index("BYTES")] = b"\x09\x00\x00\x00abc"  # says 9 bytes, carries 3
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(msg)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "IN_BYTES" in err.value.details()

@@ -110,6 +110,8 @@ class Decision:
     observed_p99_ms: float | None
     predicted_p99_ms: float | None
     arrival_rps: float  # offered requests per second (shed ones included)
+    utilisation: float = 0.0  # offered load / what the model serves within its SLO (busy share without an SLO)
+    inflight_limit: int = 0  # requests that fit inside the server within the SLO, predicted; 0: no prediction
 
 
 def model_key(name: str, version: int | str) -> str:

@@ -63,6 +63,7 @@ class ModelMemory:
     shedding: bool = False
     scale: float = 1.0  # the share of the estimated capacity that admission limits assume
     engaged: bool = False  # the controller changed knobs since it last restored the configured ones
+    busy: float = 0.0  # share of the instances' time spent executing in the last period
     history: deque[Decision] = field(default_factory=lambda: deque(maxlen=HISTORY))
     last: Decision | None = None
 
@@ -84,3 +85,4 @@ class Period:
     strained: str  # the same against the margin the plans aim at
     p50: float | None
     p99: float | None
+    busy: float = 0.0  # share of the instances' time spent executing since the last period

@@ -111,8 +111,13 @@ class SloController:
         dt = max(obs.at_s - previous, 0.0)
         model.last_at = obs.at_s
         model.window.add(obs.at_s, obs.latencies, model.since_s, previous)
-        levels = set(obs.arrivals) | set(obs.shed)
-        model.offered.add(obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) for lv in levels})
+        # Offered = admitted + refused anywhere: by the scheduler's admission limits or at the edge.
+        edge = obs.edge.refused if obs.edge is not None else {}
+        levels = set(obs.arrivals) | set(obs.shed) | set(edge)
+        model.offered.add(
+            obs.at_s, {lv: obs.arrivals.get(lv, 0) + obs.shed.get(lv, 0) + edge.get(lv, 0) for lv in levels}
+        )
+        model.busy = sum(b.compute_s for b in obs.batches) / (dt * model.info.instances) if dt > 0 else 0.0
         # Only variants that ran forget: an idle variant's last measurements stay its best evidence.
         for name in {batch.variant for batch in obs.batches} & model.latency.keys():
             model.latency[name].decay(dt, self.tuning.half_life_s)
@@ -161,6 +166,7 @@ class SloController:
             self._over(model, t.latency_margin),
             model.window.percentile(50),
             model.window.percentile(99),
+            model.busy,
         )
 
     def _over(self, model: ModelMemory, fraction: float) -> str:
@@ -174,13 +180,19 @@ class SloController:
 
     def _decision(
         self, model: ModelMemory, at_s: float, active: Setpoint, setpoint: Setpoint, reason: Reason, detail: str,
-        p: Period, predicted: float | None = None,
+        p: Period, predicted: float | None = None, plan: Plan | None = None,
     ) -> Decision:
         changed = setpoint != active
         if reason is Reason.HOLD and changed:
             reason = Reason.RETUNE
+        utilisation, inflight = p.busy, 0
+        if plan is not None and plan.capacity > 0:
+            utilisation = plan.utilisation
+            # Little's law: what the plan serves per ms times the time a request may spend inside.
+            inflight = int(plan.capacity / p.load.rows_per_request * p.load.target_ms)
         return Decision(
-            model.info.name, at_s, setpoint, changed, reason, detail, p.p50, p.p99, predicted, p.request_rps
+            model.info.name, at_s, setpoint, changed, reason, detail, p.p50, p.p99, predicted, p.request_rps,
+            utilisation, inflight,
         )
 
     def _off(self, model: ModelMemory, at_s: float, active: Setpoint, p: Period) -> Decision:
@@ -241,7 +253,7 @@ class SloController:
         setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
         model.drain_s = p.load.queued_rows / plan.capacity / 1e3 if plan.capacity > 0 else 0.0
         return self._decision(model, at_s, active, setpoint, reason, describe(why, plan, setpoint, p), p,
-                              None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms)
+                              None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms, plan)
 
     def _choose(
         self, model: ModelMemory, at_s: float, active: Setpoint, plans: dict[str, Plan], p: Period

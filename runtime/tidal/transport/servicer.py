@@ -10,13 +10,24 @@ import grpc
 
 import tidal
 from tidal.clock import Clock
-from tidal.errors import Code, FailedPrecondition, TidalError, Unavailable, Unimplemented
+from tidal.errors import (
+    Code,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    TidalError,
+    Unavailable,
+    Unimplemented,
+)
+from tidal.logs import FailureDigest
 from tidal.metrics import ServerMetrics
 from tidal.repository.manager import ModelManager, ServedVersion
 from tidal.scheduling.stats import Duration
 from tidal.transport import convert
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.edge import EdgeMeter
 from tidal.transport.status import GRPC_STATUS
 
 log = logging.getLogger(__name__)
@@ -30,22 +41,46 @@ FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
 _NO_MODEL_CONTROL = FailedPrecondition(
     "explicit model load/unload is disabled in this --model-control-mode (use 'explicit')"
 )
-# Client mistakes are routine; failures on tidal's side deserve a warning.
-_CLIENT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED})
+# Client mistakes and overload are routine; failures on tidal's side deserve a warning.
+_ROUTINE_CODES = frozenset({
+    Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.CANCELLED, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED,
+})
+# gRPC carries the status message in a header, 8 KiB at most by default: an error that echoes a huge model
+# name or shape would turn into RESOURCE_EXHAUSTED ("metadata size exceeds limit") on the client.
+MAX_MESSAGE_CHARS = 1000
 
 
-def _failure(msg: pb.ModelInferRequest, exc: Exception) -> TidalError:
-    """The error a failed request is answered with, logged once with its id and gRPC status.
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[: MAX_MESSAGE_CHARS - 40]}... ({len(text) - MAX_MESSAGE_CHARS + 40} more characters)"
+
+
+def _priority(msg: pb.ModelInferRequest) -> int:
+    """The priority parameter, read without decoding the rest of the request."""
+    if not msg.parameters or "priority" not in msg.parameters:
+        return 0
+    return convert.int_param({"priority": convert.param_value(msg.parameters["priority"])}, "priority") or 0
+
+
+def _failure(msg: pb.ModelInferRequest, exc: Exception, digest: FailureDigest) -> TidalError:
+    """The error a failed request is answered with, logged without flooding the log.
 
     Anything that is not a TidalError is a bug in tidal, not the client's mistake: it is logged with its
-    traceback and answered INTERNAL, so the request still gets an answer and no other request is touched."""
-    extra = {"request_id": msg.id, "model": msg.model_name}
+    traceback and answered INTERNAL, so the request still gets an answer and no other request is touched.
+    Routine failures (client mistakes, overload) are summed up per model, status and kind each second."""
+    model = _clip(msg.model_name)
     if not isinstance(exc, TidalError):
-        log.error("infer %s id=%r failed unexpectedly", msg.model_name, msg.id, exc_info=exc, extra=extra)
+        log.error("infer %s id=%r failed unexpectedly", model, _clip(msg.id), exc_info=exc,
+                  extra={"request_id": _clip(msg.id), "model": model})
         return TidalError(f"internal error: {type(exc).__name__}: {exc}")
-    level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
-    extra["status"] = GRPC_STATUS[exc.code].name
-    log.log(level, "infer %s id=%r failed: %s %s", msg.model_name, msg.id, extra["status"], exc, extra=extra)
+    status = GRPC_STATUS[exc.code].name
+    text = _clip(str(exc))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("infer %s id=%r failed: %s %s", model, _clip(msg.id), status, text,
+                  extra={"request_id": _clip(msg.id), "model": model, "status": status})
+    level = logging.INFO if exc.code in _ROUTINE_CODES else logging.WARNING
+    digest.record(level, model, status, type(exc).__name__, text)
     return exc
 
 
@@ -91,6 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_accepting: Callable[[], bool],
         metrics: ServerMetrics | None = None,
         model_control: bool = True,
+        edge: EdgeMeter | None = None,
     ) -> None:
         self._manager = manager
         self._clock = clock
@@ -98,6 +134,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_accepting = is_accepting
         self._metrics = metrics
         self._model_control = model_control
+        self._edge = edge or EdgeMeter(clock.now)
+        self._digest = FailureDigest(log)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -107,7 +145,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._idle.wait()
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: TidalError) -> None:
-        await context.abort(GRPC_STATUS[exc.code], str(exc))
+        """Answer with `exc`'s status. Not context.abort(): its exception's traceback would keep the request
+        (possibly many MiB) alive in a reference cycle until the cycle collector happens to run."""
+        context.set_code(GRPC_STATUS[exc.code])
+        context.set_details(_clip(str(exc)))
+        pushback = getattr(exc, "pushback_ms", None)
+        if pushback is not None:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(pushback)),))
 
     # -- health and metadata ------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -165,28 +209,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer_counted(
         self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        """Admission comes first and reads only the model name and priority: a refusal decodes nothing."""
         now = self._clock.now()
-        remaining = context.time_remaining()
-        request = convert.decode_request(msg, now, None if remaining is None else now + remaining)
         if not self._is_accepting():
             raise Unavailable("server is not accepting requests (starting or shutting down)")
-        served = self._manager.get(request.model_name, request.model_version)
-        served.signature.check(request)
+        served = self._manager.get(msg.model_name, msg.model_version)
+        self._edge.received(served.name)
+        levels = served.spec.scheduler
+        level = levels.level_of(_priority(msg))
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self._observe(served, level, now, ok=False)
+            raise DeadlineExceeded("the request deadline passed before the server could start on it")
+        gate = self._edge.gate(served.name, levels.priority_levels)
+        refusal = gate.admit(level)
+        if refusal is not None:
+            self._observe(served, level, now, ok=False)
+            raise ResourceExhausted(
+                f"model '{served.name}' is at its in-flight limit for priority {level} "
+                f"({refusal.inflight} in flight, {refusal.limit} allowed) to hold its latency SLO; "
+                f"retry after {refusal.pushback_ms} ms, on another replica, or with a higher priority",
+                pushback_ms=refusal.pushback_ms,
+            )
+        try:
+            return await self._run(msg, served, level, now, remaining)
+        finally:
+            gate.release(self._clock.now() - now)
+
+    async def _run(
+        self, msg: pb.ModelInferRequest, served: ServedVersion, level: int, now: float, remaining: float | None
+    ) -> pb.ModelInferResponse:
+        deadline = None if remaining is None else now + remaining
+        request = convert.decode_request(msg, now, deadline, served.signature)
+        served.signature.check(request)  # what only the decoded arrays show (BYTES must be UTF-8)
         classes = convert.class_counts(msg, served.output_specs) if msg.outputs else None
         try:
             response = await served.scheduler.infer(request)
         except TidalError:
-            self._observe(served, request.priority, now, ok=False)
+            self._observe(served, level, now, ok=False)
             raise
-        self._observe(served, request.priority, now, ok=True)
+        self._observe(served, level, now, ok=True)
         response.model_name, response.model_version = served.name, str(served.version)
         if request.parameters.get(FINAL_RESPONSE_PARAM):
             response.parameters["triton_final_response"] = True
         return convert.encode_response(response, served.output_specs, classes, served.spec.batching)
 
-    def _observe(self, served: ServedVersion, priority: int, arrival_s: float, ok: bool) -> None:
+    def _observe(self, served: ServedVersion, level: int, arrival_s: float, ok: bool) -> None:
         if self._metrics is not None:
-            level = served.spec.scheduler.level_of(priority)
             latency = self._clock.now() - arrival_s
             self._metrics.observe(served.name, str(served.version), level, latency, served.spec.slo_p99_ms, ok)
 
@@ -194,32 +263,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request, context)
         except Exception as exc:
-            return await self._abort(context, _failure(request, exc))
+            error = _failure(request, exc, self._digest)
+        await self._abort(context, error)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently; responses return as they finish, matched by id."""
+        """Requests on one stream run concurrently; responses return as they finish, matched by id.
+
+        A message that cannot be read ends the reading, never the answering: every request accepted before it
+        still gets its response, then the stream closes with INVALID_ARGUMENT naming the message."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
+        broken: list[str] = []
 
         async def one(msg: pb.ModelInferRequest) -> None:
             try:
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, context)))
             except Exception as exc:
-                error = _failure(msg, exc)
+                error = _failure(msg, exc, self._digest)
                 failed = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
-                results.put_nowait(pb.ModelStreamInferResponse(error_message=str(error), infer_response=failed))
+                results.put_nowait(pb.ModelStreamInferResponse(error_message=_clip(str(error)), infer_response=failed))
 
         async def reader() -> None:
+            count = 0
             try:
                 async for msg in request_iterator:
+                    count += 1
                     task = asyncio.create_task(one(msg))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+            except Exception as exc:  # an undecodable message, or the transport failing under the stream
+                broken.append(f"stream message {count + 1} could not be read ({type(exc).__name__}); "
+                              f"the {count} before it were answered")
+                log.info("ModelStreamInfer: %s", broken[0])
+            finally:
                 while tasks:
                     await asyncio.gather(*list(tasks))
-            finally:
                 results.put_nowait(None)
 
         read_task = asyncio.create_task(reader())
@@ -230,6 +310,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             read_task.cancel()
             for task in list(tasks):
                 task.cancel()
+        if broken:
+            await self._abort(context, InvalidArgument(broken[0]))
 
     # -- repository ---------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
