@@ -153,9 +153,11 @@ double thread_seconds() {
 
 double peak_gops(const std::string& name, double seconds) {
     const tidal::Isa isa = parse_isa(name);
-    require(isa == tidal::Isa::avx512_vnni || isa == tidal::Isa::avx_vnni, "peak_gops measures the VNNI ISAs only");
+    require(isa != tidal::Isa::scalar, "peak_gops measures the SIMD ISAs only");
     require(seconds > 0 && seconds <= 10, "seconds must lie in (0, 10]");
-    auto loop = isa == tidal::Isa::avx512_vnni ? tidal::peak_loop_avx512_vnni : tidal::peak_loop_avx_vnni;
+    auto loop = isa == tidal::Isa::avx512_vnni ? tidal::peak_loop_avx512_vnni
+                : isa == tidal::Isa::avx_vnni  ? tidal::peak_loop_avx_vnni
+                                               : tidal::peak_loop_avx2;
     nb::gil_scoped_release release;
     loop(1 << 20);  // warm up clocks
     int64_t ops = 0;
@@ -348,8 +350,8 @@ NB_MODULE(_kernels, m) {
           "The ISA chosen at load when none is forced.");
     m.def("usable_cores", &tidal::usable_cores);
     m.def("peak_gops", &peak_gops, "isa"_a, "seconds"_a = 0.2,
-          "Billions of int8 operations per second of thread CPU time in a register-only vpdpbusd loop: "
-          "one core's ceiling.");
+          "Billions of int8 operations per second of thread CPU time in a register-only loop of the ISA's "
+          "multiply-add (vpdpbusd; on avx2 vpmaddubsw + vpmaddwd + vpaddd): one core's ceiling.");
 #ifdef TIDAL_WITH_CUDA
     m.attr("HAS_CUDA") = true;
     m.def("cuda_device_sm", &tidal::cuda::device_sm, "Compute capability * 10 of the current device; 0 if none.");

@@ -109,5 +109,6 @@ void tile_avx512_vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int32
 // Returns the number of int8 operations (2 per multiply-add) performed by `iterations` loop trips.
 int64_t peak_loop_avx512_vnni(int64_t iterations);
 int64_t peak_loop_avx_vnni(int64_t iterations);
+int64_t peak_loop_avx2(int64_t iterations);  // the 7-bit AVX2 sequence: AVX2's exact u8 x s8 ceiling
 
 }  // namespace tidal

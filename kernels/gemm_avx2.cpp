@@ -97,4 +97,25 @@ void tile_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1
     }
 }
 
+int64_t peak_loop_avx2(int64_t iterations) {
+    // The 7-bit path's sequence (vpmaddubsw, vpmaddwd with ones, vpaddd) on 8 independent chains.
+    volatile int32_t seed = 0x01020304;
+    const __m256i x = _mm256_set1_epi32(seed), w = _mm256_set1_epi32(seed + 1), ones = _mm256_set1_epi16(1);
+    __m256i c[8];
+    for (auto& v : c) v = x;
+    for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+            __m256i p = _mm256_maddubs_epi16(x, w);
+            __asm__ volatile("" : "+x"(p));  // keeps the product inside the loop
+            c[i] = _mm256_add_epi32(c[i], _mm256_madd_epi16(p, ones));
+        }
+    }
+    __m256i sum = c[0];
+    for (int i = 1; i < 8; ++i) sum = _mm256_add_epi32(sum, c[i]);
+    volatile int32_t sink = _mm256_extract_epi32(sum, 0);
+    (void)sink;
+    return iterations * 8 * 32 * 2;
+}
+
 }  // namespace tidal

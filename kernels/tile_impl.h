@@ -185,8 +185,8 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
             for (int64_t i = 0, m = m0; i < blocks; ++i) {
                 const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
                 int32_t* tile = scratch + (m - m0) * kTileCols;
-                const MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes, group_bytes, kc, tile,
-                                  g.col_terms + col0, k0 > 0};
+                const MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
+                                  group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
                 call_micro<Micro>(mr, nv, k);
                 if (last) epilogue(g, m, m + mr, col0, cols, tile);
                 m += mr;

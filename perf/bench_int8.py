@@ -74,17 +74,24 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
 
 
 def gemm_table(shapes: list[tuple[str, int, int]], ms: list[int], rounds: int, window_s: float) -> list[dict]:
+    """Per shape: tidal on its best ISA, tidal's AVX2 paths forced (7-bit weights: vpmaddubsw; 8-bit: widened
+    vpmaddwd), and MLAS on the same 8-bit and 7-bit weights."""
     rng = np.random.default_rng(0)
+    avx2 = "avx2" in _kernels.isas()
     rows = []
     for mlp, k, n in shapes:
-        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
-        packed, mlas = _kernels.PackedWeights(b), matmul_integer(b)
+        b8 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        b7 = rng.integers(-64, 65, (k, n), dtype=np.int8)  # what `tidal optimize` makes without VNNI
+        packed = {"tidal": _kernels.PackedWeights(b8)}
+        if avx2:
+            packed |= {"avx2_7bit": _kernels.PackedWeights(b7, isa="avx2"),
+                       "avx2_8bit": _kernels.PackedWeights(b8, isa="avx2")}
+        mlas = {"mlas": matmul_integer(b8), "mlas_7bit": matmul_integer(b7)}
         for m in ms:
             a = rng.integers(0, 256, (m, k), dtype=np.uint8)
-            rates = best_rates(
-                {"tidal": lambda a=a, packed=packed: _kernels.gemm_s32(a, packed, 3, threads=1),
-                 "mlas": lambda a=a, mlas=mlas: mlas.run(None, {"a": a})},
-                2.0 * m * k * n / 1e9, time.thread_time, rounds, window_s)
+            contenders = {name: lambda a=a, w=w: _kernels.gemm_s32(a, w, 3, threads=1) for name, w in packed.items()}
+            contenders |= {name: lambda a=a, s=s: s.run(None, {"a": a}) for name, s in mlas.items()}
+            rates = best_rates(contenders, 2.0 * m * k * n / 1e9, time.thread_time, rounds, window_s)
             rows.append({"mlp": mlp, "m": m, "k": k, "n": n, **{f"{key}_gops": v for key, v in rates.items()}})
     return rows
 
@@ -157,25 +164,40 @@ def batch1_latency(contenders: dict[str, Callable[[], object]], blocks: int = 40
             for name, v in samples.items()}
 
 
+def _host(m: dict) -> str:
+    return f"{m['cpu']}, {m['cores']} cores, ISA flags `{' '.join(m['flags'])}`"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "## INT8 kernels", "",
-        f"One run of `perf/bench_int8.py` on {m['cpu']} ({m['cores']} cores), kernels `{m['isa']}`, "
-        f"ONNX Runtime {m['onnxruntime']}. VNNI peak of one core, measured in the same run with a "
-        f"register-only `vpdpbusd` loop: **{result['peak_gops']:.0f} GOPS**. Other work on the machine: "
-        f"1-minute load average {m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.", "",
-        "### GEMM, one thread (u8 x s8 -> s32, GOPS per core)", "",
-        "| MLP | K x N | M | tidal | % of peak | MLAS (MatMulInteger) | tidal / MLAS |",
-        "|---|---|---|---|---|---|---|",
+        f"One run of `perf/bench_int8.py` on {_host(m)}; kernels `{m['isa']}` by default, ONNX Runtime "
+        f"{m['onnxruntime']}. Peak of one core, measured in the same run with a register-only loop of each "
+        f"ISA's multiply-add: **{result['peak_gops']:.0f} GOPS** on `{m['isa']}` (vpdpbusd), "
+        f"**{result['avx2_peak_gops']:.0f} GOPS** on `avx2` (vpmaddubsw + vpmaddwd + vpaddd). Other work on "
+        f"the machine: 1-minute load average {m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.",
+        "", f"### GEMM, one thread (u8 x s8 -> s32, GOPS per core; {_host(m)})", "",
+        "MLAS runs whatever its CPUID dispatch picks on this host (VNNI where present), so the AVX2 columns "
+        "compare tidal's AVX2 paths with MLAS at its best here, not with MLAS's AVX2 path.", "",
+        "| MLP | K x N | M | tidal | % of peak | MLAS | tidal / MLAS | avx2 7-bit | / MLAS 7-bit | "
+        "avx2 8-bit | / MLAS | 8-bit / 7-bit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["gemm"]:
-        lines.append(f"| {r['mlp']} | {r['k']} x {r['n']} | {r['m']} | {r['tidal_gops']:.0f} | "
-                     f"{100 * r['tidal_gops'] / result['peak_gops']:.0f}% | {r['mlas_gops']:.0f} | "
-                     f"{r['tidal_gops'] / r['mlas_gops']:.2f}x |")
+        row = (f"| {r['mlp']} | {r['k']} x {r['n']} | {r['m']} | {r['tidal_gops']:.0f} | "
+               f"{100 * r['tidal_gops'] / result['peak_gops']:.0f}% | {r['mlas_gops']:.0f} | "
+               f"{r['tidal_gops'] / r['mlas_gops']:.2f}x |")
+        if "avx2_7bit_gops" in r:
+            row += (f" {r['avx2_7bit_gops']:.0f} | {r['avx2_7bit_gops'] / r['mlas_7bit_gops']:.2f}x | "
+                    f"{r['avx2_8bit_gops']:.0f} | {r['avx2_8bit_gops'] / r['mlas_gops']:.2f}x | "
+                    f"{r['avx2_8bit_gops'] / r['avx2_7bit_gops']:.2f} |")
+        else:
+            row += " - | - | - | - | - |"
+        lines.append(row)
     for run in result["end_to_end"]:
         unit = "rows/s per core (thread CPU time)" if run["threads"] == 1 else "rows/s (wall clock)"
-        lines += ["", f"### Reference MLP 256-1024-1024-10, {run['threads']} thread(s), {unit}", "",
+        lines += ["", f"### Reference MLP 256-1024-1024-10, {run['threads']} thread(s), {unit}; {_host(m)}", "",
                   "| batch | tidal int8 | ORT int8 (QDQ) | ORT fp32 | vs ORT int8 | vs ORT fp32 |",
                   "|---|---|---|---|---|---|"]
         for r in run["throughput"]:
@@ -201,10 +223,12 @@ def main() -> None:
     rounds, window_s = (3, 0.02) if args.quick else (8, 0.05)
     cpu = cpu_info()
     isa = _kernels.best_isa()
-    result: dict = {"machine": {"cpu": cpu.model, "cores": cpu.cores, "isa": isa, "onnxruntime": ort.__version__,
-                                "load_before": os.getloadavg()[0]}}
-    vnni = isa if isa in ("avx512_vnni", "avx_vnni") else None
-    result["peak_gops"] = max(_kernels.peak_gops(vnni, 0.2) for _ in range(5)) if vnni else float("nan")
+    result: dict = {"machine": {"cpu": cpu.model, "cores": cpu.cores, "flags": list(cpu.isa_flags), "isa": isa,
+                                "onnxruntime": ort.__version__, "load_before": os.getloadavg()[0]}}
+    if isa == "scalar":
+        raise SystemExit("bench_int8: this CPU runs none of the SIMD kernels (no AVX2)")
+    result["peak_gops"] = max(_kernels.peak_gops(isa, 0.2) for _ in range(5))  # the ISA in use, never nan
+    result["avx2_peak_gops"] = max(_kernels.peak_gops("avx2", 0.2) for _ in range(5))
     shapes = [("reference", k, n) for k, n in itertools.pairwise(REFERENCE_MLP)]
     shapes += [("wide", k, n) for k, n in itertools.pairwise(WIDE_MLP)]
     result["gemm"] = gemm_table(shapes[:2] if args.quick else shapes, GEMM_M, rounds, window_s)

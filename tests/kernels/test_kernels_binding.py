@@ -98,6 +98,8 @@ def test_quantize_rejects_bad_input() -> None:
         _kernels.quantize_u8(np.ones((2, 3), np.float32), 0.1, 300)
 
 
-def test_peak_gops_only_for_vnni() -> None:
+def test_peak_gops_for_every_simd_isa_this_cpu_runs() -> None:
     with pytest.raises(ValueError):
         _kernels.peak_gops("scalar")
+    for isa in _kernels.isas()[:-1]:
+        assert _kernels.peak_gops(isa, 0.01) > 0
