@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from tidal.clock import SystemClock
 from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, VariantInfo, model_key
 from tidal.control.loop import ControlLoop
@@ -21,6 +23,7 @@ from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
 from tidal.transport.edge import EdgeMeter
+from tidal.transport.security import CertificateStore, TlsFiles, TokenAuth, TokenFile
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
 from tidal.transport.servicer import InferenceServicer
 from tidal.types import Observation
@@ -58,6 +61,13 @@ class ServeOptions:
     model_control_mode: ModelControlMode = ModelControlMode.EXPLICIT
     repository_poll_s: float = 15.0  # poll period in poll mode
     metrics_port: int | None = 8002  # None: no /metrics endpoint
+    tls: TlsFiles | None = None  # None: plaintext gRPC
+    auth_tokens: Path | None = None  # file of bearer tokens; None: no token is asked for
+
+
+def _credentials(options: ServeOptions) -> grpc.ServerCredentials | None:
+    """TLS when certificate files are given; they are checked here, so a bad file stops start-up."""
+    return CertificateStore(options.tls).credentials() if options.tls is not None else None
 
 
 class _Plant:
@@ -149,7 +159,11 @@ class App:
         )
         self._control_task: asyncio.Task | None = None
         control = ControlServicer(self.manager, self.controller, self.clock.now)
-        self.server = GrpcServer(servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes)
+        self.server = GrpcServer(
+            servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes,
+            credentials=_credentials(options),
+            interceptors=[TokenAuth(TokenFile(options.auth_tokens))] if options.auth_tokens else [],
+        )
         self.metrics_port: int | None = None
 
     def ready(self) -> bool:

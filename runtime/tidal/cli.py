@@ -11,8 +11,9 @@ from tidal import __version__, logs
 from tidal.app import ModelControlMode, ServeOptions, run
 from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
-from tidal.errors import InvalidArgument, TidalError
+from tidal.errors import ConfigError, InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
+from tidal.transport.security import TlsFiles
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -42,6 +43,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (reloaded on change)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
+    p.add_argument("--auth-tokens", type=Path, help="file of 'infer|admin TOKEN' lines: require bearer tokens")
     p.set_defaults(func=_serve)
 
 
@@ -60,6 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
         if missing:
             print(f"tidal: {flag} {', '.join(missing)}: no such model folder in {repository}", file=sys.stderr)
             return 2
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and not args.tls_cert):
+        print("tidal: --tls-cert and --tls-key go together; --tls-client-ca needs them", file=sys.stderr)
+        return 2
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     options = ServeOptions(
         model_repository=repository,
         grpc_address=args.grpc_address,
@@ -71,8 +80,14 @@ def _serve(args: argparse.Namespace) -> int:
         model_control_mode=ModelControlMode(args.model_control_mode),
         repository_poll_s=args.repository_poll_secs,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        tls=tls,
+        auth_tokens=args.auth_tokens,
     )
-    return run(options)
+    try:
+        return run(options)
+    except ConfigError as exc:  # TLS or token files that cannot be used
+        print(f"tidal: {exc}", file=sys.stderr)
+        return 2
 
 
 def _add_control_parser(sub: argparse._SubParsersAction) -> None:

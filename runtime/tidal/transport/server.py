@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -41,6 +42,8 @@ class GrpcServer:
         address: str,
         port: int,
         max_message_bytes: int,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -51,7 +54,8 @@ class GrpcServer:
             ("grpc.server.max_pending_requests", 20_000),
             ("grpc.server.max_pending_requests_hard_limit", 40_000),
         ]
-        self._server = grpc.aio.server(options=options)
+        self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
+        self._credentials = credentials  # None: plaintext
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         cpb_grpc.add_TidalControlServicer_to_server(control, self._server)
         self.health = health.aio.HealthServicer()
@@ -69,7 +73,10 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0)."""
         try:
-            self.port = self._server.add_insecure_port(self._target)
+            if self._credentials is not None:
+                self.port = self._server.add_secure_port(self._target, self._credentials)
+            else:
+                self.port = self._server.add_insecure_port(self._target)
         except RuntimeError:  # newer grpcio raises where older ones returned port 0
             self.port = 0
         if self.port == 0:

@@ -1,0 +1,267 @@
+"""TLS, mutual TLS and bearer tokens for the gRPC port, each reloaded when its file changes.
+
+Certificates: gRPC asks `CertificateStore.fetch` before every TLS handshake whether the configuration
+changed; a changed set of files is checked (the key matches the certificate, the CA parses) before it is
+handed over, so a half-written renewal keeps the previous certificate serving instead of failing
+handshakes. Connections already open keep the certificate they started with; no request fails.
+
+Tokens: `TokenAuth` is a server interceptor installed only when a token file is given, so a server
+without tokens pays nothing. Each token has a scope: `infer` may call everything that reads or infers,
+`admin` also what changes the server (load/unload, knobs, SLOs). Health stays open for probes.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tidal.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# A file that was just replaced is looked at again after at most this long.
+TOKEN_RELOAD_S = 1.0
+
+
+def _stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when a file is rewritten or replaced (renamed over, as Kubernetes secrets are)."""
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append((0, 0, 0))
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the server's certificate chain and key, and the CA that client certificates must chain
+    to (given: mutual TLS, a client without a valid certificate is refused at the handshake)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert, self.key) if self.client_ca is None else (self.cert, self.key, self.client_ca)
+
+
+def _checked_pem(files: TlsFiles) -> tuple[bytes, bytes, bytes | None]:
+    """The files' contents, once the key is known to match the certificate and the CA to parse.
+
+    The stdlib loads from paths, so the bytes are read before and after the check and must agree: a file
+    replaced in between is refused this time and taken on the next handshake."""
+    before = [_read(p, "TLS file") for p in files.paths]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--tls-cert {files.cert} / --tls-key {files.key}: not a matching PEM pair ({exc})") from exc
+    if files.client_ca is not None:
+        try:
+            context.load_verify_locations(cadata=before[2].decode("ascii"))
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--tls-client-ca {files.client_ca}: not PEM certificates ({exc})") from exc
+    if [_read(p, "TLS file") for p in files.paths] != before:
+        raise ConfigError("TLS files changed while being read")
+    return before[0], before[1], before[2] if files.client_ca is not None else None
+
+
+class CertificateStore:
+    """The server's TLS configuration, re-read when its files change."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._stamp = _stamp(files.paths)
+        self._initial = self._configuration()
+        self.reloads = 0
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, ca = _checked_pem(self.files)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: None keeps the configuration in use."""
+        stamp = _stamp(self.files.paths)
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp  # a bad file is reported once, and looked at again when it changes
+        try:
+            config = self._configuration()
+        except ConfigError as exc:
+            log.error("TLS files changed but cannot be used; the previous certificate stays: %s", exc)
+            return None
+        self.reloads += 1
+        log.info("TLS certificate reloaded from %s", self.files.cert)
+        return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self.fetch, require_client_authentication=self.files.client_ca is not None
+        )
+
+
+class Scope(enum.IntEnum):
+    """Ordered: a scope allows everything the ones below it allow."""
+
+    INFER = 1
+    ADMIN = 2
+
+
+_INFERENCE = "/inference.GRPCInferenceService/"
+# Probes must work without a token: Kubernetes and load balancers carry none.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        _INFERENCE + "ServerLive",
+        _INFERENCE + "ServerReady",
+        _INFERENCE + "ModelReady",
+    }
+)
+ADMIN_METHODS = frozenset(
+    {
+        _INFERENCE + "RepositoryModelLoad",
+        _INFERENCE + "RepositoryModelUnload",
+        "/tidal.control.TidalControl/SetKnobs",
+        "/tidal.control.TidalControl/SetSlo",
+    }
+)
+
+
+def parse_tokens(text: str, source: str) -> list[tuple[bytes, Scope]]:
+    """One `SCOPE TOKEN` per line (`infer` or `admin`); blank lines and `#` comments are skipped."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[0] not in ("infer", "admin"):
+            raise ConfigError(f"{source}:{number}: expected 'infer TOKEN' or 'admin TOKEN'")
+        tokens.append((parts[1].encode(), Scope[parts[0].upper()]))
+    return tokens
+
+
+class TokenFile:
+    """The tokens of a file, re-read at most every TOKEN_RELOAD_S when it changed. A file that cannot be
+    read or parsed on a reload keeps the previous tokens; at start-up it stops the server."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._stamp = _stamp((path,))
+        self._tokens = self._load()
+        self._checked_s = clock()
+
+    def _load(self) -> list[tuple[bytes, Scope]]:
+        data = _read(self.path, "--auth-tokens")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--auth-tokens {self.path}: not UTF-8 text") from exc
+        tokens = parse_tokens(text, str(self.path))
+        if os.name == "posix" and self.path.stat().st_mode & 0o077:
+            log.warning("--auth-tokens %s is readable by other users than its owner", self.path)
+        return tokens
+
+    def _refresh(self) -> None:
+        now = self._clock()
+        if now - self._checked_s < TOKEN_RELOAD_S:
+            return
+        self._checked_s = now
+        stamp = _stamp((self.path,))
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self._tokens = self._load()
+        except ConfigError as exc:
+            log.error("token file changed but cannot be used; the previous tokens stay: %s", exc)
+            return
+        log.info("tokens reloaded from %s (%d)", self.path, len(self._tokens))
+
+    def scope_of(self, token: bytes) -> Scope | None:
+        """Every known token is compared in constant time, and all of them, so timing tells nothing."""
+        self._refresh()
+        found: Scope | None = None
+        for known, scope in self._tokens:
+            if hmac.compare_digest(known, token) and (found is None or scope > found):
+                found = scope
+        return found
+
+
+def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> bytes | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            return token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as the method's that only refuses, so streaming calls end cleanly too."""
+
+    async def refuse(_request, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer TOKEN` before the method runs; its request is never decoded."""
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self._tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        handler = await continuation(details)
+        if method in OPEN_METHODS or handler is None:
+            return handler
+        token = _bearer(details.invocation_metadata)
+        if not token:
+            return _refusal(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'"
+            )
+        scope = self._tokens.scope_of(token)
+        if scope is None:
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        if method in ADMIN_METHODS and scope < Scope.ADMIN:
+            name = method.rpartition("/")[2]
+            return _refusal(
+                handler, grpc.StatusCode.PERMISSION_DENIED, f"{name} needs an 'admin' token; this one is 'infer'"
+            )
+        return handler
