@@ -22,10 +22,11 @@ class ServerProcess:
     port: int
     lines: list[str] = field(default_factory=list)
     metrics_url: str = ""
+    unix_url: str = ""  # unix:///path when serving on a Unix socket
 
     @property
     def url(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.unix_url or f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
         return "\n".join(self.lines)
@@ -37,6 +38,7 @@ class ServerProcess:
 
 
 def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
+    """`extra` may hold --grpc-address unix:///path: then `url` is that address."""
     cmd = [
         sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository),
         "--grpc-port", "0", "--metrics-port", "0", *extra,
@@ -53,9 +55,10 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
             metrics = re.search(r"serving metrics on (http://\S+)$", line.strip())
             if metrics:
                 server.metrics_url = metrics.group(1)
-            match = re.search(r"serving gRPC on .*:(\d+)$", line.strip())
+            match = re.search(r"serving gRPC on (unix:\S+|.*:(\d+))$", line.strip())
             if match:
-                server.port = int(match.group(1))
+                server.port = int(match.group(2) or 0)
+                server.unix_url = match.group(1) if match.group(2) is None else ""
                 ready.set()
         ready.set()
 
@@ -65,7 +68,7 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"tidal did not start in {timeout}s:\n{server.log()}")
-    if not server.port:
+    if not server.port and not server.unix_url:
         raise RuntimeError(f"tidal exited with {proc.wait()}:\n{server.log()}")
     return server
 

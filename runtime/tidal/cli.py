@@ -20,11 +20,17 @@ from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
     p.add_argument("--model-repository", type=Path, help="Triton-style repository; omitted: the built-in demo")
-    p.add_argument("--grpc-address", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    p.add_argument(
+        "--grpc-address", default="127.0.0.1", help="address to bind: 0.0.0.0 exposes the server, unix:///PATH a socket"
+    )
+    p.add_argument("--socket-mode", type=_octal_mode, default=0o660, help="permissions of a Unix socket (octal)")
     p.add_argument("--grpc-port", type=PORT, default=8001, help="port to bind; 0 picks a free one")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
     p.add_argument("--drain-grace-s", type=NON_NEGATIVE, default=30.0, help="time for in-flight requests on shutdown")
+    p.add_argument(
+        "--drain-delay-s", type=NON_NEGATIVE, default=0.0, help="on shutdown, keep serving (not ready) this long first"
+    )
     p.add_argument(
         "--strict-readiness",
         action="append",
@@ -48,6 +54,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
     p.add_argument("--auth-tokens", type=Path, help="file of 'infer|admin TOKEN' lines: require bearer tokens")
     p.set_defaults(func=_serve)
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an octal mode such as 660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"'{text}' is outside 000..777")
+    return mode
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -76,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
         load_models=tuple(args.load_model),
         max_message_bytes=args.max_message_bytes,
         drain_grace_s=args.drain_grace_s,
+        drain_delay_s=args.drain_delay_s,
+        socket_mode=args.socket_mode,
         strict_readiness=tuple(args.strict_readiness),
         model_control_mode=ModelControlMode(args.model_control_mode),
         repository_poll_s=args.repository_poll_secs,

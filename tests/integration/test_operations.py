@@ -100,50 +100,6 @@ def test_health_follows_load_unload_and_drain(small_repo: Path) -> None:
         assert srv.stop() == 0
 
 
-def test_sigterm_drains_every_accepted_request(tmp_path: Path) -> None:
-    """Under continuous load, SIGTERM: every request the server accepted gets its answer."""
-    batching = "dynamic_batching { max_queue_delay_microseconds: 2000 }"
-    models.write_config(tmp_path / "slow", f"max_batch_size: 8\n{batching}\n")
-    models.mlp(tmp_path / "slow" / "1" / "model.onnx", (512, 2048, 2048, 8))
-    srv = start_server(tmp_path, "--drain-grace-s", "60")
-    outcomes: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def worker() -> None:
-        client = tc.InferenceServerClient(srv.url)
-        data = tc.InferInput("INPUT", [1, 512], "FP32")
-        data.set_data_from_numpy(np.ones((1, 512), np.float32))
-        while not stop.is_set():
-            try:
-                client.infer("slow", [data], client_timeout=30)
-                result = "ok"
-            except InferenceServerException as exc:
-                result = exc.status()
-            with lock:
-                outcomes.append(result)
-            if result != "ok":
-                return
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    time.sleep(1.5)
-    assert srv.stop() == 0
-    stop.set()
-    for t in threads:
-        t.join(30)
-    ok = outcomes.count("ok")
-    assert ok > 16
-    # Requests that reached tidal after SIGTERM are refused (UNAVAILABLE); those the transport had not
-    # handed over yet when it closed are cancelled by gRPC. None of them was accepted.
-    assert set(outcomes) <= {"ok", "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, outcomes
-    # Every request tidal accepted was answered and reached its client: the server's own count agrees.
-    served = re.search(r"model slow version 1: (\d+) requests succeeded, (\d+) failed", srv.log())
-    assert served is not None, srv.log()
-    assert (int(served.group(1)), int(served.group(2))) == (ok, 0)
-
-
 def test_poll_mode_swaps_versions_under_load_without_failures(small_repo: Path) -> None:
     srv = start_server(small_repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
     failures: list[str] = []

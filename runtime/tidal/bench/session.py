@@ -79,7 +79,9 @@ async def _payloads(cfg: BenchConfig, view: ServerView) -> dict[tuple[int, int],
 def _metrics_url(cfg: BenchConfig, server: dict[str, Any]) -> str | None:
     if cfg.metrics_url or server.get("name") != "tidal":
         return cfg.metrics_url
-    host = urlsplit(f"//{cfg.target.url}").hostname or "127.0.0.1"
+    # Beside a Unix socket tidal serves /metrics on loopback TCP.
+    unix = cfg.target.url.startswith("unix:")
+    host = "127.0.0.1" if unix else urlsplit(f"//{cfg.target.url}").hostname or "127.0.0.1"
     return f"http://{host}:{TIDAL_METRICS_PORT}/metrics"
 
 

@@ -1,9 +1,14 @@
-"""The gRPC server: binding, health, reflection, and an orderly stop."""
+"""The gRPC server: binding (TCP or a Unix socket), health, reflection, and an end that cancels no call."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import os
+import socket
+import stat
 from collections.abc import Sequence
 
 import grpc
@@ -23,6 +28,17 @@ log = logging.getLogger(__name__)
 
 # Triton accepts messages up to INT32_MAX bytes; so does tidal unless told otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
+# A health service that stays SERVING while the process can answer, drain included: the liveness probe's.
+LIVENESS_SERVICE = "liveness"
+
+
+def unix_socket_path(address: str) -> str | None:
+    """The file of a `unix:///abs/path` or `unix:path` address; None for an IP address or host name."""
+    if address.startswith("unix://"):
+        return address.removeprefix("unix://")
+    if address.startswith("unix:"):
+        return address.removeprefix("unix:")
+    return None
 
 
 @functools.cache
@@ -30,6 +46,20 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """tidal's descriptors live in a private pool; reflection serves health's from it too."""
     POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
     return POOL
+
+
+def _check_socket_path_free(path: str) -> None:
+    """gRPC replaces whatever socket file is at the path; refuse a live one (another server) or a non-socket."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(f"cannot bind gRPC to unix:{path}: the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a stale file left by a process that is gone
+    raise OSError(f"cannot bind gRPC to unix:{path}: another server is listening there")
 
 
 class GrpcServer:
@@ -42,6 +72,7 @@ class GrpcServer:
         address: str,
         port: int,
         max_message_bytes: int,
+        socket_mode: int = 0o660,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
@@ -67,27 +98,61 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self._server, pool=_reflection_pool())
-        self._target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        self.unix_path = unix_socket_path(address)
+        self._socket_mode = socket_mode
+        if self.unix_path is not None:
+            self._target = f"unix:{self.unix_path}"
+        else:
+            self._target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self.port = 0
+        self._health_names: set[str] = {""}
+        self._draining = False
 
     async def start(self) -> int:
-        """Bind and start; returns the bound port (useful with port 0)."""
+        """Bind and start; returns the bound port (useful with port 0; 0 for a Unix socket)."""
+        if self.unix_path is not None:
+            _check_socket_path_free(self.unix_path)
         try:
             if self._credentials is not None:
-                self.port = self._server.add_secure_port(self._target, self._credentials)
+                bound = self._server.add_secure_port(self._target, self._credentials)
             else:
-                self.port = self._server.add_insecure_port(self._target)
+                bound = self._server.add_insecure_port(self._target)
         except RuntimeError:  # newer grpcio raises where older ones returned port 0
-            self.port = 0
-        if self.port == 0:
+            bound = 0
+        if bound == 0:
             raise OSError(f"cannot bind gRPC to {self._target} (address in use or not available)")
+        if self.unix_path is not None:
+            os.chmod(self.unix_path, self._socket_mode)  # before start(): no call is served earlier
+        else:
+            self.port = bound
         await self._server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:
+        if self._draining:
+            return  # a model state change while draining must not turn readiness back on
+        self._health_names.add(service)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(service, status)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop accepting RPCs; those in flight get `grace_s` to finish."""
-        await self._server.stop(grace_s)
+    async def set_draining(self) -> None:
+        """Readiness off for the server and every model; liveness stays on until the process ends."""
+        for name in self._health_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._draining = True
+
+    async def prepare_exit(self, linger_s: float) -> None:
+        """The last step before the process ends; the server is never shut down through gRPC.
+
+        gRPC core's shutdown cancels (CANCELLED) every call it has received but not handed to tidal yet,
+        and every call that arrives before its client reads the GOAWAY; under load there always are some.
+        A client cannot tell whether a cancelled call ran, and retry policies do not retry it. When the
+        process ends instead, the kernel closes each connection and those calls fail UNAVAILABLE, which
+        clients and meshes retry. `linger_s` lets the answers to the last accepted requests leave first;
+        calls arriving meanwhile are refused UNAVAILABLE by the servicer.
+        """
+        await asyncio.sleep(linger_s)
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
