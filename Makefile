@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint install perf-analyzer
+.PHONY: serve test lint install perf-analyzer fuzz
 
 $(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ lint: install
 
 test: install perf-analyzer lint
 	$(BIN)/pytest
+
+# Coverage-guided fuzzing with atheris, beside the bounded hypothesis fuzzing that `make test` runs.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(BIN)/pip install -q --disable-pip-version-check 'atheris>=2.3'
+	$(BIN)/python tests/fuzz/atheris_targets.py request -max_total_time=$(FUZZ_SECONDS)
+	$(BIN)/python tests/fuzz/atheris_targets.py pbtxt -max_total_time=$(FUZZ_SECONDS)

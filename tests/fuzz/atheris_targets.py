@@ -1,0 +1,86 @@
+"""Coverage-guided fuzzing with atheris (`make fuzz`): the request decoder and the config.pbtxt parser.
+
+    python tests/fuzz/atheris_targets.py request|pbtxt [libFuzzer flags, e.g. -max_total_time=60]
+
+The outcomes allowed are those of the suite's hypothesis tests: a decoded request or one of the designed
+statuses; a parsed config or a ConfigError naming the file. Anything else stops the run with the input
+that caused it. Seeds are valid requests and configs, written to a temporary corpus folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import atheris
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared strategies and models
+
+with atheris.instrument_imports():
+    from fuzz_strategies import INPUT_ERRORS, VALID_CONFIGS, valid_request
+    from google.protobuf.message import DecodeError
+
+    from onnx_models import SIMPLE_CONFIG
+    from tidal.errors import Code, ConfigError, TidalError
+    from tidal.repository.config import build_spec
+    from tidal.repository.pbtxt import parse_model_config_text
+    from tidal.repository.validation import Signature
+    from tidal.transport import convert
+    from tidal.transport._gen import grpc_service_pb2 as pb
+
+SPEC = build_spec(parse_model_config_text(SIMPLE_CONFIG, "simple/config.pbtxt").config)
+SIGNATURE = Signature(SPEC)
+OUTPUTS = {s.name: s for s in SPEC.outputs}
+
+
+def request_target(data: bytes) -> None:
+    msg = pb.ModelInferRequest()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError:  # gRPC refuses undecodable messages before tidal sees them
+        return
+    try:
+        request = convert.decode_request(msg, 0.0, 1.0, SIGNATURE)
+        SIGNATURE.check(request)
+        convert.class_counts(msg, OUTPUTS)
+    except TidalError as exc:
+        if exc.code not in INPUT_ERRORS:
+            raise
+
+
+def pbtxt_target(data: bytes) -> None:
+    text = data.decode("utf-8", errors="replace")
+    try:
+        config = parse_model_config_text(text, "fuzz/config.pbtxt").config
+    except ConfigError as exc:
+        if not str(exc).startswith("fuzz/config.pbtxt: "):
+            raise
+        return
+    try:
+        build_spec(config)
+    except TidalError as exc:
+        if exc.code is not Code.INVALID_ARGUMENT:
+            raise
+
+
+def _seeds(target: str) -> list[bytes]:
+    if target == "request":
+        return [valid_request(rows, typed).SerializeToString() for rows in (1, 3) for typed in (False, True)]
+    return [text.encode() for text in (*VALID_CONFIGS, SIMPLE_CONFIG)]
+
+
+def main() -> None:
+    targets = {"request": request_target, "pbtxt": pbtxt_target}
+    if len(sys.argv) < 2 or sys.argv[1] not in targets:
+        sys.exit(f"usage: {sys.argv[0]} {'|'.join(targets)} [libFuzzer flags]")
+    target = sys.argv.pop(1)
+    corpus = Path(tempfile.mkdtemp(prefix=f"tidal-fuzz-{target}-"))
+    for i, seed in enumerate(_seeds(target)):
+        (corpus / f"seed{i}").write_bytes(seed)
+    atheris.Setup([*sys.argv, str(corpus)], targets[target])
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
