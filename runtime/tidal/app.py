@@ -26,7 +26,7 @@ from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
 from tidal.transport.edge import EdgeMeter
 from tidal.transport.security import CertificateStore, TlsFiles, TokenAuth, TokenFile
-from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
+from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS, GrpcServer
 from tidal.transport.servicer import InferenceServicer
 from tidal.types import Observation
 
@@ -60,6 +60,7 @@ class ServeOptions:
     grpc_port: int = 8001
     load_models: tuple[str, ...] = ()  # empty: every model in the repository
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_pending_rpcs: int = DEFAULT_MAX_PENDING_RPCS  # per method, in gRPC core, before the event loop takes them
     drain_grace_s: float = 30.0  # how long queued and running requests get on shutdown
     drain_delay_s: float = 0.0  # on shutdown, not ready but still serving this long (endpoint removal)
     socket_mode: int = 0o660  # permissions of a Unix socket file (grpc_address unix:///path)
@@ -165,11 +166,12 @@ class App:
             self._decided,
         )
         self._control_task: asyncio.Task | None = None
-        control = ControlServicer(self.manager, self.controller, self.clock.now)
+        control = ControlServicer(self.manager, self.controller, self.clock.now, self.edge)
         self.server = GrpcServer(
             servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes, options.socket_mode,
             credentials=_credentials(options),
             interceptors=[TokenAuth(TokenFile(options.auth_tokens))] if options.auth_tokens else [],
+            max_pending_rpcs=options.max_pending_rpcs,
         )
         self.metrics_port: int | None = None
 

@@ -14,7 +14,7 @@ from tidal.bench.cli import add_bench_parser
 from tidal.errors import ConfigError, InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
 from tidal.transport.security import TlsFiles
-from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES
+from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=PORT, default=8001, help="port to bind; 0 picks a free one")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
+    p.add_argument("--max-pending-rpcs", type=bounded(int, 1, 1_000_000), default=DEFAULT_MAX_PENDING_RPCS,
+                   help="calls gRPC core may hold for the event loop, per method, before it drops new ones")
     p.add_argument("--drain-grace-s", type=NON_NEGATIVE, default=30.0, help="time for in-flight requests on shutdown")
     p.add_argument(
         "--drain-delay-s", type=NON_NEGATIVE, default=0.0, help="on shutdown, keep serving (not ready) this long first"
@@ -91,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         load_models=tuple(args.load_model),
         max_message_bytes=args.max_message_bytes,
+        max_pending_rpcs=args.max_pending_rpcs,
         drain_grace_s=args.drain_grace_s,
         drain_delay_s=args.drain_delay_s,
         socket_mode=args.socket_mode,

@@ -17,12 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-DEMO_VERSION = "3"  # bump whenever what the build produces changes
+DEMO_VERSION = "4"  # bump whenever what the build produces changes
 DEMO_MODEL = "digits"
 ADD_SUB_MODEL = "add_sub"
 HIDDEN = (1024, 1024)  # wide enough that INT8 GEMMs, not per-call overhead, decide the speed
 MAX_BATCH_SIZE = 128
 SEED = 0
+DEMO_SLO_P99_MS = 50.0  # every demo model holds this p99 with the controller on, two priority levels
 _COMPLETE = "COMPLETE"
 
 
@@ -95,6 +96,22 @@ def _build(home: Path, progress: bool) -> None:
     )
     optimize(options, _log)
     _write_add_sub(repository / ADD_SUB_MODEL)
+    for name in (DEMO_MODEL, ADD_SUB_MODEL):
+        _hold_slo(repository / name / "config.pbtxt")
+
+
+def _hold_slo(path: Path) -> None:
+    """The demo shows overload control out of the box: an SLO, the controller on, and priority 1 ahead of 2."""
+    from google.protobuf import text_format
+
+    from tidal.transport._gen import model_config_pb2 as mc
+
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    config.slo.p99_ms = DEMO_SLO_P99_MS
+    config.controller.mode = mc.ModelController.FULL
+    config.dynamic_batching.priority_levels = 2
+    config.dynamic_batching.default_priority_level = 2
+    path.write_text(text_format.MessageToString(config))
 
 
 def _write_add_sub(folder: Path) -> None:

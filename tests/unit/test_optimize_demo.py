@@ -28,6 +28,10 @@ def test_demo_builds_once_with_real_variants(tmp_path: Path) -> None:
     assert accuracy["int8"] >= accuracy["fp32"] - 0.01
     config = parse_model_config(repository / demo.DEMO_MODEL / "config.pbtxt").config
     assert config.max_batch_size == demo.MAX_BATCH_SIZE
+    for name in (demo.DEMO_MODEL, demo.ADD_SUB_MODEL):  # the demo holds an SLO out of the box
+        config = parse_model_config(repository / name / "config.pbtxt").config
+        assert config.slo.p99_ms == demo.DEMO_SLO_P99_MS and config.controller.mode == config.controller.FULL
+        assert config.dynamic_batching.priority_levels == 2
     assert (repository / demo.ADD_SUB_MODEL / "1" / "model.onnx").is_file()
 
     stamp = (repository / demo.DEMO_MODEL / "1" / "variants.json").stat().st_mtime_ns

@@ -14,6 +14,7 @@ from tidal.repository.manager import ModelManager, ServedVersion
 from tidal.scheduling.knobs import Knobs
 from tidal.transport._gen import control_pb2 as cpb
 from tidal.transport._gen import control_pb2_grpc as cpb_grpc
+from tidal.transport.edge import EdgeMeter
 from tidal.transport.status import GRPC_STATUS
 
 
@@ -57,7 +58,17 @@ def _decision_message(decision: Decision, now_s: float) -> cpb.Decision:
     )
 
 
-def model_status(served: ServedVersion, controller: SloController, now_s: float) -> cpb.ModelStatus:
+def edge_status(edge: EdgeMeter, model: str, utilisation: float) -> cpb.EdgeStatus:
+    seen = edge.observe(model)
+    received, admitted = edge.rates(model)
+    return cpb.EdgeStatus(
+        received_rps=received, admitted_rps=admitted, inflight=seen.inflight, inflight_limit=seen.limit,
+        refused=seen.refused, loop_lag_ms=seen.lag_ms, loop_busy=seen.busy,
+        saturation=edge.saturation(model, utilisation),
+    )
+
+
+def model_status(served: ServedVersion, controller: SloController, edge: EdgeMeter, now_s: float) -> cpb.ModelStatus:
     """What the server runs with and, once the control loop has seen the model, what the controller sees."""
     scheduler, spec = served.scheduler, served.spec
     status = cpb.ModelStatus(
@@ -75,8 +86,10 @@ def model_status(served: ServedVersion, controller: SloController, now_s: float)
     )
     key = model_key(served.name, served.version)
     if not controller.tracks(key):
+        status.edge.CopyFrom(edge_status(edge, served.name, 0.0))
         return status
     slo, last = controller.slo(key), controller.last(key)
+    status.edge.CopyFrom(edge_status(edge, served.name, last.utilisation if last is not None else 0.0))
     status.slo_p99_ms, status.controller_mode, status.min_accuracy = slo.p99_ms, slo.mode.value, slo.min_accuracy
     status.period_ms = round(slo.period_s * 1e3)
     status.priority_p99_ms.clear()
@@ -115,14 +128,15 @@ def updated_slo(controller: SloController, served: ServedVersion, request: cpb.S
 
 
 class ControlServicer(cpb_grpc.TidalControlServicer):
-    def __init__(self, manager: ModelManager, controller: SloController, clock_now) -> None:
+    def __init__(self, manager: ModelManager, controller: SloController, clock_now, edge: EdgeMeter) -> None:
         self._manager = manager
         self._controller = controller
         self._now = clock_now
+        self._edge = edge
 
     def _response(self, served: list[ServedVersion]) -> cpb.StatusResponse:
         now_s = self._now()
-        return cpb.StatusResponse(models=[model_status(s, self._controller, now_s) for s in served])
+        return cpb.StatusResponse(models=[model_status(s, self._controller, self._edge, now_s) for s in served])
 
     async def Status(self, request, context):
         try:
@@ -206,6 +220,16 @@ def _ms(value: float) -> str:
     return f"{value:.1f} ms" if value > 0 else "-"
 
 
+def _edge_line(e: cpb.EdgeStatus) -> str:
+    limit = f"limit {e.inflight_limit}" if e.inflight_limit else "admit all"
+    refused = ", ".join(f"p{lv} {n}" for lv, n in sorted(e.refused.items()) if n) or "none"
+    return (
+        f"  edge: received {e.received_rps:.0f} rps, admitted {e.admitted_rps:.0f} rps  in flight {e.inflight} "
+        f"({limit})  refused {refused}  loop lag {e.loop_lag_ms:.1f} ms, busy {e.loop_busy:.2f}  "
+        f"saturation {e.saturation:.2f}"
+    )
+
+
 def format_status(models: list[cpb.ModelStatus], decisions: int = 8) -> str:
     """`tidal control status`: per model, the SLO, what is observed, the knobs and the latest decisions."""
     lines = []
@@ -225,6 +249,7 @@ def format_status(models: list[cpb.ModelStatus], decisions: int = 8) -> str:
             f"  variant {k.active_variant or 'default'} (of {', '.join(v or 'default' for v in m.variants)})  "
             f"max batch {k.max_batch_size}  delay {k.max_queue_delay_us} us  "
             f"preferred {list(k.preferred_batch_sizes) or '-'}  instances {k.instance_count}  {limits}",
+            _edge_line(m.edge),
         ]
         for d in list(m.decisions)[-decisions:]:
             stamp = time.strftime("%H:%M:%S", time.localtime(d.at_unix_s)) + f".{int(d.at_unix_s * 1e3) % 1000:03d}"

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Triton accepts messages up to INT32_MAX bytes; so does tidal unless told otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
+DEFAULT_MAX_PENDING_RPCS = 20_000
 # A health service that stays SERVING while the process can answer, drain included: the liveness probe's.
 LIVENESS_SERVICE = "liveness"
 
@@ -75,15 +76,17 @@ class GrpcServer:
         socket_mode: int = 0o660,
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_pending_rpcs: int = DEFAULT_MAX_PENDING_RPCS,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
-            # gRPC core cancels calls beyond ~1,000 not yet handed to the application; let overload reach
-            # tidal's queues instead, where queue policies and shedding answer it with a proper status.
-            ("grpc.server.max_pending_requests", 20_000),
-            ("grpc.server.max_pending_requests_hard_limit", 40_000),
+            # The backlog below Python: calls gRPC core received but the event loop has not taken yet, per
+            # method. Beyond the soft limit core drops new calls at random, beyond twice it drops them all,
+            # in C, before they cost the saturated loop anything (README, "Overload").
+            ("grpc.server.max_pending_requests", max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_rpcs),
         ]
         self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
         self._credentials = credentials  # None: plaintext

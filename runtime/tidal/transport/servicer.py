@@ -63,6 +63,14 @@ def _priority(msg: pb.ModelInferRequest) -> int:
     return convert.int_param({"priority": convert.param_value(msg.parameters["priority"])}, "priority") or 0
 
 
+def _detached(exc: TidalError) -> TidalError:
+    """`exc` without its traceback and chain: kept, they hold the failed request's frames, and the frame that
+    holds `exc` closes a reference cycle that pins the request (possibly many MiB) until the cycle collector
+    runs. The traceback has been logged where it mattered (`_failure`)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def _failure(msg: pb.ModelInferRequest, exc: Exception, digest: FailureDigest) -> TidalError:
     """The error a failed request is answered with, logged without flooding the log.
 
@@ -263,7 +271,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request, context)
         except Exception as exc:
-            error = _failure(request, exc, self._digest)
+            error = _detached(_failure(request, exc, self._digest))
         await self._abort(context, error)
 
     async def ModelStreamInfer(
@@ -281,7 +289,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, context)))
             except Exception as exc:
-                error = _failure(msg, exc, self._digest)
+                error = _detached(_failure(msg, exc, self._digest))
                 failed = pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
                 results.put_nowait(pb.ModelStreamInferResponse(error_message=_clip(str(error)), infer_response=failed))
 

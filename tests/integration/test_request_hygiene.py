@@ -1,0 +1,77 @@
+"""What a hostile or broken client cannot do to the server: lose stream answers, blow up error headers,
+or pin rejected requests in memory."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from live_server import ServerProcess
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def _simple(request_id: str, value: float) -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name="simple", id=request_id)
+    for name in ("INPUT0", "INPUT1"):
+        msg.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+        msg.raw_input_contents.append(np.full((1, 16), value, np.float32).tobytes())
+    return msg
+
+
+def test_an_unreadable_stream_message_loses_no_accepted_request(server: ServerProcess) -> None:
+    """20 requests, then bytes that are not a ModelInferRequest: all 20 are answered, then the stream ends
+    INVALID_ARGUMENT naming the message (it used to end OK after one answer, the rest cancelled)."""
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream(STREAM, request_serializer=None,
+                                     response_deserializer=pb.ModelStreamInferResponse.FromString)
+        sent = [_simple(str(i), float(i)).SerializeToString() for i in range(20)]
+        answers = call(iter([*sent, b"\xff\xff\xff\xff not protobuf"]), timeout=30)
+        seen = {}
+        with pytest.raises(grpc.RpcError) as err:
+            for answer in answers:
+                seen[answer.infer_response.id] = answer
+    assert sorted(seen, key=int) == [str(i) for i in range(20)]
+    assert all(not a.error_message for a in seen.values())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stream message 21" in err.value.details()
+
+
+def test_errors_that_echo_huge_input_keep_their_status(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """A 1 MiB model name or a 10,000-dim shape once made the status message exceed gRPC's header limit, so the
+    client saw RESOURCE_EXHAUSTED instead of the real answer."""
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(pb.ModelInferRequest(model_name="m" * (1 << 20)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) <= 1000
+    msg = _simple("wide", 1.0)
+    del msg.inputs[0].shape[:]
+    msg.inputs[0].shape.extend([1] * 10_000)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(msg, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "INPUT0" in err.value.details()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_rejected_requests_are_freed_at_once(server: ServerProcess, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Ten rejected 32 MiB requests: the server's memory must not keep them (a reference cycle through the
+    abort exception used to hold each one until the cycle collector ran)."""
+    payload = b"\0" * (32 << 20)
+    msg = pb.ModelInferRequest(model_name="simple")
+    msg.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    msg.raw_input_contents.append(payload)  # the wrong size: refused INVALID_ARGUMENT
+    stub.ModelInfer(_simple("warm", 0.0), timeout=30)
+    before = _rss_mib(server.proc.pid)
+    for _ in range(10):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(msg, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    growth = _rss_mib(server.proc.pid) - before
+    assert growth < 4 * 32, f"RSS grew {growth:.0f} MiB over 10 rejected 32 MiB requests"
