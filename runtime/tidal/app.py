@@ -68,6 +68,7 @@ class ServeOptions:
     model_control_mode: ModelControlMode = ModelControlMode.EXPLICIT
     repository_poll_s: float = 15.0  # poll period in poll mode
     metrics_port: int | None = 8002  # None: no /metrics endpoint
+    metrics_address: str | None = None  # None: grpc_address, or 127.0.0.1 beside a Unix socket
     tls: TlsFiles | None = None  # None: plaintext gRPC
     auth_tokens: Path | None = None  # file of bearer tokens; None: no token is asked for
 
@@ -226,8 +227,10 @@ class App:
         await self.server.set_serving("", False)
         port = await self.server.start()
         if self.options.metrics_port is not None:
-            # Beside a Unix socket, /metrics stays on loopback TCP: Prometheus scrapes over TCP only.
-            host = "127.0.0.1" if self.server.unix_path is not None else self.options.grpc_address
+            # Beside a Unix socket, /metrics goes to loopback TCP unless told otherwise: Prometheus scrapes TCP.
+            host = self.options.metrics_address or (
+                "127.0.0.1" if self.server.unix_path is not None else self.options.grpc_address
+            )
             self.metrics_port = self.metrics.serve_http(host, self.options.metrics_port)
             url = f"http://{host}:{self.metrics_port}/metrics"
             print(f"tidal: serving metrics on {url}", flush=True)

@@ -34,6 +34,11 @@ def test_socket_serves_tritonclient_and_bench_then_is_removed(scale_repo: Path, 
         tensor = tc.InferInput("INPUT", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.full((1, 4), 3.0, np.float32))
         assert client.is_server_ready()
+        probe = [sys.executable, "-m", "tidal", "health", "-u", srv.url]
+        ok = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+        unknown = subprocess.run([*probe, "--service", "nosuch"], capture_output=True, text=True, timeout=60)
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
         assert client.infer("scale", [tensor]).as_numpy("OUTPUT").tolist() == [[6.0] * 4]
         out = tmp_path / "bench"
         bench = subprocess.run(
