@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tidal.errors import TidalError
+
 DEMO_VERSION = "4"  # bump whenever what the build produces changes
 DEMO_MODEL = "digits"
 ADD_SUB_MODEL = "add_sub"
@@ -37,10 +39,10 @@ def ensure_demo_repository(cache_dir: Path | None = None, progress: bool = True,
     home = base / f"v{DEMO_VERSION}"
     if (home / _COMPLETE).is_file() and not rebuild:
         return home / "repository"
-    base.mkdir(parents=True, exist_ok=True)
     staging = base / f".build-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         _build(staging, progress)
         (staging / _COMPLETE).write_text(DEMO_VERSION + "\n")
         if home.exists():
@@ -49,6 +51,10 @@ def ensure_demo_repository(cache_dir: Path | None = None, progress: bool = True,
             shutil.rmtree(home)
         # A rename is atomic, so another process never sees a half-built repository.
         os.replace(staging, home)
+    except OSError as exc:  # a full disk or a read-only cache: one line, and nothing half-built is left
+        raise TidalError(
+            f"cannot build the demo repository in {base}: {exc.strerror or exc} (free space, or set TIDAL_CACHE_DIR)"
+        ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for stale in base.glob("v*"):
