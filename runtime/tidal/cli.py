@@ -13,6 +13,7 @@ from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
 from tidal.errors import ConfigError, InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
+from tidal.probe import add_health_parser
 from tidal.transport.security import TlsFiles
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS
 
@@ -50,6 +51,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--repository-poll-secs", type=bounded(float, 0.1), default=15.0, help="poll period in poll mode (>= 0.1)"
     )
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus /metrics port; 0 picks a free one")
+    p.add_argument("--metrics-address", help="/metrics bind address (default: the gRPC one; 127.0.0.1 beside a socket)")
     p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (reloaded on change)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -105,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control_mode=ModelControlMode(args.model_control_mode),
         repository_poll_s=args.repository_poll_secs,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_address=args.metrics_address,
         tls=tls,
         auth_tokens=args.auth_tokens,
     )
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(sub)
     add_bench_parser(sub)
     _add_control_parser(sub)
+    add_health_parser(sub)
     return parser
 
 
