@@ -23,7 +23,7 @@ from tidal import backends
 from tidal.backends import hardware
 from tidal.backends.base import Backend, BackendOptions
 from tidal.clock import Clock, SystemClock
-from tidal.errors import ConfigError, NotFound, TidalError, Unavailable
+from tidal.errors import ConfigError, InvalidArgument, NotFound, TidalError, Unavailable
 from tidal.repository import layout
 from tidal.repository.config import (
     ModelSpec,
@@ -328,6 +328,10 @@ class ModelManager:
 
     def get(self, name: str, version: str = "") -> ServedVersion:
         """The version to serve: `version` exactly, or the newest ready one for ""."""
+        if version and not (version.isascii() and version.isdigit()):
+            # Triton refuses a version that is not an integer >= 0 INVALID_ARGUMENT, before the lookup. Its
+            # std::stol would take " 2" and "2a" as 2; tidal refuses those too rather than guess.
+            raise InvalidArgument(f"model version '{version[:32]}' is not an integer > 0")
         entry = self._entries.get(name)
         if entry is None:
             raise NotFound(f"model '{name}' is not in the repository")
@@ -336,8 +340,8 @@ class ModelManager:
             raise Unavailable(f"model '{name}' is not ready ({entry.state.value}{detail})")
         if not version:
             return entry.versions[max(entry.versions)]
-        served = entry.versions.get(int(version)) if version.isascii() and version.isdigit() else None
-        if served is None:  # int() alone would also take " 1", "+1" and "1_0"
+        served = entry.versions.get(int(version))
+        if served is None:
             raise NotFound(f"model '{name}' has no ready version '{version}'")
         return served
 
