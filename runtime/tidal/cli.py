@@ -28,8 +28,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=PORT, default=8001, help="port to bind; 0 picks a free one")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
-    p.add_argument("--max-pending-rpcs", type=bounded(int, 1, 1_000_000), default=DEFAULT_MAX_PENDING_RPCS,
-                   help="calls gRPC core may hold for the event loop, per method, before it drops new ones")
+    p.add_argument("--max-pending-rpcs", type=bounded(int, 1, 1_000_000),
+                   help="calls gRPC core may hold for the event loop, per method, before it drops new ones "
+                   f"(default: sized from the tightest configured SLO; {DEFAULT_MAX_PENDING_RPCS} without one)")
     p.add_argument("--drain-grace-s", type=NON_NEGATIVE, default=30.0, help="time for in-flight requests on shutdown")
     p.add_argument(
         "--drain-delay-s", type=NON_NEGATIVE, default=0.0, help="on shutdown, keep serving (not ready) this long first"
