@@ -30,7 +30,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,16 +48,15 @@ from tidal.repository.variants import load_manifest
 from tidal.transport.control import control_set_slo, control_status
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from loadgen import log as _log
+from loadgen import run_bench
+
 from live_server import ServerProcess, start_server
 
 DECISION = re.compile(r"^(\S+ \S+) INFO tidal\.control\.loop: controller (\S+):\d+: (\w+): .*?; (\S+) max batch (\d+)")
 PRIORITY = 'dynamic_batching { priority_levels: 2 default_priority_level: 2 }'
 CONTROL = "\nslo {{ p99_ms: {slo} }}\ncontroller {{ mode: FULL period_ms: 100 }}\n"
 THREADS = '\nparameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
-
-
-def _log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -110,19 +108,7 @@ def _reference_source(cache: Path) -> Path:
 
 def _bench(server: ServerProcess, out: Path, classes: list[str], rows: int, slo_ms: float, load: list[str],
            plot: Path | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tidal", "bench", "-u", server.url, "-b", str(rows), "--slo-ms", str(slo_ms),
-           "--no-progress", "--metrics-url", server.metrics_url, "--request-timeout-s", "10", "-o", str(out), *load]
-    for cls in classes:
-        cmd += ["-m", cls]
-    if plot is not None:
-        cmd += ["--plot", str(plot)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"tidal bench failed:\n{done.stdout}\n{done.stderr}")
-    for line in done.stdout.splitlines():
-        if "bottleneck" in line:
-            _log(line)
-    return json.loads(out.with_suffix(".json").read_text())
+    return run_bench(server.url, out, classes, rows, slo_ms, load, server.metrics_url, plot)
 
 
 @dataclass

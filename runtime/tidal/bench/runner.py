@@ -247,6 +247,8 @@ def _tick_entry(label: str, t_s: float, tick: _Tick, sample: dict[str, Any] | No
         "throughput_rps": total.ok / tick.duration_s if tick.duration_s > 0 else 0.0,
         "p50_ms": lat["p50"],
         "p99_ms": lat["p99"],
+        "slo_met": total.slo_met,  # answered OK within the SLO (with --slo-ms), of...
+        "slo_judged": total.slo_judged,  # ...every request answered in this tick
         "inflight": tick.inflight,
         "send_lag_p99_ms": latency_summary(total.send_lag)["p99"],
         "loop_lag_p99_ms": latency_summary(tick.loop_lag)["p99"],

@@ -1,0 +1,315 @@
+"""Overload at the edge: does tidal hold its SLO where the transport can carry the load, and fail fast and
+visibly where it cannot?
+
+    .venv/bin/python perf/bench_overload.py [--slo-ms 50] [--stage-s 20] [--out perf/out/overload]
+        [--results perf/RESULTS.md]
+
+One run, `tidal bench` as the load, the demo's `digits` model (1-row requests unless said otherwise):
+1. E: the bare echo's capacity within the SLO (perf/echo_server.py, same request shape, same generator);
+2. C: tidal's, with the controller off;
+3. the smallest rows-per-request k (1, 2, 4, ...) for which 3 C_k <= 0.6 E, i.e. a 3x overload the transport
+   itself carries; then 0.5C -> 3C -> 0.5C (`--stage-s` each) with the controller off and on, and a two-class
+   run (priority 1 at 0.3C, priority 2 at 2.7C) with it on;
+4. 1-row requests at 1.5 E, beyond the transport, against tidal (controller on) and against the echo: goodput
+   side by side, and for tidal the saturation gauge, gRPC health latency (probed every 50 ms) and the log.
+Tables go to --results between markers, with E, C, k and the host's CPU; raw JSON to --out.
+Run it on a quiet machine: the load generator shares the cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loadgen import echo_server, log, run_bench
+
+from tidal import demo
+from tidal.transport.control import control_set_slo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from live_server import ServerProcess, scrape, start_server
+
+MODEL, DIMS = demo.DEMO_MODEL, 64
+RATES = [125 * 1.25**i for i in range(16)]  # 125 .. ~3,550 requests/s
+BEGIN, END = "<!-- bench_overload: begin -->", "<!-- bench_overload: end -->"
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \w+ tidal\.transport\.servicer: "
+                      r"infer (\S+?):? (?:failed: )?(?:\d+ more requests failed )?([A-Z_]+)")
+
+
+def _stage(root: Path, slo_ms: float, rows: int) -> Path:
+    """A copy of the demo's digits with the SLO and room for `rows`-row requests."""
+    source = demo.ensure_demo_repository() / MODEL
+    target = root / MODEL
+    shutil.copytree(source, target)
+    config = (target / "config.pbtxt").read_text()
+    config = re.sub(r"max_batch_size:\s*\d+", f"max_batch_size: {max(128, rows * 16)}", config)
+    config = re.sub(r"p99_ms:\s*[\d.]+", f"p99_ms: {slo_ms:g}", config)
+    (target / "config.pbtxt").write_text(config)
+    return root
+
+
+def _holds(stats: dict[str, Any], rate: float) -> bool:
+    return (stats["slo_attainment"] or 0.0) >= 0.99 and stats["throughput_rps"] >= 0.9 * rate
+
+
+def capacity(url: str, rows: int, args: argparse.Namespace, label: str, metrics: str | None = None) -> float:
+    """The highest rate (requests/s) whose attainment holds, before the first that does not."""
+    best = 0.0
+    for start in range(0, len(RATES), 4):  # four points a run; stop after the first failure
+        rates = RATES[start : start + 4]
+        result = run_bench(url, args.out / f"{label}-{start}", [MODEL], rows, args.slo_ms,
+                           ["--rate", ",".join(f"{r:.0f}" for r in rates), "--duration-s", str(args.sweep_s),
+                            "--warmup-s", "1"], metrics, workers=args.workers)
+        for rate, point in zip(rates, result["points"], strict=True):
+            stats = point["measurement"]["all"]
+            log(f"{label} {rate:.0f} rps: attainment {stats['slo_attainment']:.3f}, {stats['throughput_rps']:.0f} rps")
+            if not _holds(stats, rate):
+                return best
+            best = rate
+    return best
+
+
+def _phases(result: dict[str, Any], bounds: list[float], skip_s: float = 0.0) -> list[float | None]:
+    """Attainment per phase from the per-second series; `skip_s` leaves out the first seconds of each phase."""
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        rows = [t for t in result["timeseries"] if lo + skip_s < t["t_s"] <= hi]
+        judged = sum(t.get("slo_judged", 0) for t in rows)
+        out.append(sum(t.get("slo_met", 0) for t in rows) / judged if judged else None)
+    return out
+
+
+def _summary(stats: dict[str, Any]) -> dict[str, Any]:
+    return {"sent": stats["sent"], "ok": stats["ok"], "errors": stats["errors"],
+            "attainment": stats["slo_attainment"], "goodput_rps": stats["goodput_rps"],
+            "p99_ms": stats["latency_ms"]["p99"]}
+
+
+def step(server: ServerProcess, c: float, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    s = args.stage_s
+    profile = f"{s:g}s@{0.5 * c:.0f}rps,{s:g}s@{3 * c:.0f}rps,{s:g}s@{0.5 * c:.0f}rps"
+    out: dict[str, Any] = {"profile": profile}
+    for mode in ("off", "full"):
+        control_set_slo(server.url, MODEL, mode=mode)
+        time.sleep(1.0)
+        result = run_bench(server.url, args.out / f"step-{mode}", [MODEL], k, args.slo_ms, ["--profile", profile],
+                           server.metrics_url, workers=args.workers)
+        bounds = [0.0, s, 2 * s, 3 * s + 5]
+        out[mode] = {**_summary(result["points"][0]["measurement"]["all"]),
+                     "phases": _phases(result, bounds), "after_step_down_2s": _phases(result, bounds[2:], 2.0)[0]}
+        log(f"step, controller {mode}: {out[mode]}")
+    return out
+
+
+def two_class(server: ServerProcess, c: float, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    control_set_slo(server.url, MODEL, mode="full")
+    time.sleep(1.0)
+    classes = [f"{MODEL}:priority=1,weight=1", f"{MODEL}:priority=2,weight=9"]
+    result = run_bench(server.url, args.out / "two-class", classes, k, args.slo_ms,
+                       ["--rate", f"{3 * c:.0f}", "--duration-s", f"{args.stage_s:g}", "--warmup-s", "2"],
+                       server.metrics_url, workers=args.workers)
+    out = {key: {**_summary(stats), "error_details": stats["error_details"]}
+           for key, stats in result["points"][0]["measurement"]["classes"].items()}
+    log(f"two classes: {json.dumps(out)}")
+    return out
+
+
+@dataclass
+class _Watch:
+    """While a run lasts: gRPC health latency every 50 ms, and the saturation gauge every 250 ms."""
+
+    server: ServerProcess
+    health_ms: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    saturation: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, value)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> _Watch:
+        self.t0 = time.monotonic()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._health, self._gauge)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def _health(self) -> None:
+        with grpc.insecure_channel(self.server.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.wait(0.05):
+                start = time.monotonic()
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    self.health_ms.append((time.monotonic() - start) * 1e3)
+                except grpc.RpcError:
+                    self.health_failures += 1
+
+    def _gauge(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                value = scrape(self.server).get('tidal_saturation{model=""}')
+            except OSError:
+                continue
+            if value is not None:
+                self.saturation.append((time.monotonic() - self.t0, value))
+
+
+def _log_rate(server: ServerProcess, since: float) -> dict[str, Any]:
+    """Request-failure lines the server logged per second, per model and status, since `since` (wall time)."""
+    per_second: Counter[tuple[str, str, str]] = Counter()
+    for line in server.lines:
+        m = LOG_LINE.match(line)
+        if m and time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) >= since - 1:
+            per_second[m.groups()] += 1
+    return {"lines": sum(per_second.values()), "max_per_second_per_key": max(per_second.values(), default=0)}
+
+
+def beyond(server: ServerProcess, echo_url: str, e: float, args: argparse.Namespace) -> dict[str, Any]:
+    control_set_slo(server.url, MODEL, mode="full")
+    time.sleep(2.0)
+    load = ["--rate", f"{1.5 * e:.0f}", "--duration-s", f"{args.stage_s:g}", "--warmup-s", "0"]
+    started = time.time()
+    with _Watch(server) as watch:
+        tidal = run_bench(server.url, args.out / "beyond-tidal", [MODEL], 1, args.slo_ms, load,
+                          server.metrics_url, workers=args.workers)
+    echo = run_bench(echo_url, args.out / "beyond-echo", [MODEL], 1, args.slo_ms, load, workers=args.workers)
+    health = sorted(watch.health_ms)
+    reached = next((t for t, v in watch.saturation if v >= 0.9), None)
+    out = {
+        "rate_rps": 1.5 * e,
+        "tidal": {**_summary(tidal["points"][0]["measurement"]["all"]),
+                  "error_details": tidal["points"][0]["measurement"]["all"]["error_details"]},
+        "echo": _summary(echo["points"][0]["measurement"]["all"]),
+        "saturation_0.9_after_s": reached,
+        "saturation_max": max((v for _, v in watch.saturation), default=None),
+        "health_checks": len(health), "health_failures": watch.health_failures,
+        "health_p99_ms": health[int(0.99 * (len(health) - 1))] if health else None,
+        "health_max_ms": health[-1] if health else None,
+        "log": _log_rate(server, started),
+    }
+    echo_goodput = out["echo"]["goodput_rps"]
+    out["goodput_ratio"] = out["tidal"]["goodput_rps"] / echo_goodput if echo_goodput else None
+    log(f"beyond the transport: {json.dumps(out)}")
+    return out
+
+
+def _cpu() -> str:
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", text).group(1)  # type: ignore[union-attr]
+        have = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())  # type: ignore[union-attr]
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in have)
+    except (OSError, AttributeError):
+        model = platform.processor()
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{model}, {cores} cores, {flags}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def render(r: dict[str, Any], command: str) -> str:
+    k, s = r["k"], r["step"]
+    lines = [
+        BEGIN, "## Overload at the edge (issue 14)", "",
+        f"`{command}` on {r['cpu']}; load generator on the same cores ({r['workers']} process(es)); "
+        f"SLO p99 {r['slo_ms']:g} ms inside the client's view; {r['stage_s']:g} s stages.", "",
+        f"- E (bare echo, 1-row) = {r['E']:.0f} requests/s within the SLO; C (tidal, controller off, 1-row) = "
+        f"{r['C1']:.0f}/s; k = {k} rows per request, C_k = {r['Ck']:.0f} requests/s (3 C_k = "
+        f"{3 * r['Ck']:.0f} <= 0.6 E = {0.6 * r['E']:.0f}).", "",
+        f"Step {s['profile']} with {k}-row requests:", "",
+        "| controller | 0.5C | 3C | 0.5C after | from 2 s after the step down | goodput /s | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("off", "full"):
+        m = s[mode]
+        lines.append(f"| {mode} | {' | '.join(_pct(p) for p in m['phases'])} | {_pct(m['after_step_down_2s'])} | "
+                     f"{m['goodput_rps']:.0f} | {m['errors'] or '-'} |")
+    lines += ["", f"Two classes at 3C ({k}-row), controller on:", "",
+              "| class | sent | within SLO | errors |", "|---|---|---|---|"]
+    for key, c in r["two_class"].items():
+        lines.append(f"| {key} | {c['sent']} | {_pct(c['attainment'])} | {c['errors'] or '-'} |")
+    b = r["beyond"]
+    lines += [
+        "", f"1-row requests at 1.5 E = {b['rate_rps']:.0f}/s, beyond the transport:", "",
+        "| server | OK | within SLO | goodput /s | errors |", "|---|---|---|---|---|",
+        f"| tidal | {b['tidal']['ok']} | {_pct(b['tidal']['attainment'])} | {b['tidal']['goodput_rps']:.0f} | "
+        f"{b['tidal']['errors'] or '-'} |",
+        f"| echo | {b['echo']['ok']} | {_pct(b['echo']['attainment'])} | {b['echo']['goodput_rps']:.0f} | "
+        f"{b['echo']['errors'] or '-'} |", "",
+        f"Goodput tidal / echo: {b['goodput_ratio']:.2f}. Saturation gauge >= 0.9 after "
+        f"{b['saturation_0.9_after_s']} s (max {b['saturation_max']}). Health: {b['health_checks']} checks, "
+        f"{b['health_failures']} failed, p99 {b['health_p99_ms']} ms, max {b['health_max_ms']} ms. Log: "
+        f"{b['log']['lines']} request-failure lines, at most {b['log']['max_per_second_per_key']} per second per "
+        "model and status.", END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        old = old[: old.index(BEGIN)] + old[old.index(END) + len(END) + 1 :]
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slo-ms", type=float, default=demo.DEMO_SLO_P99_MS)
+    parser.add_argument("--stage-s", type=float, default=20.0)
+    parser.add_argument("--sweep-s", type=float, default=4.0, help="seconds per capacity point")
+    parser.add_argument("--workers", type=int, default=1, help="load processes")
+    parser.add_argument("--out", type=Path, default=Path("perf/out/overload"))
+    parser.add_argument("--results", type=Path, default=Path("perf/RESULTS.md"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    r: dict[str, Any] = {"slo_ms": args.slo_ms, "stage_s": args.stage_s, "workers": args.workers, "cpu": _cpu()}
+    with echo_server(MODEL, DIMS) as echo_url:
+        r["E"] = capacity(echo_url, 1, args, "echo")
+        log(f"E = {r['E']:.0f} requests/s")
+        with tempfile.TemporaryDirectory(prefix="tidal-bench-overload-") as tmp:
+            server = start_server(_stage(Path(tmp), args.slo_ms, 64), "--load-model", MODEL)
+            try:
+                control_set_slo(server.url, MODEL, mode="off")
+                k, ck = 1, capacity(server.url, 1, args, "tidal-k1", server.metrics_url)
+                r["C1"] = ck
+                while 3 * ck > 0.6 * r["E"] and k < 64:
+                    k *= 2
+                    ck = capacity(server.url, k, args, f"tidal-k{k}", server.metrics_url)
+                r["k"], r["Ck"] = k, ck
+                log(f"C = {r['C1']:.0f}/s; k = {k}, C_k = {ck:.0f}/s")
+                r["step"] = step(server, ck, k, args)
+                r["two_class"] = two_class(server, ck, k, args)
+                r["beyond"] = beyond(server, echo_url, r["E"], args)
+            finally:
+                server.stop()
+                (args.out / "server.log").write_text(server.log())
+    (args.out / "summary.json").write_text(json.dumps(r, indent=2))
+    command = "python perf/bench_overload.py " + " ".join(sys.argv[1:])
+    write_section(args.results, render(r, command.strip()))
+    print(render(r, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
