@@ -13,6 +13,7 @@ from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
 from tidal.errors import ConfigError, InvalidArgument, TidalError
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
+from tidal.plan_cli import add_plan_parser
 from tidal.probe import add_health_parser
 from tidal.transport.security import TlsFiles
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     _add_control_parser(sub)
     add_health_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
