@@ -84,9 +84,9 @@ def _credentials(options: ServeOptions) -> grpc.ServerCredentials | None:
 
 # The share of the tightest SLO a call may spend in gRPC core's backlog before the event loop takes it, and
 # the rate at which one event loop takes calls (measured: about 1,000/s for 1-row requests on a 2-core host).
-BACKLOG_SLO_SHARE = 0.25
+BACKLOG_SLO_SHARE = 0.5
 LOOP_ACCEPTS_PER_MS = 1.0
-MIN_PENDING_RPCS = 8
+MIN_PENDING_RPCS = 32  # bursts of arrivals below this are not overload
 
 
 def pending_rpcs_for(options: ServeOptions) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.control.admission import MAX_DEMAND, AdmissionGate, GateTuning, saturation
+from tidal.control.admission import MAX_DEMAND, AdmissionGate, saturation
 
 
 def fill(gate: AdmissionGate, level: int, count: int) -> int:
@@ -16,7 +16,7 @@ def run_period(gate: AdmissionGate, now: float, latency_ms: float, delay_ms: flo
     """`count` requests admitted and answered after `latency_ms`, then the period closes; returns the new now."""
     for _ in range(count):
         if gate.admit(1) is None:
-            gate.release(latency_ms / 1e3)
+            gate.release(1, latency_ms / 1e3)
     now += gate.tuning.period_s
     gate.adapt(now, delay_ms)
     return now
@@ -28,18 +28,39 @@ def test_without_a_target_everything_is_admitted() -> None:
     assert gate.state().refused == {1: 0, 2: 0}
 
 
-def test_lower_priorities_are_refused_first_and_level_one_keeps_headroom() -> None:
-    gate = AdmissionGate(levels=3, tuning=GateTuning(share=0.5))
+def test_lower_priorities_are_refused_first_and_higher_ones_keep_what_they_use() -> None:
+    gate = AdmissionGate(levels=3)
     gate.configure(target_ms=50, predicted=40)
-    assert (gate.cap(1), gate.cap(2), gate.cap(3)) == (40, 20, 10)
-    assert fill(gate, 3, 100) == 10
-    assert fill(gate, 2, 100) == 10  # level 2 fills up to its cap of 20 in flight
-    assert fill(gate, 1, 100) == 20  # level 1 takes the rest of the limit
+    assert fill(gate, 3, 100) == 40  # alone, the lowest level may fill the whole limit
+    assert gate.admit(1) is not None  # ...and level 1 has to wait for a slot
+    for _ in range(40):
+        gate.release(3, 0.01)
+    assert fill(gate, 1, 5) == 5  # level 1 in use: 5 in flight at its peak
+    gate.adapt(0.0, 0.0)
+    gate.adapt(gate.tuning.period_s, 0.0)  # a period closes: level 1 keeps 5 + 1
+    limit = gate.limit  # it grew: the limit bound while latency was far inside the budget
+    assert (gate.cap(1), gate.cap(2), gate.cap(3)) == (limit, limit - 6, limit - 6)
+    assert fill(gate, 3, 100) == limit - 11  # what level 1's reserve leaves, minus its 5 in flight
+    assert fill(gate, 2, 100) == 0
+    assert fill(gate, 1, 100) == 6  # level 1 still finds room up to the whole limit
     refusal = gate.admit(1)
-    assert refusal is not None and refusal.level == 1 and refusal.inflight == 40
-    assert gate.state().refused == {1: 81, 2: 90, 3: 90}
-    gate.release(0.01)
-    assert gate.admit(1) is None and gate.admit(2) is not None  # a freed slot goes to the top level
+    assert refusal is not None and refusal.level == 1 and refusal.inflight == limit
+    gate.release(1, 0.01)
+    assert gate.admit(1) is None and gate.admit(3) is not None  # a freed slot goes to the top level
+
+
+def test_an_idle_level_gives_its_reserve_back() -> None:
+    gate = AdmissionGate(levels=2)
+    gate.configure(target_ms=50, predicted=20)
+    fill(gate, 1, 4)
+    for _ in range(4):
+        gate.release(1, 0.01)
+    now = 0.0
+    gate.adapt(now, 0.0)
+    for _ in range(30):
+        now += gate.tuning.period_s
+        gate.adapt(now, 0.0)
+    assert gate.cap(2) == 20
 
 
 def test_the_limit_shrinks_while_latency_breaks_the_budget_left_by_the_transport() -> None:
@@ -66,7 +87,7 @@ def test_the_limit_grows_only_while_it_binds_and_never_past_twice_the_prediction
     for _ in range(50):
         fill(gate, 1, 1000)  # the limit binds: refusals
         for _ in range(gate.state().inflight):
-            gate.release(0.005)
+            gate.release(1, 0.005)
         now = run_period(gate, now, latency_ms=5)
     assert gate.limit == 20
 

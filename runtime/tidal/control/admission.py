@@ -10,8 +10,10 @@ in the manner of latency-gradient limiters (Netflix's Gradient2, Envoy's adaptiv
   `decrease`; comfortably under it while the limit was the constraint, it grows by `increase` of itself;
 - it starts from, and never grows past twice, the limit the SLO controller predicts from the model's
   batch-time profile (`predicted`), so a cold model is protected before any measurement exists;
-- priority levels share it in order: level 1 may fill the whole limit, each lower level a `share` of what
-  the level above it may use, so excess is refused lowest priority first and level 1 keeps headroom.
+- priority levels share it in order: level 1 may fill the whole limit; each lower level may fill what is
+  left once every level above it has its reserve, the most it recently had in flight (rising at once,
+  falling slowly) plus one. Excess is refused lowest priority first, and a level's own traffic never has
+  to squeeze past a flood of lower-priority requests.
 
 Pure: `adapt` takes `now`; nothing here reads a clock, sleeps or does I/O; one gate per served model, driven from
 the event loop only (not thread-safe).
@@ -31,7 +33,7 @@ class GateTuning:
     decrease: float = 0.8  # multiplicative cut when the budget is broken
     increase: float = 0.1  # growth per period, as a share of the limit, when it binds and latency fits
     comfort: float = 0.6  # "fits comfortably": p99 under this share of the budget
-    share: float = 0.75  # each lower priority level may use this share of the level above's cap
+    reserve_decay: float = 0.8  # how much of a level's reserve survives a period in which it used less
     min_limit: int = 2
     default_limit: int = 64  # before any prediction or measurement
     max_pushback_ms: int = 1000
@@ -68,6 +70,9 @@ class AdmissionGate:
         self._predicted = 0
         self._limit = float(self.tuning.default_limit)
         self._inflight = 0
+        self._by_level = [0] * levels  # in flight now
+        self._peak = [0] * levels  # most in flight this period
+        self._reserve = [0.0] * levels  # what each level keeps from the levels below it
         self._admitted = 0
         self._refused = [0] * levels
         self._period_start: float | None = None
@@ -94,7 +99,8 @@ class AdmissionGate:
 
     def cap(self, level: int) -> int:
         """In-flight requests (of every level) below which a request of `level` is admitted."""
-        return max(int(self.limit * self.tuning.share ** (level - 1)), 1 if level == 1 else 0)
+        reserved = sum(math.ceil(r) + 1 for r in self._reserve[: level - 1] if r > 0)
+        return max(self.limit - reserved, 1 if level == 1 else 0)
 
     # -- per request -----------------------------------------------------------------------
     def admit(self, level: int) -> Refusal | None:
@@ -109,12 +115,15 @@ class AdmissionGate:
                 self._bound = True
         self._inflight += 1
         self._admitted += 1
+        count = self._by_level[level - 1] = self._by_level[level - 1] + 1
+        self._peak[level - 1] = max(self._peak[level - 1], count)
         return None
 
-    def release(self, latency_s: float) -> None:
-        """An admitted request was answered after `latency_s` inside the server (failures count too:
-        a timeout is exactly the latency the limit must see)."""
+    def release(self, level: int, latency_s: float) -> None:
+        """An admitted request of `level` was answered after `latency_s` inside the server (failures count
+        too: a timeout is exactly the latency the limit must see)."""
         self._inflight -= 1
+        self._by_level[level - 1] -= 1
         self._samples.append(latency_s * 1e3)
 
     # -- adaptation ------------------------------------------------------------------------
@@ -129,6 +138,10 @@ class AdmissionGate:
         samples, self._samples = self._samples, []
         bound, self._bound = self._bound, False
         self._period_start = now
+        for i, peak in enumerate(self._peak):
+            kept = self._reserve[i] * t.reserve_decay
+            self._reserve[i] = max(float(peak), kept if kept >= 0.5 else 0.0)
+            self._peak[i] = self._by_level[i]
         if len(samples) < _MIN_SAMPLES:
             return
         samples.sort()

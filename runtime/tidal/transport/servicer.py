@@ -242,7 +242,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._run(msg, served, level, now, remaining)
         finally:
-            gate.release(self._clock.now() - now)
+            gate.release(level, self._clock.now() - now)
 
     async def _run(
         self, msg: pb.ModelInferRequest, served: ServedVersion, level: int, now: float, remaining: float | None

@@ -1,0 +1,104 @@
+"""Overload at the edge, live: excess is refused at once with RESOURCE_EXHAUSTED and a pushback hint, lowest
+priority first, and the edge shows up in the control status and in /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from live_server import ServerProcess, metric, scrape, start_server
+from onnx_models import spin, write_config
+from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.control import control_status
+
+CONFIG = """
+max_batch_size: 1
+dynamic_batching { priority_levels: 2 default_priority_level: 2 }
+slo { p99_ms: 100 }
+controller { mode: BATCH period_ms: 50 }
+"""
+TRIPS = 16.0  # tanh(x @ W) iterations per request: some ms each, so a few hundred requests/s overload it
+
+
+@pytest.fixture(scope="module")
+def overloadable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("overload")
+    write_config(root / "spin", CONFIG)
+    spin(root / "spin" / "1" / "model.onnx")
+    server = start_server(root)
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def _request(priority: int) -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name="spin")
+    msg.parameters["priority"].uint64_param = priority
+    msg.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1])
+    msg.raw_input_contents.append(np.full((1, 1), TRIPS, np.float32).tobytes())
+    return msg
+
+
+async def _call(stub: pb_grpc.GRPCInferenceServiceStub, msg: pb.ModelInferRequest, tally: collections.Counter) -> None:
+    try:
+        await stub.ModelInfer(msg, timeout=2.0)
+        tally["OK"] += 1
+    except grpc.aio.AioRpcError as err:
+        tally[err.code().name] += 1
+        tally["with pushback"] += "grpc-retry-pushback-ms" in dict(err.trailing_metadata() or ())
+
+
+async def _capacity(url: str, seconds: float) -> float:
+    """Requests per second one caller gets back to back: the backend's rate, one request at a time."""
+    tally: collections.Counter = collections.Counter()
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() < start + seconds:
+            await _call(stub, _request(1), tally)
+    return tally["OK"] / seconds
+
+
+async def _open_loop(url: str, seconds: float, rates: dict[int, float]) -> dict[int, collections.Counter]:
+    """Requests sent on a fixed schedule per priority, whatever the answers: arrivals do not wait for the server."""
+    outcomes: dict[int, collections.Counter] = {p: collections.Counter() for p in rates}
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        loop = asyncio.get_running_loop()
+        start, calls = loop.time(), []
+
+        async def sender(priority: int, rate: float) -> None:
+            msg = _request(priority)
+            for i in range(int(seconds * rate)):
+                await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+                calls.append(asyncio.create_task(_call(stub, msg, outcomes[priority])))
+
+        await asyncio.gather(*[sender(p, r) for p, r in rates.items()])
+        await asyncio.gather(*calls)
+    return outcomes
+
+
+def _sent(tally: collections.Counter) -> int:
+    return sum(n for outcome, n in tally.items() if outcome != "with pushback")
+
+
+def test_excess_is_refused_at_once_lowest_priority_first(overloadable: ServerProcess) -> None:
+    """Priority 1 at 0.3x the backend's capacity, priority 2 at 2.7x: priority 2 is refused at arrival."""
+    capacity = asyncio.run(_capacity(overloadable.url, 2.0))  # also lets the controller learn the batch time
+    outcomes = asyncio.run(_open_loop(overloadable.url, 5.0, {1: 0.3 * capacity, 2: 2.7 * capacity}))
+    high, low = outcomes[1], outcomes[2]
+    assert high["OK"] >= 0.8 * _sent(high) and high["OK"] / _sent(high) >= 3 * low["OK"] / _sent(low), outcomes
+    assert low["RESOURCE_EXHAUSTED"] >= 0.5 * _sent(low), outcomes  # the excess is refused at arrival...
+    assert low["DEADLINE_EXCEEDED"] <= 0.01 * low["RESOURCE_EXHAUSTED"], outcomes  # ...not left to time out
+    edge = control_status(overloadable.url, "spin")[0].edge
+    assert edge.refused[2] >= low["with pushback"] and edge.inflight_limit > 0  # the gate refused them
+    metrics = scrape(overloadable)
+    total = sum(_sent(tally) for tally in outcomes.values())
+    assert metric(metrics, "tidal_edge_received_total", model="spin") >= total
+    assert 'tidal_saturation{model=""}' in metrics and "tidal_edge_loop_lag_seconds" in metrics
