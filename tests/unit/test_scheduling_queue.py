@@ -23,14 +23,13 @@ def ids(queue: RequestQueue) -> list[str]:
     return [entry.request.id for entry in queue.in_order()]
 
 
-def test_priority_zero_means_default_level_and_out_of_range_is_invalid(make_request):
+def test_priority_zero_or_beyond_the_levels_means_the_default_level_as_in_triton(make_request):
     queue = RequestQueue(config(priority_levels=3, default_priority_level=2))
     assert queue.admit(make_request(priority=0), 0.0).level == 2
     assert queue.admit(make_request(priority=3), 0.0).level == 3
-    for bad in (4, -1):
-        with pytest.raises(InvalidArgument, match="priority"):
-            queue.admit(make_request(priority=bad), 0.0)
-    assert len(queue) == 2
+    assert queue.admit(make_request(priority=4), 0.0).level == 2
+    assert queue.admit(make_request(priority=2**64 - 1), 0.0).level == 2
+    assert len(queue) == 4
 
 
 def test_service_order_is_strict_by_level_then_fifo(make_request):

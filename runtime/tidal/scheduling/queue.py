@@ -76,11 +76,10 @@ class SchedulerConfig:
         return self.level_policies.get(level, self.default_policy)
 
     def level_of(self, priority: int) -> int:
-        """The level a request's `priority` parameter selects; 0 means the default level."""
-        if priority == 0:
-            return self.default_priority_level
+        """The level a request's `priority` parameter selects: 0, or a level the model does not have, means
+        the default level, as in Triton (a client written for one model's levels keeps working on another)."""
         if not 1 <= priority <= self.priority_levels:
-            raise InvalidArgument(f"priority {priority} is outside 1..{self.priority_levels} (0 = default)")
+            return self.default_priority_level
         return priority
 
 
