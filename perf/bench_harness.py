@@ -85,7 +85,7 @@ def render(results: dict[int, dict], args: argparse.Namespace, env: dict[str, st
     lines = [
         BEGIN,
         f"Command: `python perf/bench_harness.py {' '.join(sys.argv[1:])}` ({env['minutes']} min). Machine: "
-        f"{env['cpu']}, {env['cores']} cores; grpcio {env['grpcio']}; client, server and anything else running share "
+        f"{env['cpu']}; grpcio {env['grpcio']}; client, server and anything else running share "
         "the cores.",
         "",
         f"    perf_analyzer -m {MODEL} -u 127.0.0.1:PORT -i grpc --concurrency-range C -p {int(args.window_s * 1000)} "

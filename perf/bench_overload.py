@@ -21,32 +21,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loadgen import echo_server, log, run_bench
+from loadgen import Watch, cpu_description, echo_server, find_capacity, log, run_bench, write_section
 
 from tidal import demo
 from tidal.transport.control import control_set_slo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from live_server import ServerProcess, scrape, start_server
+from live_server import ServerProcess, start_server
 
 MODEL, DIMS = demo.DEMO_MODEL, 64
-RATES = [125 * 1.25**i for i in range(16)]  # 125 .. ~3,550 requests/s
-BEGIN, END = "<!-- bench_overload: begin -->", "<!-- bench_overload: end -->"
+BEGIN, END = "<!-- bench_overload: generated, do not edit -->", "<!-- bench_overload: end -->"
+SECTION = "## Overload at the edge (issue 14)"
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \w+ tidal\.transport\.servicer: "
                       r"infer (\S+?):? (?:failed: )?(?:\d+ more requests failed )?([A-Z_]+)")
 
@@ -63,25 +57,9 @@ def _stage(root: Path, slo_ms: float, rows: int) -> Path:
     return root
 
 
-def _holds(stats: dict[str, Any], rate: float) -> bool:
-    return (stats["slo_attainment"] or 0.0) >= 0.99 and stats["throughput_rps"] >= 0.9 * rate
-
-
-def capacity(url: str, rows: int, args: argparse.Namespace, label: str, metrics: str | None = None) -> float:
-    """The highest rate (requests/s) whose attainment holds, before the first that does not."""
-    best = 0.0
-    for start in range(0, len(RATES), 4):  # four points a run; stop after the first failure
-        rates = RATES[start : start + 4]
-        result = run_bench(url, args.out / f"{label}-{start}", [MODEL], rows, args.slo_ms,
-                           ["--rate", ",".join(f"{r:.0f}" for r in rates), "--duration-s", str(args.sweep_s),
-                            "--warmup-s", "1"], metrics, workers=args.workers)
-        for rate, point in zip(rates, result["points"], strict=True):
-            stats = point["measurement"]["all"]
-            log(f"{label} {rate:.0f} rps: attainment {stats['slo_attainment']:.3f}, {stats['throughput_rps']:.0f} rps")
-            if not _holds(stats, rate):
-                return best
-            best = rate
-    return best
+def _capacity(server: ServerProcess, rows: int, args: argparse.Namespace) -> float:
+    return find_capacity(server.url, MODEL, rows, args.slo_ms, args.out / f"tidal-k{rows}", args.sweep_s,
+                         args.workers, server.metrics_url)
 
 
 def _phases(result: dict[str, Any], bounds: list[float], skip_s: float = 0.0) -> list[float | None]:
@@ -129,49 +107,6 @@ def two_class(server: ServerProcess, c: float, k: int, args: argparse.Namespace)
     return out
 
 
-@dataclass
-class _Watch:
-    """While a run lasts: gRPC health latency every 50 ms, and the saturation gauge every 250 ms."""
-
-    server: ServerProcess
-    health_ms: list[float] = field(default_factory=list)
-    health_failures: int = 0
-    saturation: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, value)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> _Watch:
-        self.t0 = time.monotonic()
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._health, self._gauge)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def _health(self) -> None:
-        with grpc.insecure_channel(self.server.url) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while not self._stop.wait(0.05):
-                start = time.monotonic()
-                try:
-                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    self.health_ms.append((time.monotonic() - start) * 1e3)
-                except grpc.RpcError:
-                    self.health_failures += 1
-
-    def _gauge(self) -> None:
-        while not self._stop.wait(0.25):
-            try:
-                value = scrape(self.server).get('tidal_saturation{model=""}')
-            except OSError:
-                continue
-            if value is not None:
-                self.saturation.append((time.monotonic() - self.t0, value))
-
-
 def _log_rate(server: ServerProcess, since: float) -> dict[str, Any]:
     """Request-failure lines the server logged per second, per model and status, since `since` (wall time)."""
     per_second: Counter[tuple[str, str, str]] = Counter()
@@ -187,11 +122,10 @@ def beyond(server: ServerProcess, echo_url: str, e: float, args: argparse.Namesp
     time.sleep(2.0)
     load = ["--rate", f"{1.5 * e:.0f}", "--duration-s", f"{args.stage_s:g}", "--warmup-s", "0"]
     started = time.time()
-    with _Watch(server) as watch:
+    with Watch(server.url, server.metrics_url, server.proc.pid) as watch:
         tidal = run_bench(server.url, args.out / "beyond-tidal", [MODEL], 1, args.slo_ms, load,
                           server.metrics_url, workers=args.workers)
     echo = run_bench(echo_url, args.out / "beyond-echo", [MODEL], 1, args.slo_ms, load, workers=args.workers)
-    health = sorted(watch.health_ms)
     reached = next((t for t, v in watch.saturation if v >= 0.9), None)
     out = {
         "rate_rps": 1.5 * e,
@@ -200,28 +134,14 @@ def beyond(server: ServerProcess, echo_url: str, e: float, args: argparse.Namesp
         "echo": _summary(echo["points"][0]["measurement"]["all"]),
         "saturation_0.9_after_s": reached,
         "saturation_max": max((v for _, v in watch.saturation), default=None),
-        "health_checks": len(health), "health_failures": watch.health_failures,
-        "health_p99_ms": health[int(0.99 * (len(health) - 1))] if health else None,
-        "health_max_ms": health[-1] if health else None,
+        "health": watch.health(),
+        "rss_mib_max": max((v for _, v in watch.rss_mib), default=None),
         "log": _log_rate(server, started),
     }
     echo_goodput = out["echo"]["goodput_rps"]
     out["goodput_ratio"] = out["tidal"]["goodput_rps"] / echo_goodput if echo_goodput else None
     log(f"beyond the transport: {json.dumps(out)}")
     return out
-
-
-def _cpu() -> str:
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"model name\s*:\s*(.*)", text).group(1)  # type: ignore[union-attr]
-        have = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())  # type: ignore[union-attr]
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in have)
-    except (OSError, AttributeError):
-        model = platform.processor()
-    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{model}, {cores} cores, {flags}"
 
 
 def _pct(value: float | None) -> str:
@@ -231,7 +151,7 @@ def _pct(value: float | None) -> str:
 def render(r: dict[str, Any], command: str) -> str:
     k, s = r["k"], r["step"]
     lines = [
-        BEGIN, "## Overload at the edge (issue 14)", "",
+        BEGIN,
         f"`{command}` on {r['cpu']}; load generator on the same cores ({r['workers']} process(es)); "
         f"SLO p99 {r['slo_ms']:g} ms inside the client's view; {r['stage_s']:g} s stages.", "",
         f"- E (bare echo, 1-row) = {r['E']:.0f} requests/s within the SLO; C (tidal, controller off, 1-row) = "
@@ -258,19 +178,11 @@ def render(r: dict[str, Any], command: str) -> str:
         f"| echo | {b['echo']['ok']} | {_pct(b['echo']['attainment'])} | {b['echo']['goodput_rps']:.0f} | "
         f"{b['echo']['errors'] or '-'} |", "",
         f"Goodput tidal / echo: {b['goodput_ratio']:.2f}. Saturation gauge >= 0.9 after "
-        f"{b['saturation_0.9_after_s']} s (max {b['saturation_max']}). Health: {b['health_checks']} checks, "
-        f"{b['health_failures']} failed, p99 {b['health_p99_ms']} ms, max {b['health_max_ms']} ms. Log: "
+        f"{b['saturation_0.9_after_s']} s (max {b['saturation_max']}). Health: {b['health']}. Log: "
         f"{b['log']['lines']} request-failure lines, at most {b['log']['max_per_second_per_key']} per second per "
         "model and status.", END,
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        old = old[: old.index(BEGIN)] + old[old.index(END) + len(END) + 1 :]
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def main() -> int:
@@ -283,19 +195,20 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=Path("perf/RESULTS.md"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    r: dict[str, Any] = {"slo_ms": args.slo_ms, "stage_s": args.stage_s, "workers": args.workers, "cpu": _cpu()}
+    r: dict[str, Any] = {"slo_ms": args.slo_ms, "stage_s": args.stage_s, "workers": args.workers,
+                         "cpu": cpu_description()}
     with echo_server(MODEL, DIMS) as echo_url:
-        r["E"] = capacity(echo_url, 1, args, "echo")
+        r["E"] = find_capacity(echo_url, MODEL, 1, args.slo_ms, args.out / "echo", args.sweep_s, args.workers)
         log(f"E = {r['E']:.0f} requests/s")
         with tempfile.TemporaryDirectory(prefix="tidal-bench-overload-") as tmp:
             server = start_server(_stage(Path(tmp), args.slo_ms, 64), "--load-model", MODEL)
             try:
                 control_set_slo(server.url, MODEL, mode="off")
-                k, ck = 1, capacity(server.url, 1, args, "tidal-k1", server.metrics_url)
+                k, ck = 1, _capacity(server, 1, args)
                 r["C1"] = ck
                 while 3 * ck > 0.6 * r["E"] and k < 64:
                     k *= 2
-                    ck = capacity(server.url, k, args, f"tidal-k{k}", server.metrics_url)
+                    ck = _capacity(server, k, args)
                 r["k"], r["Ck"] = k, ck
                 log(f"C = {r['C1']:.0f}/s; k = {k}, C_k = {ck:.0f}/s")
                 r["step"] = step(server, ck, k, args)
@@ -306,7 +219,7 @@ def main() -> int:
                 (args.out / "server.log").write_text(server.log())
     (args.out / "summary.json").write_text(json.dumps(r, indent=2))
     command = "python perf/bench_overload.py " + " ".join(sys.argv[1:])
-    write_section(args.results, render(r, command.strip()))
+    write_section(args.results, render(r, command.strip()), BEGIN, END, SECTION)
     print(render(r, command.strip()))
     return 0
 

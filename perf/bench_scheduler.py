@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import OnnxRuntimeBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import environment, log, write_section
 from models import MODELS, model_config, write_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,6 @@ MAX_BATCH = 128
 SERVERS = ("echo", "off", "on")
 TARGET_MODELS = ("mlp", "cnn", "wide_mlp")  # the issue's targets name these; `linear` isolates tidal's own cost
 IDLE_GAPS_MS = (0.5, 1.0, 2.0)  # idle time before a batch-1 run: a c1 server idles for the client's round trip
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def build_repository(root: Path, window_us: int) -> None:
@@ -231,22 +227,6 @@ def warm_up(running: dict[str, Server]) -> None:
     client.close()
 
 
-def environment() -> dict[str, str]:
-    import grpc
-    import onnxruntime
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "grpcio": grpc.__version__,
-        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-    }
-
-
 # -- report ---------------------------------------------------------------------------------------
 BEGIN, END = "<!-- bench_scheduler: generated, do not edit -->", "<!-- bench_scheduler: end -->"
 SECTION = "## Scheduler (issue 3)"
@@ -345,11 +325,11 @@ def render(points: list[dict], raw: dict, env: dict[str, str], command: str) -> 
     lines = [
         BEGIN,
         f"Command: `{command}` ({env['minutes']} min, {repeats} repeats, medians; throughput spread min-max).",
-        f"Machine: {env['cpu']}, {env['cores']} cores; Python {env['python']}, onnxruntime {env['onnxruntime']}, "
+        f"Machine: {env['cpu']}; Python {env['python']}, onnxruntime {env['onnxruntime']}, "
         f"grpcio {env['grpcio']}; load average at start {env['load_average']}, at the end {env['load_end']}.",
         f"Settings: one ONNX Runtime instance per model, intra_op_thread_count 1, allow_spinning false; batching off "
         f"= `max_batch_size: 1`, on = `max_batch_size: {MAX_BATCH}` with `max_queue_delay_microseconds: "
-        f"{env['window_us']}`. tidal, the echo and perf_analyzer share the machine's {env['cores']} cores.",
+        f"{env['window_us']}`. tidal, the echo and perf_analyzer share the machine's cores.",
         "",
     ]
     for name, model in MODELS.items():
@@ -371,20 +351,6 @@ def render(points: list[dict], raw: dict, env: dict[str, str], command: str) -> 
         lines.append(f"| {name} | {cells} | {after_idle} |")
     lines += ["", "**Targets**", "", *targets(points, raw), END]
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END, section: str = SECTION) -> None:
-    """Replace the generated block between `begin` and `end`; create `section` (or the file) when absent."""
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        updated = head + text + rest.split(end, 1)[1]
-    elif section in current:
-        head, rest = current.split(section, 1)
-        updated = f"{head}{section}\n\n{text}\n{rest}"
-    else:
-        updated = f"{current.rstrip()}\n\n{section}\n\n{text}\n"
-    path.write_text(updated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(points, raw, env, command.strip())
     print(text)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, text, BEGIN, END, SECTION)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "raw": raw, "points": points}, indent=1))
     return 0

@@ -1,20 +1,32 @@
-"""What the benchmarks share: `tidal bench` as the load, the bare echo server as the transport's reference."""
+"""What the benchmarks share: `tidal bench` as the load, the bare echo server as the transport's reference,
+capacity search, and a watcher of health latency, memory and the saturation gauge while a run lasts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
+import re
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ECHO = Path(__file__).with_name("echo_server.py")
 
 
 def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run_bench(url: str, out: Path, classes: list[str], rows: int, slo_ms: float, load: list[str],
@@ -53,3 +65,128 @@ def echo_server(model: str, dims: int, max_batch_size: int = 128) -> Iterator[st
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+RATES = [125 * 1.25**i for i in range(20)]  # 125 .. ~8,700 requests/s, 25% apart
+
+
+def _holds(stats: dict[str, Any], rate: float) -> bool:
+    return (stats["slo_attainment"] or 0.0) >= 0.99 and stats["throughput_rps"] >= 0.9 * rate
+
+
+def find_capacity(url: str, model: str, rows: int, slo_ms: float, out: Path, sweep_s: float = 4.0,
+                  workers: int = 1, metrics_url: str | None = None) -> float:
+    """The highest rate (requests/s) with 99% of answers within the SLO and the throughput keeping up,
+    before the first rate that fails (past the knee a lucky pass is noise)."""
+    best = 0.0
+    for start in range(0, len(RATES), 4):  # four points a run
+        rates = RATES[start : start + 4]
+        result = run_bench(url, out.with_name(f"{out.name}-{start}"), [model], rows, slo_ms,
+                           ["--rate", ",".join(f"{r:.0f}" for r in rates), "--duration-s", str(sweep_s),
+                            "--warmup-s", "1"], metrics_url, workers=workers)
+        for rate, point in zip(rates, result["points"], strict=True):
+            stats = point["measurement"]["all"]
+            log(f"{out.name} {rate:.0f} rps: attainment {stats['slo_attainment']:.3f}, "
+                f"{stats['throughput_rps']:.0f} rps")
+            if not _holds(stats, rate):
+                return best
+            best = rate
+    return best
+
+
+@dataclass
+class Watch:
+    """While a run lasts: gRPC health latency every 50 ms, the server's RSS and the saturation gauge every 250 ms."""
+
+    url: str
+    metrics_url: str = ""
+    pid: int = 0
+    health_ms: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    saturation: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, value)
+    rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Watch:
+        self.t0 = time.monotonic()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._health, self._sample)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def _health(self) -> None:
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.wait(0.05):
+                start = time.monotonic()
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    self.health_ms.append((time.monotonic() - start) * 1e3)
+                except grpc.RpcError:
+                    self.health_failures += 1
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            at = time.monotonic() - self.t0
+            if self.pid:
+                self.rss_mib.append((at, rss_mib(self.pid)))
+            if self.metrics_url:
+                with contextlib.suppress(OSError):
+                    text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+                    value = re.search(r'^tidal_saturation\{model=""\} (\S+)$', text, re.MULTILINE)
+                    if value:
+                        self.saturation.append((at, float(value.group(1))))
+
+    def health(self) -> dict[str, Any]:
+        ms = sorted(self.health_ms)
+        return {"checks": len(ms), "failed": self.health_failures,
+                "p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 1) if ms else None,
+                "max_ms": round(ms[-1], 1) if ms else None}
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def cpu_description() -> str:
+    """The CPU model, core count and the ISA flags that matter here: every figure is stated beside it."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", text)
+    flags = re.search(r"flags\s*:\s*(.*)", text)
+    have = set(flags.group(1).split()) if flags else set()
+    isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in have)
+    return f"{model.group(1) if model else platform.processor()}, {os.cpu_count()} cores, {isa}"
+
+
+def environment() -> dict[str, str]:
+    """What a results table states about the machine and the software it ran on."""
+    import onnxruntime
+
+    return {
+        "cpu": cpu_description(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "grpcio": grpc.__version__,
+        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+
+
+def write_section(path: Path, text: str, begin: str, end: str, section: str) -> None:
+    """Replace the generated block between `begin` and `end`; create `section` (or the file) when absent."""
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        updated = head + text + rest.split(end, 1)[1]
+    elif section in current:
+        head, rest = current.split(section, 1)
+        updated = f"{head}{section}\n\n{text}\n{rest}"
+    else:
+        updated = f"{current.rstrip()}\n\n{section}\n\n{text}\n"
+    path.write_text(updated)
