@@ -8,6 +8,7 @@ variants' profiles come from the repository's variants.json, measured by `tidal 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def measure_capacity_rps(url: str, model: str) -> float:
     return float(point["throughput_rps"])
 
 
-def _no_work_repository(root: Path) -> Path:
+def no_work_repository(root: Path) -> Path:
     """A model whose run costs next to nothing: what remains is the request path."""
     model = root / "path"
     (model / "1").mkdir(parents=True)
@@ -65,25 +67,29 @@ def _no_work_repository(root: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def serving(repository: Path, *extra: str) -> Iterator[str]:
+    """A `tidal serve` of `repository` on a free loopback port, stopped on exit; yields its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository), "--grpc-port", "0",
+         "--no-metrics", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = next((m.group(1) for line in proc.stdout if (m := re.search(r"serving gRPC on .*:(\d+)$", line))), None)
+        if port is None:
+            raise TidalError(f"tidal serve exited with {proc.wait(_START_S)} before serving")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(_START_S)
+
+
 def measure_path_rps() -> float:
-    """Start `tidal serve` on the no-work model, measure it, stop it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = _no_work_repository(Path(tmp))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-             "--no-metrics"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            port = next((m.group(1) for line in proc.stdout if (m := re.search(r"serving gRPC on .*:(\d+)$", line))),
-                        None)
-            if port is None:
-                raise TidalError(f"the calibration server exited with {proc.wait(_START_S)}")
-            return measure_capacity_rps(f"127.0.0.1:{port}", "path")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(_START_S)
+    """A replica's request-path capacity: what it answers when the model does no work."""
+    with tempfile.TemporaryDirectory() as tmp, serving(no_work_repository(Path(tmp))) as url:
+        return measure_capacity_rps(url, "path")
 
 
 def path_rps(recalibrate: bool) -> tuple[float, str]:
