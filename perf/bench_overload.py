@@ -41,7 +41,7 @@ from live_server import ServerProcess, start_server
 MODEL, DIMS = demo.DEMO_MODEL, 64
 BEGIN, END = "<!-- bench_overload: generated, do not edit -->", "<!-- bench_overload: end -->"
 SECTION = "## Overload at the edge (issue 14)"
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \w+ tidal\.transport\.servicer: "
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \w+ tidal\.dataplane: "
                       r"infer (\S+?):? (?:failed: )?(?:\d+ more requests failed )?([A-Z_]+)")
 
 

@@ -21,6 +21,8 @@ from tidal.clock import SystemClock
 from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, VariantInfo, model_key
 from tidal.control.loop import ControlLoop
 from tidal.control.slo import SloController
+from tidal.dataplane import DataPlane
+from tidal.dataplane.edge import EdgeMeter
 from tidal.errors import TidalError
 from tidal.metrics import ModelSnapshot, ServerMetrics
 from tidal.repository import layout
@@ -28,7 +30,6 @@ from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.pbtxt import parse_model_config
 from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
-from tidal.transport.edge import EdgeMeter
 from tidal.transport.security import CertificateStore, TlsFiles, TokenAuth, TokenFile
 from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS, GrpcServer
 from tidal.transport.servicer import InferenceServicer
@@ -181,7 +182,7 @@ class App:
         self._draining = False
         self._stopping = asyncio.Event()
         self.edge = EdgeMeter(self.clock.now)
-        self.servicer = servicer = InferenceServicer(
+        self.plane = DataPlane(
             self.manager,
             self.clock,
             self.ready,
@@ -200,7 +201,8 @@ class App:
         self._control_task: asyncio.Task | None = None
         control = ControlServicer(self.manager, self.controller, self.clock.now, self.edge)
         self.server = GrpcServer(
-            servicer, control, options.grpc_address, options.grpc_port, options.max_message_bytes, options.socket_mode,
+            InferenceServicer(self.plane), control, options.grpc_address, options.grpc_port, options.max_message_bytes,
+            options.socket_mode,
             credentials=_credentials(options),
             interceptors=[TokenAuth(TokenFile(options.auth_tokens))] if options.auth_tokens else [],
             max_pending_rpcs=options.max_pending_rpcs or pending_rpcs_for(options),
@@ -303,7 +305,7 @@ class App:
         await self.edge.stop()
         try:
             # Schedulers keep running until every accepted request has its answer.
-            await asyncio.wait_for(self.servicer.drained(), self.options.drain_grace_s)
+            await asyncio.wait_for(self.plane.drained(), self.options.drain_grace_s)
         except TimeoutError:
             log.error("drain did not finish within %.1fs; remaining requests are cancelled", self.options.drain_grace_s)
         for served in self.manager.served():

@@ -22,6 +22,7 @@ with atheris.instrument_imports():
     from google.protobuf.message import DecodeError
 
     from onnx_models import SIMPLE_CONFIG
+    from tidal.dataplane import check_classification
     from tidal.errors import Code, ConfigError, TidalError
     from tidal.repository.config import build_spec
     from tidal.repository.pbtxt import parse_model_config_text
@@ -43,7 +44,8 @@ def request_target(data: bytes) -> None:
     try:
         request = convert.decode_request(msg, 0.0, 1.0, SIGNATURE)
         SIGNATURE.check(request)
-        convert.class_counts(msg, OUTPUTS)
+        for name in convert.class_counts(msg):
+            check_classification(name, OUTPUTS.get(name))
     except TidalError as exc:
         if exc.code not in INPUT_ERRORS:
             raise

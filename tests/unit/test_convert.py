@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tidal.dataplane import check_classification, classify
 from tidal.errors import InvalidArgument
 from tidal.transport import convert
 from tidal.transport._gen import grpc_service_pb2 as pb
@@ -68,8 +69,7 @@ def test_parameters_accept_uint64_and_int64_priority() -> None:
 def test_response_is_raw_and_keeps_declared_types() -> None:
     strings = np.array([["a", "bc"]], dtype=object)
     response = InferResponse("m", "1", {"s": strings, "f": np.ones((1, 2), np.float64)}, id="r")
-    specs = {"s": TensorSpec("s", DataType.BYTES, (2,)), "f": TensorSpec("f", DataType.FP64, (2,))}
-    msg = convert.encode_response(response, specs)
+    msg = convert.encode_response(response)
     assert [(o.name, o.datatype, list(o.shape)) for o in msg.outputs] == [("s", "BYTES", [1, 2]), ("f", "FP64", [1, 2])]
     assert msg.raw_output_contents[0] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"
     assert np.frombuffer(msg.raw_output_contents[1], np.float64).tolist() == [1.0, 1.0]
@@ -77,12 +77,12 @@ def test_response_is_raw_and_keeps_declared_types() -> None:
 
 def test_classification_is_the_top_n_per_row_as_value_colon_index() -> None:
     logits = np.array([[0.1, 2.5, -1.0, 2.5], [3.0, 0.0, 1.0, 2.0]], np.float32)
-    top = convert.classify(logits, 2, batched=True)
+    top = classify(logits, 2, batched=True)
     assert top.tolist() == [[b"2.500000:1", b"2.500000:3"], [b"3.000000:0", b"2.000000:3"]]  # ties: lower index first
-    assert convert.classify(logits[0], 9, batched=False).tolist() == [
+    assert classify(logits[0], 9, batched=False).tolist() == [
         b"2.500000:1", b"2.500000:3", b"0.100000:0", b"-1.000000:2"
     ]
-    assert convert.classify(np.array([[7, 9]], np.int32), 1, batched=True).tolist() == [[b"9:1"]]
+    assert classify(np.array([[7, 9]], np.int32), 1, batched=True).tolist() == [[b"9:1"]]
 
 
 def test_classification_request_parameters() -> None:
@@ -90,11 +90,12 @@ def test_classification_request_parameters() -> None:
     msg = pb.ModelInferRequest(model_name="m")
     msg.outputs.add(name="y").parameters["classification"].int64_param = 2
     msg.outputs.add(name="z")
-    assert convert.class_counts(msg, specs) == {"y": 2}
+    assert convert.class_counts(msg) == {"y": 2}
     msg.outputs.add(name="s").parameters["classification"].int64_param = 1
     with pytest.raises(InvalidArgument, match="output 's': classification needs a numeric output"):
-        convert.class_counts(msg, specs)
+        for name in convert.class_counts(msg):
+            check_classification(name, specs.get(name))
     msg = pb.ModelInferRequest(model_name="m")
     msg.outputs.add(name="y").parameters["classification"].string_param = "two"
     with pytest.raises(InvalidArgument, match="classification"):
-        convert.class_counts(msg, specs)
+        convert.class_counts(msg)

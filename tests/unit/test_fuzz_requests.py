@@ -7,6 +7,7 @@ from fuzz_strategies import INPUT_ERRORS, near_valid_requests, random_requests, 
 from hypothesis import HealthCheck, given, settings
 
 from onnx_models import SIMPLE_CONFIG
+from tidal.dataplane import check_classification
 from tidal.errors import TidalError
 from tidal.repository.config import build_spec
 from tidal.repository.pbtxt import parse_model_config_text
@@ -24,7 +25,8 @@ def _decode_like_the_servicer(msg: pb.ModelInferRequest) -> None:
     try:
         request = convert.decode_request(msg, 0.0, 1.0, SIGNATURE)
         SIGNATURE.check(request)
-        convert.class_counts(msg, OUTPUT_SPECS)
+        for name in convert.class_counts(msg):
+            check_classification(name, OUTPUT_SPECS.get(name))
     except TidalError as exc:
         assert exc.code in INPUT_ERRORS, f"{exc.code}: {exc}"
         assert len(str(exc)) < 2048  # fits a gRPC status header whatever the request repeated

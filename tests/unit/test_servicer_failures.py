@@ -8,10 +8,9 @@ import logging
 
 import pytest
 
+from tidal.dataplane.failures import MAX_MESSAGE_CHARS, clip, failure
 from tidal.errors import Code, InvalidArgument, ResourceExhausted
 from tidal.logs import FailureDigest
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport.servicer import MAX_MESSAGE_CHARS, _clip, _failure
 
 log = logging.getLogger("test.digest")
 
@@ -19,7 +18,7 @@ log = logging.getLogger("test.digest")
 def test_a_tidal_error_is_answered_as_it_is() -> None:
     async def run() -> None:
         exc = InvalidArgument("input 'x' has the wrong shape")
-        assert _failure(pb.ModelInferRequest(model_name="m", id="r1"), exc, FailureDigest(log)) is exc
+        assert failure("m", "r1", exc, FailureDigest(log)) is exc
 
     asyncio.run(run())
 
@@ -28,7 +27,7 @@ def test_an_unexpected_exception_is_internal_and_logged_with_its_traceback(caplo
     try:
         raise ValueError("array is too big")
     except ValueError as exc:
-        answer = _failure(pb.ModelInferRequest(model_name="m", id="r1"), exc, FailureDigest(log))
+        answer = failure("m", "r1", exc, FailureDigest(log))
     assert answer.code is Code.INTERNAL and "ValueError: array is too big" in str(answer)
     record = next(r for r in caplog.records if "failed unexpectedly" in r.getMessage())
     assert record.levelno == logging.ERROR and record.exc_info is not None and "r1" in record.getMessage()
@@ -40,7 +39,7 @@ def test_thousands_of_refusals_make_one_line_per_interval_with_the_count(caplog:
     async def run() -> None:
         digest = FailureDigest(log, interval_s=0.05)
         for _ in range(5000):
-            _failure(pb.ModelInferRequest(model_name="m"), ResourceExhausted("shed"), digest)
+            failure("m", "", ResourceExhausted("shed"), digest)
         await asyncio.sleep(0.08)  # the window closes: one summary line
         await asyncio.sleep(0.08)  # nothing new arrived: the window closes without a line
 
@@ -58,8 +57,8 @@ def test_each_model_status_and_kind_has_its_own_line(caplog: pytest.LogCaptureFi
         digest = FailureDigest(log, interval_s=10)
         for name in ("a", "b"):
             for exc in (ResourceExhausted("full"), InvalidArgument("bad")):
-                _failure(pb.ModelInferRequest(model_name=name), exc, digest)
-                _failure(pb.ModelInferRequest(model_name=name), exc, digest)
+                failure(name, "", exc, digest)
+                failure(name, "", exc, digest)
 
     asyncio.run(run())
     assert len([r for r in caplog.records if r.name == "test.digest"]) == 4
@@ -67,6 +66,6 @@ def test_each_model_status_and_kind_has_its_own_line(caplog: pytest.LogCaptureFi
 
 def test_echoed_text_is_cut_to_fit_a_grpc_header() -> None:
     huge = "m" * (1 << 20)
-    clipped = _clip(f"model '{huge}' is not in the repository")
+    clipped = clip(f"model '{huge}' is not in the repository")
     assert len(clipped) <= MAX_MESSAGE_CHARS and clipped.startswith("model 'mmm") and "more characters" in clipped
-    assert _clip("short") == "short"
+    assert clip("short") == "short"

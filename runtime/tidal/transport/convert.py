@@ -199,31 +199,15 @@ def decode_request(
     )
 
 
-def class_counts(msg: pb.ModelInferRequest, specs: dict[str, TensorSpec]) -> dict[str, int]:
+def class_counts(msg: pb.ModelInferRequest) -> dict[str, int]:
     """Outputs asked for with Triton's classification extension (tritonclient's `class_count`): name -> top N."""
     counts: dict[str, int] = {}
     for out in msg.outputs:
         params = {key: param_value(value) for key, value in out.parameters.items()} if out.parameters else {}
         count = int_param(params, CLASSIFICATION)
-        if not count:  # absent or 0: the tensor itself
-            continue
-        spec = specs.get(out.name)
-        if spec is not None and spec.datatype is DataType.BYTES:
-            raise InvalidArgument(f"output '{out.name}': classification needs a numeric output, not BYTES")
-        counts[out.name] = count
+        if count:  # absent or 0: the tensor itself
+            counts[out.name] = count
     return counts
-
-
-def classify(arr: np.ndarray, count: int, batched: bool) -> np.ndarray:
-    """The `count` largest values of each batch row as b"value:index", largest first, in Triton's format."""
-    rows = arr.reshape(arr.shape[0] if batched else 1, -1)
-    values = rows.astype(np.float64)
-    top = np.argsort(-values, axis=1, kind="stable")[:, :count]
-    as_text = "{:f}:{}" if arr.dtype.kind in "fc" else "{:.0f}:{}"
-    out = np.empty(top.shape, dtype=object)
-    for r, indices in enumerate(top):
-        out[r] = [as_text.format(values[r, i], i).encode() for i in indices]
-    return out if batched else out[0]
 
 
 def _set_param(target: pb.InferParameter, value: Any) -> None:
@@ -237,20 +221,14 @@ def _set_param(target: pb.InferParameter, value: Any) -> None:
         target.string_param = str(value)
 
 
-def encode_response(
-    response: InferResponse, specs: dict[str, TensorSpec], classes: dict[str, int] | None = None, batched: bool = False
-) -> pb.ModelInferResponse:
-    """`classes`: outputs to answer with their top N (see `class_counts`); `batched`: dim 0 is the batch."""
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    """The data plane hands over outputs in their declared datatypes (classifications as BYTES)."""
     msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
     for key, value in response.parameters.items():
         _set_param(msg.parameters[key], value)
     raw = msg.raw_output_contents
     for name, arr in response.outputs.items():
-        if classes and name in classes:
-            arr, dtype = classify(arr, classes[name], batched), DataType.BYTES
-        else:
-            spec = specs.get(name)
-            dtype = spec.datatype if spec is not None else DataType.from_numpy(arr.dtype)
+        dtype = DataType.from_numpy(arr.dtype)
         out = msg.outputs.add(name=name, datatype=dtype.wire_name)
         out.shape.extend(arr.shape)
         if dtype is DataType.BYTES:
