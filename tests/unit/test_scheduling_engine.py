@@ -1,7 +1,8 @@
 """ModelScheduler with real threads and a real event loop, over a numpy Backend implementation.
 
-"Busy" instances are held with gates (threading.Event), never with sleeps, so every test is
-deterministic; the only real waits are the batching window and timeout timers under test.
+"Busy" instances are held with gates (threading.Event), never with sleeps, and time is a FakeClock that
+drives the engine's timer too: batching windows and timeouts pass when a test advances the clock, so every
+test is deterministic and none waits on real time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from tidal.clock import FakeClock, SystemClock
+from tidal.clock import FakeClock
 from tidal.errors import BackendError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from tidal.scheduling import Knobs, ModelScheduler, QueuePolicy, SchedulerConfig
 from tidal.types import InferRequest
@@ -42,7 +43,7 @@ async def started(backend) -> None:
 
 def sched(backends, config=BATCHING, knobs=None, clock=None) -> ModelScheduler:
     runners = backends if isinstance(backends, dict) else {"": backends}
-    return ModelScheduler("m", config, knobs or Knobs(4, 0), runners, ["y", "s"], clock or SystemClock())
+    return ModelScheduler("m", config, knobs or Knobs(4, 0), runners, ["y", "s"], clock or FakeClock())
 
 
 def test_queued_requests_form_full_batches_and_outputs_split_back(run_async, row_backend, make_request):
@@ -53,8 +54,7 @@ def test_queued_requests_form_full_batches_and_outputs_split_back(run_async, row
         async with serving(sched([backend]), gate) as s:
             first = asyncio.create_task(s.infer(make_request(value=0.0)))
             await started(backend)  # the instance is now busy with a batch of one
-            clock = SystemClock()
-            requests = [make_request(rows=1 + i % 2, value=i, arrival_s=clock.now()) for i in range(1, 7)]
+            requests = [make_request(rows=1 + i % 2, value=i) for i in range(1, 7)]
             tasks = [asyncio.create_task(s.infer(r)) for r in requests]
             await asyncio.sleep(0)
             assert s.pending() == 1 + 6
@@ -79,9 +79,9 @@ def test_requested_outputs_only_and_unknown_output_is_invalid(run_async, row_bac
                 await s.infer(make_request(outputs=("z",)))
             with pytest.raises(InvalidArgument, match="exceeds"):
                 await s.infer(make_request(rows=5))
-            with pytest.raises(InvalidArgument, match="priority"):
-                await s.infer(make_request(priority=2))
-            assert s.stats().failures_by_reason["OTHER"] == 3
+            # a priority beyond the model's levels selects the default level, as Triton's SetPriority does
+            assert list((await s.infer(make_request(priority=2, outputs=("s",)))).outputs) == ["s"]
+            assert s.stats().failures_by_reason["OTHER"] == 2
 
     run_async(main())
 
@@ -89,37 +89,37 @@ def test_requested_outputs_only_and_unknown_output_is_invalid(run_async, row_bac
 @pytest.mark.parametrize("use_uvloop", [False, True])
 def test_sub_millisecond_window_is_honoured(run_async, row_backend, make_request, use_uvloop):
     """While a batch runs, a request for the other instance waits the whole window for company (then leaves
-    on the timer): uvloop's timers would fire at once. An idle model never makes a request wait."""
+    on the timer, not on the loop's timers, which uvloop would fire at once). A lone head never waits."""
     gate = threading.Event()
     backends = [row_backend(gate), row_backend(gate)]
-    clock = SystemClock()
+    clock = FakeClock()
 
     async def main():
-        async with serving(sched(backends, knobs=Knobs(4, 500, instance_count=2)), gate) as s:
+        async with serving(sched(backends, knobs=Knobs(4, 500, instance_count=2), clock=clock), gate) as s:
             head = asyncio.create_task(s.infer(make_request(arrival_s=clock.now())))
             await started(backends[0])
-            assert s.stats().queue.ns < 500_000  # the lone head left at once
-            start = clock.now()
-            follower = asyncio.create_task(s.infer(make_request(arrival_s=start)))
+            assert s.stats().queue.ns == 0  # the lone head left at once
+            follower = asyncio.create_task(s.infer(make_request(arrival_s=clock.now())))
+            await asyncio.sleep(0)
+            clock.advance(0.0004)
+            assert not backends[1].started.acquire(blocking=False)  # before its target nothing can fire
+            clock.advance(0.0001)
             await started(backends[1])
-            assert clock.now() - start >= 0.0005
             gate.set()
             await asyncio.gather(head, follower)
-            assert s.stats().queue.ns >= 500_000
+            assert s.stats().queue.ns == 500_000  # exactly the window, on the clock the engine was given
 
     run_async(main(), use_uvloop=use_uvloop)
 
 
 def test_an_idle_model_never_waits_the_window(run_async, row_backend, make_request):
-    clock = SystemClock()
+    """The fake clock never moves: a request that waited the 200 ms window would never be answered."""
 
     async def main():
         async with serving(sched([row_backend()], knobs=Knobs(4, 200_000))) as s:
             for _ in range(5):
-                start = clock.now()
-                await s.infer(make_request(arrival_s=start))
-                assert clock.now() - start < 0.1  # far below the 200 ms window
-            assert s.stats().queue.ns < 5 * 100_000_000
+                await s.infer(make_request())
+            assert s.stats().queue.ns == 0
 
     run_async(main())
 
@@ -291,7 +291,7 @@ def test_a_non_finite_request_never_shares_a_coupled_batch(run_async, row_backen
     backend = BatchRange(gate)
     variants = frozenset({"int8-dynamic"} if coupled else ())
     scheduler = ModelScheduler(
-        "m", BATCHING, Knobs(4, 0), {"int8-dynamic": [backend]}, ["y", "s"], SystemClock(), coupled=variants
+        "m", BATCHING, Knobs(4, 0), {"int8-dynamic": [backend]}, ["y", "s"], FakeClock(), coupled=variants
     )
 
     async def main():

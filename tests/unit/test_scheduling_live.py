@@ -14,7 +14,7 @@ from test_scheduling_engine import sched, serving, started
 import onnx_models
 from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import load
-from tidal.clock import SystemClock
+from tidal.clock import FakeClock, SystemClock
 from tidal.errors import InvalidArgument
 from tidal.scheduling import Knobs, ModelScheduler, SchedulerConfig
 from tidal.scheduling.threads import PreciseTimer
@@ -172,12 +172,13 @@ def test_precise_timer_fires_once_not_before_its_target(run_async):
     async def main():
         loop = asyncio.get_running_loop()
         fired: list[float] = []
-        timer = PreciseTimer("t", lambda: fired.append(time.monotonic()))
+        clock = SystemClock()
+        timer = PreciseTimer("t", lambda: fired.append(time.monotonic()), clock)
         timer.start(loop)
         try:
             start = time.monotonic()
-            timer.arm(0.0003)
-            timer.arm(0.0005)  # re-arming replaces the target
+            timer.arm(start + 0.0003)
+            timer.arm(start + 0.0005)  # re-arming replaces the target
             while not fired:
                 await asyncio.sleep(0.0001)
             await asyncio.sleep(0.01)
@@ -186,3 +187,25 @@ def test_precise_timer_fires_once_not_before_its_target(run_async):
             timer.close()
 
     run_async(main(), use_uvloop=True)
+
+
+def test_precise_timer_follows_the_injected_clock(run_async):
+    """On a FakeClock nothing fires until the clock is moved past the target, however long real time runs."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        clock = FakeClock(10.0)
+        fired: list[float] = []
+        timer = PreciseTimer("t", lambda: fired.append(clock.now()), clock)
+        timer.start(loop)
+        try:
+            timer.arm(10.5)
+            clock.advance(0.2)
+            clock.advance(0.3)
+            while not fired:
+                await asyncio.sleep(0)
+            assert fired == [10.5]
+        finally:
+            timer.close()
+
+    run_async(main())

@@ -94,7 +94,7 @@ class ModelScheduler:
         self._busy = [False] * slots
         self._running = 0  # requests inside executing batches
         self._workers = InstanceWorkers(slots, name)
-        self._timer = PreciseTimer(name, self._on_timer)
+        self._timer = PreciseTimer(name, self._on_timer, self._clock)
         self._timer_at: float | None = None
         self._may_inline = inline
         self._coupled = coupled
@@ -248,7 +248,7 @@ class ModelScheduler:
             wake_s = event_s
         if wake_s is not None and (self._timer_at is None or wake_s < self._timer_at):
             self._timer_at = wake_s
-            self._timer.arm(wake_s - now)
+            self._timer.arm(wake_s)
         self._check_idle()
 
     def _expire(self) -> float:

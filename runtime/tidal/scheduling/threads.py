@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
+
+from tidal.clock import Clock
 
 
 class InstanceWorkers:
@@ -61,23 +62,33 @@ def _work(inbox: queue.SimpleQueue, loop: asyncio.AbstractEventLoop) -> None:
 
 
 class PreciseTimer:
-    """Calls `callback` on the loop once the armed delay has passed; re-arming replaces the target."""
+    """Calls `callback` on the loop once `clock` reaches the armed time; re-arming replaces the target.
 
-    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+    Targets are on the injected clock, so a test's FakeClock drives the batching window and queue timeouts
+    (its `advance` wakes the thread) and no engine test waits on real time."""
+
+    def __init__(self, name: str, callback: Callable[[], None], clock: Clock) -> None:
         self._name = name
         self._callback = callback
+        self._clock = clock
         self._cond = threading.Condition()
         self._target: float | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._clock.watch(self._wake)
         self._thread = threading.Thread(target=self._run, args=(loop,), name=f"tidal-{self._name}-timer", daemon=True)
         self._thread.start()
 
-    def arm(self, delay_s: float) -> None:
+    def arm(self, at_s: float) -> None:
+        """Fire once the clock reads `at_s`."""
         with self._cond:
-            self._target = time.monotonic() + max(delay_s, 0.0)
+            self._target = at_s
+            self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
             self._cond.notify()
 
     def close(self) -> None:
@@ -94,9 +105,9 @@ class PreciseTimer:
                 if self._target is None:
                     self._cond.wait()
                     continue
-                remaining = self._target - time.monotonic()
+                remaining = self._target - self._clock.now()
                 if remaining > 0:
-                    self._cond.wait(remaining)
+                    self._cond.wait(self._clock.real_wait_s(remaining))
                     continue
                 self._target = None
                 try:
