@@ -32,7 +32,7 @@ def test_triton_fields_not_acted_on_are_accepted_and_named() -> None:
     instance_group [ { count: 1 gpus: [ 0 ] } ]
     """
     parsed = parse_model_config_text(text, "m/config.pbtxt")
-    assert parsed.ignored == ["input.reshape", "instance_group.gpus", "sequence_batching"]
+    assert parsed.ignored == ["input.reshape", "sequence_batching"]
     assert parsed.config.max_batch_size == 2 and parsed.config.input[0].name == "a"
     assert "max_batch_size" in parsed.present
 
@@ -113,7 +113,9 @@ def test_dynamic_batching_becomes_scheduler_settings() -> None:
         "max_batch_size: 4 dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
         "max_batch_size: 4 dynamic_batching { priority_levels: 2 priority_queue_policy { key: 5 value { } } }",
         "max_batch_size: -1",
-        "instance_group [ { kind: KIND_GPU } ]",
+        "instance_group [ { kind: KIND_CPU gpus: [ 0 ] } ]",
+        "instance_group [ { kind: KIND_MODEL } ]",
+        "instance_group [ { kind: KIND_GPU gpus: [ 0, 0 ] } ]",
     ],
 )
 def test_inconsistent_settings_are_rejected(text: str) -> None:

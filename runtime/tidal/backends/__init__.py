@@ -1,32 +1,44 @@
-"""Backend registry: a backend name from config -> the module that loads it.
+"""Backend registry: a backend name from config and a device -> the module that loads it.
 
-Modules are imported on first use so a missing optional engine (TensorRT, the
-compiled int8 kernels) only matters to the models that ask for it.
+Modules are imported on first use so a missing optional engine (TensorRT, onnxruntime-gpu, the compiled
+int8 kernels) only matters to the models that ask for it. The same name may load through different
+modules per device: `int8` on a GPU instance is the CUDA GEMM (backends/cuda_int8.py).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 
 from tidal.backends.base import Backend, BackendFactory, BackendOptions
 from tidal.errors import ConfigError
 
-# Each module exposes `load(path: Path, options: BackendOptions) -> Backend`.
+# Each module exposes `load(path: Path, options: BackendOptions) -> Backend`; GPU modules also
+# `gpu_unavailable() -> str | None`, a cheap check that loads no model.
 _MODULES = {
-    "onnxruntime": "tidal.backends.onnxruntime",
-    "int8": "tidal.backends.int8",
+    ("onnxruntime", "cpu"): "tidal.backends.onnxruntime",
+    ("onnxruntime", "gpu"): "tidal.backends.onnxruntime",
+    ("int8", "cpu"): "tidal.backends.int8",
+    ("int8", "gpu"): "tidal.backends.cuda_int8",
+    ("tensorrt", "gpu"): "tidal.backends.tensorrt",
 }
 
 
 def names() -> list[str]:
-    return sorted(_MODULES)
+    return sorted({name for name, _ in _MODULES})
 
 
-def factory(name: str) -> BackendFactory:
-    """The loader for `name`; ConfigError if tidal has no such backend or it cannot import."""
-    module_name = _MODULES.get(name)
+def runs_on(name: str, device: str) -> bool:
+    return (name, device) in _MODULES
+
+
+def factory(name: str, device: str = "cpu") -> BackendFactory:
+    """The loader for `name` on `device`; ConfigError if tidal has no such backend there or it cannot import."""
+    module_name = _MODULES.get((name, device))
     if module_name is None:
-        raise ConfigError(f"unknown backend '{name}' (known: {', '.join(names())})")
+        if name not in names():
+            raise ConfigError(f"unknown backend '{name}' (known: {', '.join(names())})")
+        raise ConfigError(f"backend '{name}' does not run on a {device.upper()}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -34,4 +46,28 @@ def factory(name: str) -> BackendFactory:
     return module.load
 
 
-__all__ = ["Backend", "BackendFactory", "BackendOptions", "factory", "names"]
+def gpu_unavailable(name: str) -> str | None:
+    """Why backend `name` cannot run on this host's GPUs (None when it can), without loading a model."""
+    module_name = _MODULES.get((name, "gpu"))
+    if module_name is None:
+        return f"{name} has no GPU backend"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"{name}: {exc}"
+    return module.gpu_unavailable()
+
+
+def gpu_blocker(candidates: Iterable[str]) -> str | None:
+    """None when one of `candidates` runs on a GPU here, else every one's reason, for placement to quote."""
+    reasons = []
+    for name in dict.fromkeys(candidates):
+        reason = gpu_unavailable(name)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    return "; ".join(reasons) or "no backend named"
+
+
+__all__ = ["Backend", "BackendFactory", "BackendOptions", "factory", "gpu_blocker", "gpu_unavailable", "names",
+           "runs_on"]

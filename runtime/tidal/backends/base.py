@@ -27,15 +27,33 @@ from tidal.types import TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
+class Accelerator:
+    """An optimization.execution_accelerators entry (Triton's way to ask ONNX Runtime for TensorRT)."""
+
+    name: str  # e.g. tensorrt
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class BackendOptions:
-    """Per-instance settings taken from the model config."""
+    """Per-instance settings taken from the model config and the instance's placement."""
 
     instance_index: int = 0
+    device: str = "cpu"  # cpu | gpu
+    device_id: int = 0  # the CUDA device number when device is gpu
+    max_batch_size: int = 0  # 0: the model does not batch; GPU engines size their shapes from it
+    opt_batch_size: int = 0  # the batch size engines tune for (the largest preferred one); 0: max_batch_size
+    gpu_accelerators: tuple[Accelerator, ...] = ()
+    cache_dirs: tuple[Path, ...] = ()  # where built engines are looked for, in order; the last one is written
     intra_op_threads: int = 0  # 0: let the engine decide
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"  # disable | basic | extended | all
     allow_spinning: bool = False  # spinning threads steal cores from the gRPC server
     parameters: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def opt_batch(self) -> int:
+        return min(self.opt_batch_size or self.max_batch_size, self.max_batch_size) or 1
 
 
 class Backend(Protocol):

@@ -1,20 +1,27 @@
 """What this machine can execute: CPU model, cores, ISA flags, GPUs.
 
 Backends use it to pick kernels (the int8 backend refuses to load without
-AVX2) and the optimizer stamps it into latency profiles, so a profile taken
-on one machine is never mistaken for another's. Everything is read from the
-OS once and cached; nothing here imports an engine.
+AVX2), placement uses the GPUs to put instances on devices, and the optimizer
+stamps it into latency profiles, so a profile taken on one machine is never
+mistaken for another's. Everything is read from the OS once and cached; GPUs
+come from NVML (nvidia-ml-py) when it is installed and answers, else from
+nvidia-smi. Nothing here imports an engine.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -74,9 +81,14 @@ class CpuInfo:
 
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
+    """One GPU as CUDA numbers it in this process (`index` honours CUDA_VISIBLE_DEVICES)."""
+
     index: int
     name: str
     memory_mib: int
+    compute_capability: str = ""  # "9.0"; "" when the driver does not say
+    uuid: str = ""
+    source: str = ""  # nvml | nvidia-smi
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,31 +130,101 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model=model or platform.processor() or platform.machine(), cores=_usable_cores(), flags=flags)
 
 
-@functools.cache
-def gpus() -> tuple[GpuInfo, ...]:
-    """NVIDIA GPUs from nvidia-smi; empty when there is no driver, so CPU-only hosts cost one PATH lookup."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return ()
+def _nvml_gpus(nvml: Any) -> list[GpuInfo]:
+    """Every GPU the driver sees, through NVML (nvidia-ml-py's `pynvml`), physical order."""
+    nvml.nvmlInit()
     try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
+        found = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            name, uuid = nvml.nvmlDeviceGetName(handle), nvml.nvmlDeviceGetUUID(handle)
+            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle).total // (1 << 20)
+            found.append(GpuInfo(i, _text(name), int(memory), f"{major}.{minor}", _text(uuid), "nvml"))
+        return found
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # older pynvml returns bytes
+
+
+_SMI_QUERY = "--query-gpu=index,name,memory.total,compute_cap,uuid"
+
+
+def _parse_smi(out: str) -> list[GpuInfo]:
     found = []
     for line in out.strip().splitlines():
         parts = [part.strip() for part in line.split(",")]
-        if len(parts) != 3:
+        if len(parts) != 5 or not parts[0].isdigit():
             continue
         memory = int(parts[2]) if parts[2].isdigit() else 0  # "[N/A]" on some virtual GPUs
-        found.append(GpuInfo(index=int(parts[0]), name=parts[1], memory_mib=memory))
-    return tuple(found)
+        cc = parts[3] if parts[3].replace(".", "").isdigit() else ""
+        found.append(GpuInfo(int(parts[0]), parts[1], memory, cc, parts[4], "nvidia-smi"))
+    return found
+
+
+def _smi_gpus() -> list[GpuInfo]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, _SMI_QUERY, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return _parse_smi(out)
+
+
+def visible(found: list[GpuInfo], env: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs CUDA will number 0, 1, ... under CUDA_VISIBLE_DEVICES=`env` (None: unset, all of them).
+
+    NVML and nvidia-smi list every GPU on the host, but `instance_group { gpus: [1] }` means CUDA device 1
+    of this process; entries are indices or UUID prefixes, and CUDA stops at the first one it cannot match.
+    """
+    if env is None:
+        return tuple(found)
+    chosen: list[GpuInfo] = []
+    for entry in (e.strip() for e in env.split(",")):
+        match = [g for g in found if (entry.isdigit() and g.index == int(entry)) or (
+            entry.startswith(("GPU-", "MIG-")) and g.uuid.startswith(entry))]
+        if len(match) != 1 or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return tuple(replace(g, index=i) for i, g in enumerate(chosen))
+
+
+def discover_gpus(nvml: Any | None, smi: Callable[[], list[GpuInfo]], env: str | None) -> tuple[GpuInfo, ...]:
+    """NVML when `nvml` is given and answers, else nvidia-smi; both fail to an empty tuple (a CPU host)."""
+    found: list[GpuInfo] = []
+    if nvml is not None:
+        try:
+            found = _nvml_gpus(nvml)
+        except Exception as exc:  # pynvml raises NVMLError_* subclasses for no driver, no library, ...
+            log.debug("NVML unusable (%s); asking nvidia-smi", exc)
+    if not found:
+        found = smi()
+    return visible(found, env)
+
+
+def _import_nvml() -> Any | None:
+    try:
+        import pynvml  # nvidia-ml-py, from the gpu extra
+    except ImportError:
+        return None
+    return pynvml
+
+
+@functools.cache
+def gpus() -> tuple[GpuInfo, ...]:
+    """NVIDIA GPUs this process may use; empty without a driver, so CPU-only hosts cost an import and a PATH lookup."""
+    return discover_gpus(_import_nvml(), _smi_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def hardware() -> Hardware:
     return Hardware(cpu=cpu_info(), gpus=gpus())
 
 
-__all__ = ["ISA_FLAGS", "CpuInfo", "GpuInfo", "Hardware", "cpu_info", "gpus", "hardware"]
+__all__ = ["ISA_FLAGS", "CpuInfo", "GpuInfo", "Hardware", "cpu_info", "discover_gpus", "gpus", "hardware", "visible"]

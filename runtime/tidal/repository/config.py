@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from tidal.backends.base import BackendOptions
+from tidal.backends.base import Accelerator, BackendOptions
+from tidal.backends.placement import InstanceGroup
 from tidal.control.api import Mode, Slo
 from tidal.errors import ConfigError, InvalidArgument
 from tidal.repository.pbtxt import ParsedConfig, parse_model_config
@@ -82,6 +83,8 @@ class ModelSpec:
     controller_mode: str = "off"  # off | batch | full; an SLO without a controller block means full
     controller_period_ms: int = 0  # 0 = the server default
     variants: tuple[str, ...] = ()
+    instance_groups: tuple[InstanceGroup, ...] = ()  # as configured; placement expands them per host
+    backend: str = ""  # config.pbtxt's backend field ("" and onnxruntime: ONNX Runtime)
     config: mc.ModelConfig = field(default_factory=mc.ModelConfig, compare=False)
 
     @property
@@ -250,7 +253,7 @@ def _scheduling(config: mc.ModelConfig) -> tuple[SchedulerConfig, Knobs]:
         level_policies={int(k): _queue_policy(v) for k, v in db.priority_queue_policy.items()},
         preserve_ordering=db.preserve_ordering,
     )
-    instances = sum(max(group.count, 1) for group in config.instance_group) or 1
+    instances = sum(max(group.count, 1) * max(len(group.gpus), 1) for group in config.instance_group) or 1
     if instances > MAX_INSTANCES:
         raise ConfigError(f"instance_group: {instances} instances in all, at most {MAX_INSTANCES} per model")
     knobs = Knobs(
@@ -272,7 +275,14 @@ def _backend_options(config: mc.ModelConfig) -> BackendOptions:
             raise ConfigError(f"parameter '{key}' must be an integer, got '{params[key]}'") from None
 
     level = config.optimization.graph.level if config.optimization.HasField("graph") else 1
+    accelerators = ()  # parameters gpu_accelerator: tensorrt, tensorrt_precision_mode: FP16, ...
+    if params.get("gpu_accelerator", "").lower() == "tensorrt":
+        trt = {k.removeprefix("tensorrt_"): v for k, v in params.items() if k.startswith("tensorrt_")}
+        accelerators = (Accelerator("tensorrt", trt),)
     return BackendOptions(
+        max_batch_size=max(config.max_batch_size, 0),
+        opt_batch_size=max(config.dynamic_batching.preferred_batch_size, default=0),
+        gpu_accelerators=accelerators,
         intra_op_threads=int_param("intra_op_thread_count"),
         inter_op_threads=int_param("inter_op_thread_count"),
         graph_optimization_level=_GRAPH_LEVELS.get(level, "all"),
@@ -300,12 +310,33 @@ def _controller(config: mc.ModelConfig, levels: int) -> dict[str, object]:
     }
 
 
+_GROUP_KINDS = {
+    mc.ModelInstanceGroup.KIND_AUTO: "auto",
+    mc.ModelInstanceGroup.KIND_CPU: "cpu",
+    mc.ModelInstanceGroup.KIND_GPU: "gpu",
+}
+
+
+def _instance_groups(config: mc.ModelConfig) -> tuple[InstanceGroup, ...]:
+    """Triton's instance_group entries, checked; where they land is decided at load, per host."""
+    groups = []
+    for i, group in enumerate(config.instance_group):
+        kind = _GROUP_KINDS.get(group.kind)
+        label = mc.ModelInstanceGroup.Kind.Name(group.kind)
+        if kind is None:
+            raise ConfigError(f"instance_group[{i}]: {label} is not supported by tidal (KIND_AUTO, KIND_CPU, KIND_GPU)")
+        if kind == "cpu" and group.gpus:
+            raise ConfigError(f"instance_group[{i}]: KIND_CPU cannot list gpus")
+        if any(g < 0 for g in group.gpus) or len(set(group.gpus)) != len(group.gpus):
+            raise ConfigError(f"instance_group[{i}]: gpus {list(group.gpus)}: each must be a distinct GPU number >= 0")
+        groups.append(InstanceGroup(kind, max(group.count, 1), tuple(int(g) for g in group.gpus)))
+    return tuple(groups)
+
+
 def build_spec(config: mc.ModelConfig) -> ModelSpec:
     if config.max_batch_size < 0:
         raise ConfigError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
-    for group in config.instance_group:
-        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU):
-            raise ConfigError(f"instance_group kind {mc.ModelInstanceGroup.Kind.Name(group.kind)} needs a GPU backend")
+    groups = _instance_groups(config)
     scheduler, knobs = _scheduling(config)
     spec = ModelSpec(
         name=config.name,
@@ -319,6 +350,8 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         default_model_filename=config.default_model_filename or "model.onnx",
         **_controller(config, scheduler.priority_levels),
         variants=tuple(config.variants),
+        instance_groups=groups,
+        backend=config.backend,
         config=config,
     )
     try:  # the controller's own checks (finite, positive targets; accuracy in 0..1; the period), made at load

@@ -13,7 +13,8 @@ import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,10 +23,12 @@ import onnx
 from tidal import backends
 from tidal.backends import hardware
 from tidal.backends.base import Backend, BackendOptions
+from tidal.backends.placement import Placement, place
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, InvalidArgument, NotFound, TidalError, Unavailable
 from tidal.repository import layout
 from tidal.repository.config import (
+    MAX_INSTANCES,
     ModelSpec,
     autocomplete,
     build_spec,
@@ -36,11 +39,10 @@ from tidal.repository.config import (
 )
 from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.validation import Signature
-from tidal.repository.variants import Variant, VariantManifest, load_manifest
+from tidal.repository.variants import Variant, VariantManifest, load_manifest, profile_key
 from tidal.scheduling.engine import ModelScheduler
-from tidal.scheduling.stats import ModelStats
 from tidal.transport._gen import model_config_pb2 as mc
-from tidal.types import InferRequest, InferResponse, TensorSpec
+from tidal.types import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,48 +78,6 @@ class ServedVersion:
     def output_specs(self) -> dict[str, TensorSpec]:
         return {s.name: s for s in self.spec.outputs}
 
-    # What the data plane and the control surfaces need, so none of them reaches into spec or scheduler.
-    @property
-    def batched(self) -> bool:
-        """Dim 0 of every input and output is the batch."""
-        return self.spec.batching
-
-    @property
-    def priority_levels(self) -> int:
-        return self.spec.scheduler.priority_levels
-
-    def level_of(self, priority: int) -> int:
-        """The priority level a request's `priority` parameter selects (0 or out of range: the default)."""
-        return self.spec.scheduler.level_of(priority)
-
-    @property
-    def slo_p99_ms(self) -> float:
-        """The p99 target as configured (0: none); the controller may hold a live one."""
-        return self.spec.slo_p99_ms
-
-    @property
-    def config(self) -> mc.ModelConfig:
-        """The complete (auto-completed) model configuration."""
-        return self.spec.config
-
-    @property
-    def platform(self) -> str:
-        return self.spec.config.platform or self.spec.config.backend
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(self.spec.inputs)
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(self.spec.outputs)
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return await self.scheduler.infer(request)
-
-    def stats(self) -> ModelStats:
-        return self.scheduler.stats()
-
     @functools.cached_property
     def signature(self) -> Signature:
         return Signature(self.spec)
@@ -137,24 +97,65 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def _load_instances(path: Path, names: Iterable[str], options: BackendOptions, count: int) -> tuple[str, list[Backend]]:
-    """`count` instances from the first backend in `names` that accepts the file, and that backend's name."""
+def _load_instances(
+    path: Path, names: Sequence[str], options: BackendOptions, placement: Placement
+) -> tuple[str, list[Backend]]:
+    """One instance per placed device, from the first backend in `names` that loads on each kind of device,
+    and the profile key of the backend serving the GPU instances (the CPU ones when there are none)."""
+    loaded: dict[int, Backend] = {}
+    engines: dict[str, str] = {}
+    try:
+        for kind in sorted(placement.kinds):
+            indices = [i for i, d in enumerate(placement.devices) if d.kind == kind]
+            engines[kind] = _load_on(path, names, options, placement, indices, loaded)
+    except TidalError:
+        _close({"": list(loaded.values())})
+        raise
+    kind = "gpu" if "gpu" in engines else "cpu"
+    return profile_key(engines[kind], kind), [loaded[i] for i in range(len(placement.devices))]
+
+
+def _load_on(
+    path: Path, names: Sequence[str], options: BackendOptions, placement: Placement, indices: list[int],
+    loaded: dict[int, Backend],
+) -> str:
+    """Loads the instances at `indices` (one kind of device) into `loaded`; the backend's name."""
+    kind = placement.devices[indices[0]].kind
+    order = [n for n in dict.fromkeys([*names, "onnxruntime"] if kind == "gpu" else names) if backends.runs_on(n, kind)]
     errors = []
-    for name in names:
+    for name in order:
+        batch: dict[int, Backend] = {}
         try:
-            loader = backends.factory(name)
-            instances: list[Backend] = []
-            try:
-                for index in range(count):
-                    instances.append(loader(path, replace(options, instance_index=index)))
-            except TidalError:
-                for backend in instances:
-                    backend.close()
-                raise
-            return name, instances
+            loader = backends.factory(name, kind)
+            for i in indices:
+                device = placement.devices[i]
+                batch[i] = loader(path, replace(options, instance_index=i, device=device.kind, device_id=device.index))
         except TidalError as exc:
+            _close({"": list(batch.values())})
             errors.append(f"{name}: {exc}")
-    raise ConfigError(f"{path.name}: no backend could load it ({'; '.join(errors)})")
+            continue
+        loaded.update(batch)
+        return name
+    detail = "; ".join(errors) or f"none of {', '.join(names)} runs there"
+    raise ConfigError(f"{path.name}: no backend could load it on the {kind.upper()} ({detail})")
+
+
+def _engine_cache_dirs(version_dir: Path) -> tuple[Path, ...]:
+    """Engines `tidal optimize --backend tensorrt` built beside the model first, then the user's cache,
+    where engines built at load are written (a repository may be mounted read-only)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tidal" / "engines"
+    return (version_dir / "engines", cache)
+
+
+def _placement(spec: ModelSpec, candidates: Iterable[str], where: str) -> Placement:
+    """Where the instances go on this host, logged once with the reason."""
+    blocker = None
+    gpus = hardware.gpus()
+    if gpus and (not spec.instance_groups or any(g.kind != "cpu" for g in spec.instance_groups)):
+        blocker = backends.gpu_blocker(n for n in candidates if backends.runs_on(n, "gpu"))
+    placement = place(spec.instance_groups, gpus, blocker, MAX_INSTANCES)
+    log.info("%s: instances %s (%s)", where, placement.summary(), placement.reason)
+    return placement
 
 
 @dataclass
@@ -187,21 +188,27 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     manifest = load_manifest(version_dir)
     runners: dict[str, list[Backend]] = {}
     engines: dict[str, str] = {}
+    default_order = (*([spec.backend] if spec.backend not in ("", "onnxruntime") else []), "onnxruntime")
+    wanted = set(spec.variants)
+    chosen = [v for v in manifest.variants.values() if not wanted or v.name in wanted] if manifest else []
+    candidates = [b for v in chosen for b in v.backends] if manifest else default_order
+    placement = _placement(spec, candidates, f"model {spec.name} version {version}")
+    count = len(placement.devices)
+    spec = replace(spec, instance_count=count, knobs=replace(spec.knobs, instance_count=count))
+    options = replace(spec.backend_options, cache_dirs=_engine_cache_dirs(version_dir))
     if manifest is None:
         engines[DEFAULT_VARIANT], runners[DEFAULT_VARIANT] = _load_instances(
-            default_file, ["onnxruntime"], spec.backend_options, spec.instance_count
+            default_file, default_order, options, placement
         )
         coupled = frozenset({DEFAULT_VARIANT} if couples_rows(graph) else ())
         return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}), coupled)
-    wanted = set(spec.variants)
     errors = []
-    for variant in manifest.variants.values():
-        if (wanted and variant.name not in wanted) or "cpu" not in variant.runnable_on:
+    for variant in chosen:
+        if not placement.kinds <= set(variant.runnable_on):
             continue
         try:
             engines[variant.name], runners[variant.name] = _load_instances(
-                version_dir / variant.file, _serving_order(spec.name, version, variant), spec.backend_options,
-                spec.instance_count,
+                version_dir / variant.file, _serving_order(spec.name, version, variant), options, placement
             )
         except ConfigError as exc:
             log.warning("model %s version %d: variant %s left out: %s", spec.name, version, variant.name, exc)

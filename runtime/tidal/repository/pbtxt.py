@@ -47,7 +47,6 @@ TRITON_NOT_ACTED_ON = frozenset(
         "output.is_shape_tensor",
         "output.is_non_linear_format_io",
         "instance_group.rate_limiter",
-        "instance_group.gpus",
         "instance_group.secondary_devices",
         "instance_group.profile",
         "instance_group.passive",

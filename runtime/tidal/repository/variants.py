@@ -36,7 +36,9 @@ variants.json, format 1 (all keys required unless marked optional)::
           "parameters": 5678,              weight elements
           "flops_per_row": 91011 | null,   multiply-adds x2 for one batch row, when known
           "accuracy": ACCURACY | null,     null: not measured (e.g. fp16 on a CPU-only host)
-          "profiles": {"onnxruntime": PROFILE, ...},
+          "profiles": {"onnxruntime": PROFILE, "tensorrt@gpu": PROFILE, ...},
+                                           keyed by backend, "@gpu" for a GPU instance's
+                                           (profile_key); a CPU profile has no suffix
           "choice": CHOICE | null,         optional: why "backends" is in its order
           "details": {...}                 how it was made (ratio, calibration, training losses)
         }, ...
@@ -79,6 +81,18 @@ MANIFEST_FILE = "variants.json"
 KINDS = frozenset({"fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16"})
 DEVICES = frozenset({"cpu", "gpu"})
 METRICS = frozenset({"top1_accuracy", "top1_agreement"})
+
+
+def profile_key(backend: str, device: str) -> str:
+    """Where a variant's profile on `backend` and `device` is kept: the same variant runs at different speeds
+    on each, and the controller chooses among variants and devices from these."""
+    return backend if device == "cpu" else f"{backend}@{device}"
+
+
+def split_profile_key(key: str) -> tuple[str, str]:
+    """(backend, device) of a profile key."""
+    backend, _, device = key.partition("@")
+    return backend, device or "cpu"
 
 
 @dataclass(frozen=True, slots=True)
