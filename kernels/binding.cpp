@@ -22,6 +22,7 @@
 #include "thread_pool.h"
 #ifdef TIDAL_WITH_CUDA
 #include "cuda/gemm_int8.h"
+#include "cuda/runtime_binding.h"
 #endif
 
 namespace nb = nanobind;
@@ -357,6 +358,7 @@ NB_MODULE(_kernels, m) {
     m.def("cuda_device_sm", &tidal::cuda::device_sm, "Compute capability * 10 of the current device; 0 if none.");
     m.def("cuda_gemm_s8", &cuda_gemm, "a"_a, "bt"_a, "out"_a, "algo"_a = "mma",
           "out = a @ bt.T on the GPU (int8 in, int32 out, K % 4 == 0), on the default stream, asynchronously.");
+    bind_cuda_runtime(m);
 #else
     m.attr("HAS_CUDA") = false;
 #endif
