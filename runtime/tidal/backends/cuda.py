@@ -29,6 +29,8 @@ def runtime() -> Any:
         raise GpuUnavailable(f"tidal._kernels is not built ({exc})") from exc
     if not _kernels.HAS_CUDA:
         raise GpuUnavailable("tidal was built without a CUDA toolkit (no nvcc at install); reinstall where one is")
+    if not hasattr(_kernels, "cuda_device_count"):
+        raise GpuUnavailable("tidal._kernels predates the CUDA runtime calls; reinstall tidal (make install)")
     if _kernels.cuda_device_count() == 0:
         raise GpuUnavailable("the CUDA runtime sees no device (driver missing or too old for the toolkit tidal used)")
     return _kernels

@@ -1,0 +1,272 @@
+"""Native TensorRT (10 and later): an ONNX model built into an engine, one execution context per instance.
+
+Networks are strongly typed: precision is what the ONNX graph says, so INT8 comes only from the explicit
+Q/DQ models `tidal optimize` makes and FP16 from its fp16 variant; no builder precision flag is set and no
+calibration runs. One optimization profile covers batch 1..max_batch_size, tuned at the preferred batch
+size. Serialized engines are cached, keyed by (model hash, GPU name, compute capability, TensorRT version,
+profile), looked for in `options.cache_dirs` in order (`tidal optimize --backend tensorrt` writes beside the
+model) and, when none matches, built at load, said in the log, and written to the last directory.
+
+Each instance owns an execution context, a CUDA stream, device buffers sized for max_batch_size (so their
+addresses never change) and page-locked staging buffers. A batch runs as: copy in, `execute_async_v3`,
+copy out, synchronize. Where the engine allows it, the enqueue of each batch size is captured once as a
+CUDA graph and replayed after that (fewer launches per batch); `parameters { key: "cuda_graphs" value:
+"false" }` turns that off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorrt as trt
+
+from tidal.backends import cuda, hardware
+from tidal.backends.base import BackendOptions
+from tidal.errors import BackendError, ConfigError, InvalidArgument
+from tidal.types import DataType, TensorSpec
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = 10  # execute_async_v3, set_tensor_address and strongly typed networks
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineKey:
+    model_sha256: str
+    gpu_name: str
+    compute_capability: str
+    trt_version: str
+    opt_batch: int
+    max_batch: int
+
+    def filename(self) -> str:
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", self.gpu_name).strip("-").lower()
+        return (f"{self.model_sha256[:20]}-{gpu}-sm{self.compute_capability.replace('.', '')}"
+                f"-trt{self.trt_version}-b{self.opt_batch}of{self.max_batch}.engine")
+
+
+def engine_key(model: bytes, options: BackendOptions) -> EngineKey:
+    """What an engine depends on: the model's bytes, the GPU it was tuned on, TensorRT's version, the profile."""
+    gpu = _visible_gpu(options)
+    cc = gpu.compute_capability or _sm_of_current_device()
+    return EngineKey(hashlib.sha256(model).hexdigest(), gpu.name, cc, trt.__version__,
+                     options.opt_batch if options.max_batch_size else 0, options.max_batch_size)
+
+
+def _visible_gpu(options: BackendOptions) -> hardware.GpuInfo:
+    gpu = {g.index: g for g in hardware.gpus()}.get(options.device_id)
+    if gpu is None:
+        raise cuda.GpuUnavailable(f"GPU {options.device_id} is not visible to this process")
+    return gpu
+
+
+def _sm_of_current_device() -> str:
+    sm = cuda.runtime().cuda_device_sm()
+    return f"{sm // 10}.{sm % 10}"
+
+
+def _network(builder: Any, model: bytes, path: Path) -> Any:
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, _LOGGER)
+    if not parser.parse(model, str(path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ConfigError(f"{path}: TensorRT cannot parse it: {errors}")
+    return network
+
+
+def _profile(builder: Any, network: Any, key: EngineKey, path: Path) -> Any | None:
+    """One profile over the batch dim; the other dims must be fixed (TensorRT tunes for exact shapes)."""
+    if key.max_batch == 0:
+        return None
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        if any(d < 0 for d in rest):
+            raise ConfigError(f"{path}: input '{tensor.name}' {tuple(tensor.shape)} has unknown dims besides the "
+                              "batch; the tensorrt backend needs them fixed")
+        profile.set_shape(tensor.name, (1, *rest), (key.opt_batch, *rest), (key.max_batch, *rest))
+    return profile
+
+
+def build_engine(model: bytes, path: Path, key: EngineKey, workspace_bytes: int = 0) -> bytes:
+    """A serialized engine for `model` on the current device; ConfigError naming what TensorRT refused."""
+    builder = trt.Builder(_LOGGER)
+    network = _network(builder, model, path)
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    profile = _profile(builder, network, key, path)
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ConfigError(f"{path}: TensorRT could not build an engine (its log above says why)")
+    return bytes(serialized)
+
+
+def cached_engine(path: Path, options: BackendOptions) -> bytes:
+    """The engine for `path` on this GPU: from the first cache directory holding it, else built and saved."""
+    model = path.read_bytes()
+    key = engine_key(model, options)
+    for directory in options.cache_dirs:
+        candidate = directory / key.filename()
+        if candidate.is_file():
+            log.info("%s: TensorRT engine %s", path, candidate)
+            return candidate.read_bytes()
+    log.warning("%s: no TensorRT engine for %s (sm %s, TensorRT %s) in %s; building one now, which can take "
+                "minutes (tidal optimize --backend tensorrt builds it ahead of time)", path, key.gpu_name,
+                key.compute_capability, key.trt_version, ", ".join(map(str, options.cache_dirs)) or "no cache")
+    engine = build_engine(model, path, key, int(options.parameters.get("max_workspace_size_bytes", "0")))
+    if options.cache_dirs:
+        target = options.cache_dirs[-1] / key.filename()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(engine)
+        os.replace(tmp, target)
+        log.info("%s: TensorRT engine saved to %s", path, target)
+    return engine
+
+
+_TYPES = {np.dtype(t.np_dtype): t for t in DataType if t is not DataType.BYTES}
+
+
+def _spec(engine: Any, name: str) -> TensorSpec:
+    dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+    if dtype not in _TYPES:
+        raise ConfigError(f"tensor '{name}' has type {dtype}, which tidal does not serve")
+    return TensorSpec(name, _TYPES[dtype], tuple(engine.get_tensor_shape(name)))
+
+
+class TensorRTBackend:
+    """One execution context on its own stream; see tidal.backends.base for the threading contract."""
+
+    def __init__(self, path: Path, options: BackendOptions, rt: Any, engine_bytes: bytes) -> None:
+        self._rt, self._device = rt, options.device_id
+        rt.cuda_set_device(self._device)
+        self._engine = trt.Runtime(_LOGGER).deserialize_cuda_engine(engine_bytes)
+        if self._engine is None:
+            raise ConfigError(f"{path}: TensorRT could not load its engine (built by another version?)")
+        self._context = self._engine.create_execution_context()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self._inputs = [_spec(self._engine, n) for n in names if is_input[n]]
+        self._outputs = [_spec(self._engine, n) for n in names if not is_input[n]]
+        self._max_batch = options.max_batch_size
+        self._stream = cuda.Stream(rt)
+        self._staging = cuda.Staging(rt, self._stream)
+        self._device_buffers = {s.name: cuda.DeviceBuffer(rt) for s in (*self._inputs, *self._outputs)}
+        self._reserve()
+        self._graphs: dict[tuple, int] = {}
+        self._use_graphs = options.parameters.get("cuda_graphs", "true").lower() not in ("0", "false", "no")
+
+    def _reserve(self) -> None:
+        """Buffers for the largest batch at load: a captured graph holds their addresses for good."""
+        rows = max(self._max_batch, 1)
+        for spec in (*self._inputs, *self._outputs):
+            dims = [rows if i == 0 and self._max_batch else d for i, d in enumerate(spec.shape)]
+            if all(d >= 0 for d in dims):
+                count = int(np.prod(dims, dtype=np.int64))
+                self._device_buffers[spec.name].reserve(count * spec.datatype.np_dtype.itemsize)
+
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    def _bind(self, inputs: Mapping[str, np.ndarray]) -> tuple:
+        """Shapes set, inputs queued for upload, every address set; the shapes, which key the graphs."""
+        for spec in self._inputs:
+            value = inputs.get(spec.name)
+            if value is None or value.dtype != spec.datatype.np_dtype:
+                got = "nothing" if value is None else str(value.dtype)
+                raise InvalidArgument(f"input '{spec.name}' must be {spec.datatype.np_dtype}, got {got}")
+            value = np.ascontiguousarray(value)
+            if not self._context.set_input_shape(spec.name, value.shape):
+                raise InvalidArgument(f"input '{spec.name}': shape {value.shape} is outside the engine's profile")
+            buffer = self._device_buffers[spec.name]
+            self._staging.upload(spec.name, value, buffer.reserve(value.nbytes))
+            self._context.set_tensor_address(spec.name, buffer.ptr)
+        for spec in self._outputs:
+            shape = tuple(self._context.get_tensor_shape(spec.name))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * spec.datatype.np_dtype.itemsize
+            self._context.set_tensor_address(spec.name, self._device_buffers[spec.name].reserve(nbytes))
+        return tuple(tuple(inputs[s.name].shape) for s in self._inputs)
+
+    def _enqueue(self, shapes: tuple) -> None:
+        graph = self._graphs.get(shapes)
+        if graph is not None:
+            self._rt.cuda_graph_launch(graph, self._stream.handle)
+            return
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise BackendError("tensorrt: execute_async_v3 failed (see the TensorRT log)")
+        if self._use_graphs:
+            self._capture(shapes)
+
+    def _capture(self, shapes: tuple) -> None:
+        """Record this shape's enqueue as a graph, after one plain run has settled the context's state."""
+        self._rt.cuda_graph_begin_capture(self._stream.handle)
+        try:
+            captured = self._context.execute_async_v3(self._stream.handle)
+        finally:
+            graph = self._rt.cuda_graph_end_capture(self._stream.handle)
+        if captured:
+            self._graphs[shapes] = graph
+            return
+        self._rt.cuda_graph_destroy(graph)
+        self._use_graphs = False
+        log.info("tensorrt: this engine cannot be captured as a CUDA graph; enqueuing each batch instead")
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        known = {s.name: s for s in self._outputs}
+        unknown = [n for n in output_names if n not in known]
+        if unknown:
+            raise InvalidArgument(f"unknown output {unknown[0]!r} (the engine has {', '.join(known)})")
+        self._rt.cuda_set_device(self._device)  # the worker thread may not have this device current
+        try:
+            self._enqueue(self._bind(inputs))
+            views = {n: self._staging.download(f"out:{n}", self._device_buffers[n].ptr, known[n].datatype.np_dtype,
+                                               tuple(self._context.get_tensor_shape(n))) for n in output_names}
+            self._stream.synchronize()
+        except RuntimeError as exc:  # CUDA errors from tidal._kernels
+            raise BackendError(f"tensorrt: {exc}") from exc
+        return {n: v.copy() for n, v in views.items()}
+
+    def close(self) -> None:
+        for graph in self._graphs.values():
+            self._rt.cuda_graph_destroy(graph)
+        self._graphs.clear()
+        self._context = self._engine = None
+        for buffer in self._device_buffers.values():
+            buffer.close()
+        self._staging.close()
+        self._stream.close()
+
+
+def gpu_unavailable() -> str | None:
+    if int(trt.__version__.split(".")[0]) < MIN_VERSION:
+        return f"tensorrt {trt.__version__} is older than {MIN_VERSION}"
+    return cuda.unavailable_reason()
+
+
+def load(path: Path, options: BackendOptions) -> TensorRTBackend:
+    reason = gpu_unavailable()
+    if reason is not None:
+        raise cuda.GpuUnavailable(f"tensorrt backend: {reason}")
+    _visible_gpu(options)
+    rt = cuda.runtime()
+    rt.cuda_set_device(options.device_id)
+    return TensorRTBackend(path, options, rt, cached_engine(path, options))
+
+
+__all__ = ["EngineKey", "TensorRTBackend", "build_engine", "cached_engine", "engine_key", "gpu_unavailable", "load"]
