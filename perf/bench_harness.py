@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> dict[int, dict]:
         work = Path(tmp)
         write_model_dir(work / "repo", MODEL, MODELS[MODEL], model_config(MODEL, MODELS[MODEL], 32, 200))
         cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(work / "repo")]
-        server = Server([*cmd, "--grpc-port", "0", "--metrics-port", "0"], r"serving gRPC on .*:(\d+)$", work / "log")
+        server = Server(
+            [*cmd, "--grpc-port", "0", "--metrics-port", "0", "--no-http"], r"serving gRPC on .*:(\d+)$", work / "log"
+        )
         try:
             tidal_bench(server.url, 1, 1.0, work)  # warm-up: first-run allocations out of every window
             for c in args.concurrency:

@@ -131,7 +131,7 @@ def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
         tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
-        tidal_cmd += ["--grpc-port", "0", "--metrics-port", "0"]
+        tidal_cmd += ["--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"]
         started["tidal"] = Server(tidal_cmd, r"serving gRPC on .*:(\d+)$", work / "tidal.log")
         for name, model in MODELS.items():
             echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]

@@ -22,6 +22,7 @@ class ServerProcess:
     port: int
     lines: list[str] = field(default_factory=list)
     metrics_url: str = ""
+    http_url: str = ""  # host:port of the HTTP/REST endpoint
     unix_url: str = ""  # unix:///path when serving on a Unix socket
 
     @property
@@ -41,7 +42,7 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
     """`extra` may hold --grpc-address unix:///path: then `url` is that address."""
     cmd = [
         sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository),
-        "--grpc-port", "0", "--metrics-port", "0", *extra,
+        "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", *extra,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -55,6 +56,9 @@ def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> Serve
             metrics = re.search(r"serving metrics on (http://\S+)$", line.strip())
             if metrics:
                 server.metrics_url = metrics.group(1)
+            http = re.search(r"serving HTTP on (\S+)$", line.strip())
+            if http:
+                server.http_url = http.group(1)
             match = re.search(r"serving gRPC on (unix:\S+|.*:(\d+))$", line.strip())
             if match:
                 server.port = int(match.group(2) or 0)

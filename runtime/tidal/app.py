@@ -30,8 +30,14 @@ from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.pbtxt import parse_model_config
 from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
+from tidal.transport.http import HttpFrontEnd, HttpServer, server_ssl_context
 from tidal.transport.security import CertificateStore, TlsFiles, TokenAuth, TokenFile
-from tidal.transport.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PENDING_RPCS, GrpcServer
+from tidal.transport.server import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PENDING_RPCS,
+    GrpcServer,
+    unix_socket_path,
+)
 from tidal.transport.servicer import InferenceServicer
 from tidal.types import Observation
 
@@ -74,8 +80,14 @@ class ServeOptions:
     repository_poll_s: float = 15.0  # poll period in poll mode
     metrics_port: int | None = 8002  # None: no /metrics endpoint
     metrics_address: str | None = None  # None: grpc_address, or 127.0.0.1 beside a Unix socket
+    http_port: int | None = 8000  # KServe v2 REST and the status page; None: none
+    http_address: str | None = None  # None: grpc_address, or 127.0.0.1 beside a Unix socket
     tls: TlsFiles | None = None  # None: plaintext gRPC
     auth_tokens: Path | None = None  # file of bearer tokens; None: no token is asked for
+
+
+def _tokens(options: ServeOptions) -> TokenFile | None:
+    return TokenFile(options.auth_tokens) if options.auth_tokens else None
 
 
 def _credentials(options: ServeOptions) -> grpc.ServerCredentials | None:
@@ -204,10 +216,22 @@ class App:
             InferenceServicer(self.plane), control, options.grpc_address, options.grpc_port, options.max_message_bytes,
             options.socket_mode,
             credentials=_credentials(options),
-            interceptors=[TokenAuth(TokenFile(options.auth_tokens))] if options.auth_tokens else [],
+            interceptors=[TokenAuth(tokens)] if (tokens := _tokens(options)) else [],
             max_pending_rpcs=options.max_pending_rpcs or pending_rpcs_for(options),
         )
         self.metrics_port: int | None = None
+        self.http = None if options.http_port is None else HttpServer(
+            HttpFrontEnd(self.plane, options.max_message_bytes, control.snapshot, _tokens(options)),
+            self._side_address(options.http_address), options.http_port,
+            None if options.tls is None else server_ssl_context(options.tls),
+        )
+
+    def _side_address(self, given: str | None) -> str:
+        """Where an HTTP listener binds: as told, else the gRPC address, or loopback TCP beside a Unix socket
+        (Prometheus and browsers speak TCP)."""
+        if given:
+            return given
+        return "127.0.0.1" if unix_socket_path(self.options.grpc_address) is not None else self.options.grpc_address
 
     def ready(self) -> bool:
         if not self._accepting or self._draining:
@@ -260,13 +284,13 @@ class App:
         await self.server.set_serving("", False)
         port = await self.server.start()
         if self.options.metrics_port is not None:
-            # Beside a Unix socket, /metrics goes to loopback TCP unless told otherwise: Prometheus scrapes TCP.
-            host = self.options.metrics_address or (
-                "127.0.0.1" if self.server.unix_path is not None else self.options.grpc_address
-            )
+            host = self._side_address(self.options.metrics_address)
             self.metrics_port = self.metrics.serve_http(host, self.options.metrics_port)
             url = f"http://{host}:{self.metrics_port}/metrics"
             print(f"tidal: serving metrics on {url}", flush=True)
+        if self.http is not None:
+            http_port = await self.http.start()
+            print(f"tidal: serving HTTP on {self._side_address(self.options.http_address)}:{http_port}", flush=True)
         await self.manager.load_all(self.options.load_models or None)
         if self.poller is not None:
             self.poller.snapshot()

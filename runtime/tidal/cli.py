@@ -55,6 +55,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     p.add_argument("--metrics-address", help="/metrics bind address (default: the gRPC one; 127.0.0.1 beside a socket)")
     p.add_argument("--no-metrics", action="store_true", help="no /metrics endpoint")
+    p.add_argument("--http-port", type=PORT, default=8000, help="KServe v2 HTTP/REST and the status page; 0: free")
+    p.add_argument("--http-address", help="HTTP bind address (default: the gRPC one; 127.0.0.1 beside a socket)")
+    p.add_argument("--no-http", action="store_true", help="no HTTP/REST endpoint")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (reloaded on change)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
@@ -110,6 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
         repository_poll_s=args.repository_poll_secs,
         metrics_port=None if args.no_metrics else args.metrics_port,
         metrics_address=args.metrics_address,
+        http_port=None if args.no_http else args.http_port,
+        http_address=args.http_address,
         tls=tls,
         auth_tokens=args.auth_tokens,
     )

@@ -72,7 +72,7 @@ def serving(repository: Path, *extra: str) -> Iterator[str]:
     """A `tidal serve` of `repository` on a free loopback port, stopped on exit; yields its address."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-         "--no-metrics", *extra],
+         "--no-metrics", "--no-http", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:

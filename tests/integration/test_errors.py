@@ -1,4 +1,9 @@
-"""Bad input gets a clear error with the right gRPC status, and the server keeps serving."""
+"""Bad input gets a clear error with the right status, and the server keeps serving.
+
+The tritonclient cases run over both protocols (one parametrized suite): the same request must get the
+same answer from the gRPC servicer and the HTTP front end, its status mapped through Triton's HTTP table.
+Raw-message cases (what tritonclient never sends) stay gRPC-only; HTTP's own are in test_http.py.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,30 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as tc_http
 from tritonclient.utils import InferenceServerException
 
 from onnx_models import DTYPES
+from tidal.errors import Code
 from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.transport.status import HTTP_STATUS
 from tidal.types import DataType
+
+# The client of the protocol the current test runs over: both share tritonclient's API.
+_protocol = tc
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def client(request: pytest.FixtureRequest, server) -> tc.InferenceServerClient:
+    global _protocol
+    _protocol = tc if request.param == "grpc" else tc_http
+    return tc.InferenceServerClient(server.url) if request.param == "grpc" else tc_http.InferenceServerClient(
+        server.http_url)
 
 
 def _tensor(name: str, data: np.ndarray, datatype: str) -> tc.InferInput:
-    tensor = tc.InferInput(name, list(data.shape), datatype)
+    tensor = _protocol.InferInput(name, list(data.shape), datatype)
     tensor.set_data_from_numpy(data)
     return tensor
 
@@ -25,9 +44,12 @@ def _pair(shape=(1, 16), dtype=np.float32, datatype="FP32") -> list[tc.InferInpu
     return [_tensor("INPUT0", data, datatype), _tensor("INPUT1", data, datatype)]
 
 
-def _expect(call, status: str, *fragments: str) -> None:
+def _expect(call, status: str, *fragments: str, http: str | None = None) -> None:
+    """`status` as gRPC names it; over HTTP, Triton's HTTP code for it unless `http` says otherwise."""
     with pytest.raises(InferenceServerException) as err:
         call()
+    if _protocol is tc_http:
+        status = http or str(HTTP_STATUS[Code[status.removeprefix("StatusCode.")]])
     assert err.value.status() == status, err.value
     for fragment in fragments:
         assert fragment in err.value.message(), err.value.message()
@@ -73,7 +95,7 @@ def test_missing_and_extra_inputs(client: tc.InferenceServerClient) -> None:
 
 def test_unknown_requested_output(client: tc.InferenceServerClient) -> None:
     _expect(
-        lambda: client.infer("simple", _pair(), outputs=[tc.InferRequestedOutput("NOPE")]),
+        lambda: client.infer("simple", _pair(), outputs=[_protocol.InferRequestedOutput("NOPE")]),
         "StatusCode.INVALID_ARGUMENT",
         "NOPE",
     )
@@ -140,13 +162,14 @@ def test_priority_parameter_must_be_an_integer(stub: pb_grpc.GRPCInferenceServic
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in err.value.details()
 
 
-def test_message_over_the_limit_is_resource_exhausted(repository) -> None:
+def test_message_over_the_limit_is_resource_exhausted(repository, client) -> None:
     from live_server import start_server
 
     small = start_server(repository, "--max-message-bytes", "600", "--load-model", "simple")
     try:
-        client = tc.InferenceServerClient(small.url)
-        _expect(lambda: client.infer("simple", _pair(shape=(8, 16))), "StatusCode.RESOURCE_EXHAUSTED")
+        client = (tc.InferenceServerClient(small.url) if _protocol is tc
+                  else tc_http.InferenceServerClient(small.http_url))
+        _expect(lambda: client.infer("simple", _pair(shape=(8, 16))), "StatusCode.RESOURCE_EXHAUSTED", http="413")
         _still_serving(client)  # a (1, 16) pair fits
     finally:
         assert small.stop() == 0

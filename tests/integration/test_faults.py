@@ -134,7 +134,7 @@ def test_a_full_disk_for_the_demo_cache_is_one_line_and_leaves_nothing_half_buil
     # No .pyc writes: under the size limit they would be cut short and break every later import of tidal.
     env = {**os.environ, "TIDAL_CACHE_DIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tidal", "serve", "--grpc-port", "0", "--no-metrics"],
+        [sys.executable, "-m", "tidal", "serve", "--grpc-port", "0", "--no-metrics", "--no-http"],
         env=env, preexec_fn=_full_disk, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr

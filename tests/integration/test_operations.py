@@ -150,7 +150,7 @@ def test_load_rpcs_refused_outside_explicit_mode(small_repo: Path, mode: str) ->
 
 def test_json_logs_carry_request_id_and_status(small_repo: Path) -> None:
     cmd = [sys.executable, "-m", "tidal", "--log-format", "json", "serve", "--model-repository", str(small_repo),
-           "--grpc-port", "0", "--metrics-port", "0"]
+           "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     srv = ServerProcess(proc, 0)
     assert proc.stdout is not None
@@ -272,7 +272,7 @@ def test_a_port_in_use_is_a_clear_start_error(small_repo: Path) -> None:
     first = start_server(small_repo)
     try:
         cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(small_repo), "--grpc-address",
-               "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0"]
+               "127.0.0.1", "--grpc-port", str(first.port), "--metrics-port", "0", "--http-port", "0"]
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     finally:
         assert first.stop() == 0

@@ -134,6 +134,10 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
         self._now = clock_now
         self._edge = edge
 
+    def snapshot(self) -> cpb.StatusResponse:
+        """Every served model's status, as the Status RPC answers it (the HTTP status page shows it too)."""
+        return self._response(self._manager.served())
+
     def _response(self, served: list[ServedVersion]) -> cpb.StatusResponse:
         now_s = self._now()
         return cpb.StatusResponse(models=[model_status(s, self._controller, self._edge, now_s) for s in served])

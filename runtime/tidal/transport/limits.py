@@ -10,6 +10,7 @@ is refused before it costs memory or event-loop time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tidal.errors import InvalidArgument, ResourceExhausted
@@ -48,30 +49,32 @@ def _check_name(kind: str, name: str, limits: RequestLimits) -> None:
         )
 
 
-def _check_parameters(params, where: str, limits: RequestLimits) -> None:
+def check_parameters(params: Mapping[str, object], where: str, limits: RequestLimits) -> None:
+    """`params`: name -> value, a str where the value is a string (other values are bounded by their type)."""
     if len(params) > limits.max_parameters:
         raise _over(f"parameters{where}", len(params), limits.max_parameters)
     for key, value in params.items():
         if len(key) > limits.max_parameter_chars:
             raise _over(f"characters in a parameter name{where}", len(key), limits.max_parameter_chars)
-        if value.WhichOneof("parameter_choice") == "string_param":
-            size = len(value.string_param)
-            if size > limits.max_parameter_chars:
-                raise _over(f"characters in parameter '{key[:32]}'{where}", size, limits.max_parameter_chars)
+        if isinstance(value, str) and len(value) > limits.max_parameter_chars:
+            raise _over(f"characters in parameter '{key[:32]}'{where}", len(value), limits.max_parameter_chars)
 
 
-def input_shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+def _strings(params) -> dict[str, object]:
+    """A protobuf parameter map as check_parameters reads it."""
+    return {k: v.string_param if v.WhichOneof("parameter_choice") == "string_param" else None
+            for k, v in params.items()}
+
+
+def input_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The declared shape, refused when numpy could not hold it (negative dims, rank over 64)."""
-    shape = tuple(tensor.shape)  # already Python ints
     if not shape:
         return shape
     if len(shape) > MAX_DIMS:
-        raise InvalidArgument(
-            f"input '{tensor.name}': shape of {len(shape)} dims is not a valid tensor (at most {MAX_DIMS})"
-        )
+        raise InvalidArgument(f"input '{name}': shape of {len(shape)} dims is not a valid tensor (at most {MAX_DIMS})")
     if min(shape) < 0:
         shown = list(shape) if len(shape) <= 8 else f"of {len(shape)} dims"
-        raise InvalidArgument(f"input '{tensor.name}': shape {shown} has a negative dim")
+        raise InvalidArgument(f"input '{name}': shape {shown} has a negative dim")
     return shape
 
 
@@ -94,21 +97,38 @@ def check_request(msg: pb.ModelInferRequest, limits: RequestLimits) -> Declared:
     if len(msg.id) > limits.max_id_chars:
         raise _over("characters in its id", len(msg.id), limits.max_id_chars)
     if msg.parameters:
-        _check_parameters(msg.parameters, "", limits)
+        check_parameters(_strings(msg.parameters), "", limits)
     for out in outputs:
         _check_name("output", out.name, limits)
         if out.parameters:
-            _check_parameters(out.parameters, f" on output '{out.name}'", limits)
+            check_parameters(_strings(out.parameters), f" on output '{out.name}'", limits)
+    return declare(((t.name, t.datatype, tuple(t.shape)) for t in inputs), limits)
+
+
+def check_head(model: str, version: str, request_id: str, inputs: int, outputs: int, limits: RequestLimits) -> None:
+    """The limits on what a request names, for protocols that carry it outside a protobuf message."""
+    if inputs > limits.max_inputs:
+        raise _over("inputs", inputs, limits.max_inputs)
+    if outputs > limits.max_outputs:
+        raise _over("requested outputs", outputs, limits.max_outputs)
+    _check_name("model", model, limits)
+    _check_name("version", version, limits)
+    if len(request_id) > limits.max_id_chars:
+        raise _over("characters in its id", len(request_id), limits.max_id_chars)
+
+
+def declare(inputs: Iterable[tuple[str, str, tuple[int, ...]]], limits: RequestLimits) -> Declared:
+    """(name, datatype, shape) of each input, checked against the limits on names, elements and bytes."""
+    longest = limits.max_name_chars
     declared: Declared = {}
     elements = nbytes = strings = 0
-    for tensor in inputs:
-        name = tensor.name
+    for name, datatype, declared_shape in inputs:
         if len(name) > longest:
             _check_name("input", name, limits)
         if name in declared:
             raise InvalidArgument(f"input '{name}' is given twice")
-        dtype = DataType.from_wire(tensor.datatype)
-        shape = input_shape(tensor)
+        dtype = DataType.from_wire(datatype)
+        shape = input_shape(name, declared_shape)
         count = math.prod(shape)  # np.prod costs half of a small request's decoding
         elements += count
         nbytes += count * dtype.np_dtype.itemsize  # BYTES: a pointer each, before the objects

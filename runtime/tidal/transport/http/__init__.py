@@ -1,0 +1,272 @@
+"""KServe v2 HTTP/REST on the server's event loop (aiohttp), with Triton's extensions and status codes.
+
+Each handler converts, calls the data plane, converts back, like the gRPC servicer; `/` is the live status
+page. Runs on the same loop as gRPC: one data plane, one edge, one set of counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from tidal.dataplane import DataPlane, VersionStats
+from tidal.errors import InvalidArgument, TidalError, Unimplemented
+from tidal.repository.manager import ServedVersion
+from tidal.transport.http.codec import BINARY_TYPE, HEADER_LENGTH, JSON_TYPE, Body, encode_response
+from tidal.transport.security import Scope, TlsFiles, TokenFile
+from tidal.transport.status import HTTP_STATUS
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MODEL = "/v2/models/{model}"
+_VERSION = "/v2/models/{model}/versions/{version}"
+
+
+def error_response(exc: TidalError) -> web.Response:
+    """Triton's error body; overload says when to come back."""
+    headers = {}
+    pushback = getattr(exc, "pushback_ms", None)
+    if pushback is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(pushback / 1000)))
+        headers["Retry-After-Ms"] = str(pushback)
+    return web.json_response({"error": str(exc)}, status=HTTP_STATUS[exc.code], headers=headers)
+
+
+def _stats_json(row: VersionStats) -> dict[str, Any]:
+    s = row.stats
+
+    def d(x) -> dict[str, int]:
+        return {"count": x.count, "ns": x.ns}
+
+    return {
+        "name": row.name, "version": row.version, "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "inference_stats": {k: d(getattr(s, k)) for k in
+                            ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")},
+        "batch_stats": [{"batch_size": n, "compute_input": d(a), "compute_infer": d(b), "compute_output": d(c)}
+                        for n, (a, b, c) in sorted(s.batch_stats.items())],
+    }
+
+
+class HttpFrontEnd:
+    """The routes and their handlers; `status` feeds the status page (None: no page)."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_body_bytes: int,
+        status: Callable[[], Message] | None = None,
+        tokens: TokenFile | None = None,
+    ) -> None:
+        self._plane = plane
+        self._max_body = max_body_bytes
+        self._status = status
+        self._tokens = tokens
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._guard])
+        get, post = self._routes("GET"), self._routes("POST")
+        get("/v2/health/live", self.live)
+        get("/v2/health/ready", self.ready)
+        get("/v2", self.server_metadata)
+        get("/v2/models/stats", self.statistics)
+        for base in (_MODEL, _VERSION):
+            get(base, self.model_metadata)
+            get(base + "/ready", self.model_ready)
+            get(base + "/config", self.model_config)
+            get(base + "/stats", self.statistics)
+            post(base + "/infer", self.infer)
+        post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load)
+        post("/v2/repository/models/{model}/unload", self.unload)
+        for path in ("/v2/systemsharedmemory{tail:.*}", "/v2/cudasharedmemory{tail:.*}", "/v2/trace/setting",
+                     _MODEL + "/trace/setting", "/v2/logging"):
+            self.app.router.add_route("*", path, self.unimplemented)
+        if status is not None:
+            get("/", self.page)
+            get("/status.json", self.status_json)
+
+    def _routes(self, method: str) -> Callable[[str, Handler], None]:
+        def add(path: str, handler: Handler) -> None:
+            self.app.router.add_route(method, path, handler)
+
+        return add
+
+    # -- every request -------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tokens, the body limit, and Triton's JSON error body for whatever goes wrong (404, 405, a bug)."""
+        refusal = self._refused(request)
+        if refusal is not None:
+            return refusal
+        if (request.content_length or 0) > self._max_body:
+            return web.json_response(
+                {"error": f"request body of {request.content_length} bytes is over the limit of {self._max_body}"},
+                status=413,
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status)
+        except TidalError as exc:
+            return error_response(exc)
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """The gRPC port's token rules: health and readiness open, load/unload need an admin token."""
+        path = request.path
+        if self._tokens is None or path.startswith("/v2/health/") or path.endswith("/ready"):
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return web.json_response({"error": "missing bearer token: send 'Authorization: Bearer <token>'"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+        scope = self._tokens.scope_of(token.strip().encode("latin-1", "replace"))
+        if scope is None:
+            return web.json_response({"error": "invalid bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        if path.startswith("/v2/repository/models/") and scope < Scope.ADMIN:
+            return web.json_response({"error": "loading and unloading need an 'admin' token"}, status=403)
+        return None
+
+    # -- health and metadata -------------------------------------------------------------
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._plane.ready() else 400)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        return web.Response(status=200 if self._plane.model_ready(model, version) else 400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        name, version, extensions = self._plane.server_metadata()
+        return web.json_response({"name": name, "version": version, "extensions": list(extensions)})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        meta = self._plane.model_metadata(request.match_info["model"], request.match_info.get("version", ""))
+        prefix = [-1] if meta.batched else []
+
+        def tensors(specs) -> list[dict[str, Any]]:
+            return [{"name": s.name, "datatype": s.datatype.wire_name, "shape": [*prefix, *s.shape]} for s in specs]
+
+        return web.json_response({"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
+                                  "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)})
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        config = self._plane.model_config(request.match_info["model"], request.match_info.get("version", ""))
+        return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        rows = self._plane.statistics(request.match_info.get("model", ""), request.match_info.get("version", ""))
+        return web.json_response({"model_stats": [_stats_json(r) for r in rows]})
+
+    # -- inference -----------------------------------------------------------------------
+    async def infer(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            body = Body(await request.read(), request.headers.get(HEADER_LENGTH))
+            head = body.head(model, version)
+        except web.HTTPRequestEntityTooLarge as exc:  # a chunked body that outgrew the limit while read
+            return web.json_response({"error": exc.text}, status=413)
+        except Exception as exc:
+            return error_response(self._plane.failed(model, "", exc))
+
+        def decode(served: ServedVersion, arrival_s: float, deadline_s: float | None):
+            return body.decode(served.signature, arrival_s, deadline_s), body.classes()
+
+        outcome = await self._plane.infer(head, decode)
+        if isinstance(outcome, TidalError):
+            return error_response(outcome)
+        data, header_length = encode_response(outcome, body.binary_outputs())
+        if header_length is None:
+            return web.Response(body=data, content_type=JSON_TYPE)
+        return web.Response(body=data, content_type=BINARY_TYPE, headers={HEADER_LENGTH: str(header_length)})
+
+    # -- repository ----------------------------------------------------------------------
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        data = await request.read()
+        if not data:
+            return {}
+        try:
+            parsed = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidArgument(f"failed to parse the request JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidArgument("the request must be a JSON object")
+        return parsed
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready = bool((await self._json(request)).get("ready", False))
+        rows = self._plane.repository_index(ready)
+        return web.json_response([
+            {"name": n, **({"version": v} if v else {}), "state": s, **({"reason": r} if r else {})}
+            for n, v, s, r in rows
+        ])
+
+    async def load(self, request: web.Request) -> web.Response:
+        params = (await self._json(request)).get("parameters") or {}
+        await self._plane.load(request.match_info["model"], tuple(params) if isinstance(params, dict) else ("?",))
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self._json(request)
+        await self._plane.unload(request.match_info["model"])
+        return web.Response(status=200)
+
+    async def unimplemented(self, request: web.Request) -> web.Response:
+        what = request.path.split("/")[2].replace("sharedmemory", " shared memory").replace("cuda", "CUDA")
+        return error_response(Unimplemented(f"tidal does not implement {what}"))
+
+    # -- status page ---------------------------------------------------------------------
+    async def page(self, request: web.Request) -> web.Response:
+        html = resources.files("tidal.transport.http").joinpath("status.html").read_bytes()
+        return web.Response(body=html, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        assert self._status is not None
+        return web.json_response(json_format.MessageToDict(self._status(), preserving_proto_field_name=True),
+                                 headers={"Cache-Control": "no-store"})
+
+
+def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """The gRPC port's certificate, key and client CA, read once at start-up (renewals need a restart here)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+    if files.client_ca is not None:
+        context.load_verify_locations(files.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class HttpServer:
+    """Binds the front end; stays up until the process ends (see GrpcServer.prepare_exit for why)."""
+
+    def __init__(self, front: HttpFrontEnd, address: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self._runner = web.AppRunner(front.app, access_log=None, handle_signals=False)
+        self._address, self._port, self._tls = address, port, tls
+        self.port = 0
+
+    async def start(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._address, self._port, ssl_context=self._tls, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(f"cannot bind HTTP to {self._address}:{self._port}: {exc.strerror}") from None
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
