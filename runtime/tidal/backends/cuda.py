@@ -2,7 +2,7 @@
 
 tidal._kernels, when built with a CUDA toolkit, exposes the few CUDA runtime calls the backends need as
 functions on integer handles (kernels/cuda/runtime_binding.cpp); these classes give each handle an owner
-that frees it once. Tests pass a fake runtime with the same functions (tests/unit/gpu_fakes.py).
+that frees it once. Tests pass a fake runtime with the same functions (tests/gpu_fakes.py).
 
 Threading: a Stream and the buffers used on it belong to one backend instance, so to one worker thread.
 """

@@ -272,6 +272,61 @@ def _epilogue(cur: _Cursor, gemm: _Token) -> tuple[np.ndarray | None, _Quant | N
 _OUTPUT_KIND = {"next": "u8", "quantized": "u8", "dequantized": "dequantize", "float": "f32"}
 
 
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One MatMul/Gemm and its folded epilogue, in the kernels' terms (zero points in the u8 domain):
+    v = (sum_k (a - a_zero_point) * (w - w_zero_point)) * scale [-> mid rounding] [+ bias] [relu] -> output."""
+
+    node: onnx.NodeProto
+    weights: np.ndarray  # int8 [K, N]
+    w_zero_point: np.ndarray  # int32 [N]
+    scale: np.ndarray  # float32 [N]: activation scale * weight scale * alpha
+    a_zero_point: int
+    bias: np.ndarray | None  # float32 [N]
+    relu: bool
+    mid: tuple[float, int] | None
+    out: tuple[float, int] | None
+    output: str  # u8 | f32 | dequantize
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """The whole chain, whatever runs it: tidal's CPU kernels here, the CUDA GEMM in cuda_int8.py."""
+
+    input_scale: float
+    input_zero_point: int
+    layers: tuple[Layer, ...]
+    output: str  # float | dequantized | quantized
+    signed_output: bool
+
+
+def plan_layers(tokens: list[_Token]) -> LayerPlan:
+    cur = _Cursor(tokens)
+    q_in = cur.take("q", None)
+    act = _qdq(cur, q_in)
+    layers: list[Layer] = []
+    while True:
+        gemm = cur.take("gemm", None)
+        k, n = gemm.weights.shape
+        if layers and layers[-1].weights.shape[1] != k:
+            raise _refuse(gemm.node, f"expects K={k} but the previous layer gives {layers[-1].weights.shape[1]}")
+        bias, mid, relu, out, how = _epilogue(cur, gemm)
+        if bias is not None and bias.size == 1:
+            bias = np.full(n, bias[0], np.float32)
+        elif bias is not None and bias.size != n:
+            raise _refuse(gemm.node, f"bias has {bias.size} values for {n} output columns")
+        layers.append(Layer(
+            gemm.node, gemm.weights, gemm.w_zero_point, (act.scale * gemm.w_scale * gemm.alpha).astype(np.float32),
+            act.zero_point, None if bias is None else np.ascontiguousarray(bias, np.float32), relu,
+            None if mid is None else (mid.scale, mid.zero_point),
+            None if out is None else (out.scale, out.zero_point), _OUTPUT_KIND[how],
+        ))
+        if how != "next":
+            return LayerPlan(q_in.quant.scale, q_in.quant.zero_point, tuple(layers), how,
+                             signed_output=how == "quantized" and out.signed)
+        act = out
+
+
 @dataclass(slots=True)
 class _Plan:
     chain: object  # tidal._kernels.Chain
@@ -281,38 +336,36 @@ class _Plan:
     signed_output: bool
 
 
-def _compile(tokens: list[_Token], isa: str | None) -> _Plan:
+def _compile(plan: LayerPlan, isa: str | None) -> _Plan:
     from tidal import _kernels
 
-    cur = _Cursor(tokens)
-    q_in = cur.take("q", None)
-    act = _qdq(cur, q_in)
-    chain = _kernels.Chain(q_in.quant.scale, q_in.quant.zero_point)
-    first, n_prev = None, None
-    while True:
-        gemm = cur.take("gemm", None)
-        k, n = gemm.weights.shape
-        if n_prev is not None and n_prev != k:
-            raise _refuse(gemm.node, f"expects K={k} but the previous layer gives {n_prev}")
-        bias, mid, relu, out, how = _epilogue(cur, gemm)
-        if bias is not None and bias.size == 1:
-            bias = np.full(n, bias[0], np.float32)
-        elif bias is not None and bias.size != n:
-            raise _refuse(gemm.node, f"bias has {bias.size} values for {n} output columns")
+    chain = _kernels.Chain(plan.input_scale, plan.input_zero_point)
+    packed_first = None
+    for layer in plan.layers:
         try:
-            packed = _kernels.PackedWeights(gemm.weights, gemm.w_zero_point, isa=isa)
+            packed = _kernels.PackedWeights(layer.weights, layer.w_zero_point, isa=isa)
         except ValueError as exc:
-            raise ConfigError(f"int8 backend: {_describe(gemm.node)}: {exc}") from exc
-        chain.add_layer(
-            packed, (act.scale * gemm.w_scale * gemm.alpha).astype(np.float32), act.zero_point,
-            bias=None if bias is None else np.ascontiguousarray(bias, np.float32), relu=relu,
-            mid=None if mid is None else (mid.scale, mid.zero_point),
-            out=None if out is None else (out.scale, out.zero_point), output=_OUTPUT_KIND[how],
-        )
-        first, n_prev = first or packed, n
-        if how != "next":
-            return _Plan(chain, first.k, first.isa, how, signed_output=how == "quantized" and out.signed)
-        act = out
+            raise ConfigError(f"int8 backend: {_describe(layer.node)}: {exc}") from exc
+        chain.add_layer(packed, layer.scale, layer.a_zero_point, bias=layer.bias, relu=layer.relu, mid=layer.mid,
+                        out=layer.out, output=layer.output)
+        packed_first = packed_first or packed
+    return _Plan(chain, packed_first.k, packed_first.isa, plan.output, plan.signed_output)
+
+
+def parse(path: Path) -> tuple[TensorSpec, TensorSpec, LayerPlan]:
+    """The model's input and output specs and its layer plan; Int8Unsupported outside what the kernels run."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError and others for unreadable files
+        raise ConfigError(f"cannot read ONNX model '{path}': {exc}") from exc
+    input_info, output_info, tokens = _chain(_GraphReader(model))
+    plan = plan_layers(tokens)
+    output_dtype = DataType.FP32
+    if plan.output == "quantized":
+        output_dtype = DataType.INT8 if plan.signed_output else DataType.UINT8
+    if input_info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise _refuse(None, f"input '{input_info.name}' must be float32")
+    return _spec(input_info, DataType.FP32), _spec(output_info, output_dtype), plan
 
 
 def _spec(value: onnx.ValueInfoProto, datatype: DataType) -> TensorSpec:
@@ -362,19 +415,8 @@ def load(path: Path, options: BackendOptions) -> Int8Backend:
     isa = options.parameters.get("isa") or None
     if isa is None and _kernels.best_isa() == "scalar":
         raise Int8Unsupported("int8 backend needs AVX2 or newer; this CPU has none of its kernels")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError, OSError and others for unreadable files
-        raise ConfigError(f"cannot read ONNX model '{path}': {exc}") from exc
-    input_info, output_info, tokens = _chain(_GraphReader(model))
-    plan = _compile(tokens, isa)
-    output_dtype = DataType.FP32
-    if plan.output == "quantized":
-        output_dtype = DataType.INT8 if plan.signed_output else DataType.UINT8
-    if input_info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise _refuse(None, f"input '{input_info.name}' must be float32")
-    return Int8Backend(plan, _spec(input_info, DataType.FP32), _spec(output_info, output_dtype),
-                       threads=max(options.intra_op_threads, 0))
+    input_spec, output_spec, layers = parse(path)
+    return Int8Backend(_compile(layers, isa), input_spec, output_spec, threads=max(options.intra_op_threads, 0))
 
 
-__all__ = ["Int8Backend", "Int8Unsupported", "load"]
+__all__ = ["Int8Backend", "Int8Unsupported", "Layer", "LayerPlan", "load", "parse", "plan_layers"]
