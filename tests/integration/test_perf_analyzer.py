@@ -23,12 +23,14 @@ def perf_analyzer() -> str:
     return path
 
 
-def test_perf_analyzer_concurrency_4(server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_concurrency_4(server, tmp_path: Path, protocol: str) -> None:
     report = tmp_path / "pa.csv"
     # A fixed request count instead of stability windows: this checks compatibility, not speed, and
     # must not fail on a busy 2-core machine.
+    url = server.url if protocol == "grpc" else server.http_url
     cmd = [
-        perf_analyzer(), "-m", "simple", "-u", server.url, "-i", "grpc",
+        perf_analyzer(), "-m", "simple", "-u", url, "-i", protocol,
         "--concurrency-range", "4", "--request-count", "3000", "-f", str(report),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
