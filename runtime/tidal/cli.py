@@ -12,6 +12,7 @@ from tidal.app import ModelControlMode, ServeOptions, run
 from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
 from tidal.errors import ConfigError, InvalidArgument, TidalError
+from tidal.hardware_cli import add_hardware_parser
 from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
 from tidal.plan_cli import add_plan_parser
 from tidal.probe import add_health_parser
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_parser(sub)
     add_health_parser(sub)
     add_plan_parser(sub)
+    add_hardware_parser(sub)
     return parser
 
 

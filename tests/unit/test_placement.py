@@ -216,3 +216,15 @@ def test_registry_refuses_a_backend_on_a_device_it_does_not_run_on() -> None:
         backends.factory("tensorrt", "cpu")
     assert backends.runs_on("int8", "gpu") and not backends.runs_on("tensorrt", "cpu")
     assert backends.gpu_blocker([]) == "no backend named"
+
+
+def test_tidal_hardware_reports_gpus_and_why_each_gpu_backend_cannot_run(monkeypatch, capsys) -> None:
+    from tidal import cli
+
+    monkeypatch.setattr(hardware, "gpus", lambda: (H100,))
+    monkeypatch.setattr(backends, "gpu_unavailable", lambda name: None if name == "onnxruntime" else f"{name}: absent")
+    assert cli.main(["hardware"]) == 0
+    text = capsys.readouterr().out
+    assert "GPU 0: NVIDIA H100 80GB HBM3, 81559 MiB, compute capability 9.0" in text
+    assert "backend onnxruntime on GPU: usable" in text
+    assert "backend tensorrt on GPU: not usable: tensorrt: absent" in text
