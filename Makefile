@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint install perf-analyzer fuzz
+.PHONY: serve test lint install perf-analyzer chromium fuzz
 
 $(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,17 @@ serve: install
 perf-analyzer:
 	bash perf/install-perf-analyzer.sh
 
+# The status page test drives Debian's chromium through playwright (no browser download).
+chromium:
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  { echo "the status page test needs Debian's chromium: run 'sudo apt-get install chromium'" >&2; exit 1; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install perf-analyzer lint
+test: install perf-analyzer chromium lint
 	$(BIN)/pytest
 
 # Coverage-guided fuzzing with atheris, beside the bounded hypothesis fuzzing that `make test` runs.
