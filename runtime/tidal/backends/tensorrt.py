@@ -4,8 +4,9 @@ Networks are strongly typed: precision is what the ONNX graph says, so INT8 come
 Q/DQ models `tidal optimize` makes and FP16 from its fp16 variant; no builder precision flag is set and no
 calibration runs. One optimization profile covers batch 1..max_batch_size, tuned at the preferred batch
 size. Serialized engines are cached, keyed by (model hash, GPU name, compute capability, TensorRT version,
-profile), looked for in `options.cache_dirs` in order (`tidal optimize --backend tensorrt` writes beside the
-model) and, when none matches, built at load, said in the log, and written to the last directory.
+profile), looked for in `options.cache_dirs` in order (the version folder's `engines/`, where an engine built
+ahead of time goes, then the user's cache) and, when none matches, built at load, said in the log, and
+written to the last directory.
 
 Each instance owns an execution context, a CUDA stream, device buffers sized for max_batch_size (so their
 addresses never change) and page-locked staging buffers. A batch runs as: copy in, `execute_async_v3`,
@@ -124,7 +125,7 @@ def cached_engine(path: Path, options: BackendOptions) -> bytes:
             log.info("%s: TensorRT engine %s", path, candidate)
             return candidate.read_bytes()
     log.warning("%s: no TensorRT engine for %s (sm %s, TensorRT %s) in %s; building one now, which can take "
-                "minutes (tidal optimize --backend tensorrt builds it ahead of time)", path, key.gpu_name,
+                "minutes (a copy of the saved engine in the version's engines/ folder skips this)", path, key.gpu_name,
                 key.compute_capability, key.trt_version, ", ".join(map(str, options.cache_dirs)) or "no cache")
     engine = build_engine(model, path, key, int(options.parameters.get("max_workspace_size_bytes", "0")))
     if options.cache_dirs:
