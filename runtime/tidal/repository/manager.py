@@ -41,8 +41,9 @@ from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.validation import Signature
 from tidal.repository.variants import Variant, VariantManifest, load_manifest, profile_key
 from tidal.scheduling.engine import ModelScheduler
+from tidal.scheduling.stats import ModelStats
 from tidal.transport._gen import model_config_pb2 as mc
-from tidal.types import TensorSpec
+from tidal.types import InferRequest, InferResponse, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,48 @@ class ServedVersion:
     @functools.cached_property
     def output_specs(self) -> dict[str, TensorSpec]:
         return {s.name: s for s in self.spec.outputs}
+
+    # What the data plane and the control surfaces need, so none of them reaches into spec or scheduler.
+    @property
+    def batched(self) -> bool:
+        """Dim 0 of every input and output is the batch."""
+        return self.spec.batching
+
+    @property
+    def priority_levels(self) -> int:
+        return self.spec.scheduler.priority_levels
+
+    def level_of(self, priority: int) -> int:
+        """The priority level a request's `priority` parameter selects (0 or out of range: the default)."""
+        return self.spec.scheduler.level_of(priority)
+
+    @property
+    def slo_p99_ms(self) -> float:
+        """The p99 target as configured (0: none); the controller may hold a live one."""
+        return self.spec.slo_p99_ms
+
+    @property
+    def config(self) -> mc.ModelConfig:
+        """The complete (auto-completed) model configuration."""
+        return self.spec.config
+
+    @property
+    def platform(self) -> str:
+        return self.spec.config.platform or self.spec.config.backend
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(self.spec.inputs)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(self.spec.outputs)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self.scheduler.infer(request)
+
+    def stats(self) -> ModelStats:
+        return self.scheduler.stats()
 
     @functools.cached_property
     def signature(self) -> Signature:
