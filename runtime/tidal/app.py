@@ -223,7 +223,7 @@ class App:
         self.http = None if options.http_port is None else HttpServer(
             HttpFrontEnd(self.plane, options.max_message_bytes, control.snapshot, _tokens(options)),
             self._side_address(options.http_address), options.http_port,
-            None if options.tls is None else server_ssl_context(options.tls),
+            None if options.tls is None else server_ssl_context(options.tls), options.socket_mode,
         )
 
     def _side_address(self, given: str | None) -> str:
@@ -290,7 +290,8 @@ class App:
             print(f"tidal: serving metrics on {url}", flush=True)
         if self.http is not None:
             http_port = await self.http.start()
-            print(f"tidal: serving HTTP on {self._side_address(self.options.http_address)}:{http_port}", flush=True)
+            where = self._side_address(self.options.http_address)
+            print(f"tidal: serving HTTP on {where if self.http.unix_path else f'{where}:{http_port}'}", flush=True)
         await self.manager.load_all(self.options.load_models or None)
         if self.poller is not None:
             self.poller.snapshot()
@@ -343,6 +344,8 @@ class App:
             )
         await self.manager.close()
         await self.server.prepare_exit(EXIT_LINGER_S)
+        if self.http is not None:
+            self.http.remove_socket()
         log.info("stopped")
 
 

@@ -85,3 +85,21 @@ def test_a_path_that_is_not_a_socket_is_refused(scale_repo: Path, tmp_path: Path
     )
     assert refused.returncode == 1 and "not a socket" in refused.stderr, refused.stderr
     assert path.read_text() == "keep me"
+
+
+def test_http_serves_on_its_own_socket(scale_repo: Path, tmp_path: Path) -> None:
+    grpc_path, http_path = tmp_path / "grpc.sock", tmp_path / "http.sock"
+    srv = start_server(scale_repo, "--grpc-address", f"unix://{grpc_path}", "--http-address", f"unix://{http_path}",
+                       "--socket-mode", "640")
+    try:
+        assert srv.http_url == f"unix://{http_path}"
+        assert stat.S_IMODE(http_path.stat().st_mode) == 0o640
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(30)
+            conn.connect(str(http_path))
+            conn.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: tidal\r\nConnection: close\r\n\r\n")
+            reply = b"".join(iter(lambda: conn.recv(65536), b""))
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    finally:
+        assert srv.stop() == 0
+    assert not grpc_path.exists() and not http_path.exists()

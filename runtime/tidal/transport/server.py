@@ -49,7 +49,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return POOL
 
 
-def _check_socket_path_free(path: str) -> None:
+def check_socket_path_free(path: str) -> None:
     """gRPC replaces whatever socket file is at the path; refuse a live one (another server) or a non-socket."""
     if not os.path.lexists(path):
         return
@@ -114,7 +114,7 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0; 0 for a Unix socket)."""
         if self.unix_path is not None:
-            _check_socket_path_free(self.unix_path)
+            check_socket_path_free(self.unix_path)
         try:
             if self._credentials is not None:
                 bound = self._server.add_secure_port(self._target, self._credentials)

@@ -6,9 +6,11 @@ page. Runs on the same loop as gRPC: one data plane, one edge, one set of counte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -23,6 +25,7 @@ from tidal.errors import InvalidArgument, TidalError, Unimplemented
 from tidal.repository.manager import ServedVersion
 from tidal.transport.http.codec import BINARY_TYPE, HEADER_LENGTH, JSON_TYPE, Body, encode_response
 from tidal.transport.security import Scope, TlsFiles, TokenFile
+from tidal.transport.server import check_socket_path_free, unix_socket_path
 from tidal.transport.status import HTTP_STATUS
 
 log = logging.getLogger(__name__)
@@ -253,20 +256,38 @@ def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
 class HttpServer:
     """Binds the front end; stays up until the process ends (see GrpcServer.prepare_exit for why)."""
 
-    def __init__(self, front: HttpFrontEnd, address: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, front: HttpFrontEnd, address: str, port: int, tls: ssl.SSLContext | None = None, socket_mode: int = 0o660
+    ) -> None:
         self._runner = web.AppRunner(front.app, access_log=None, handle_signals=False)
         self._address, self._port, self._tls = address, port, tls
+        self.unix_path = unix_socket_path(address)  # unix:///PATH: a Unix socket of mode `socket_mode`
+        self._socket_mode = socket_mode
         self.port = 0
 
     async def start(self) -> int:
+        """Bind and serve; returns the bound port (0 on a Unix socket)."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._address, self._port, ssl_context=self._tls, reuse_port=False)
+        if self.unix_path is not None:
+            check_socket_path_free(self.unix_path)
+            site: web.BaseSite = web.UnixSite(self._runner, self.unix_path, ssl_context=self._tls)
+        else:
+            site = web.TCPSite(self._runner, self._address, self._port, ssl_context=self._tls, reuse_port=False)
         try:
             await site.start()
         except OSError as exc:
             raise OSError(f"cannot bind HTTP to {self._address}:{self._port}: {exc.strerror}") from None
+        if self.unix_path is not None:
+            os.chmod(self.unix_path, self._socket_mode)
+            return 0
         server = site._server
         assert server is not None and server.sockets
         self.port = server.sockets[0].getsockname()[1]
         return self.port
+
+    def remove_socket(self) -> None:
+        """The last step before the process ends: the socket file goes with the listener."""
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
 
