@@ -42,7 +42,7 @@ MODEL, DIMS = demo.DEMO_MODEL, 64
 BEGIN, END = "<!-- bench_overload: generated, do not edit -->", "<!-- bench_overload: end -->"
 SECTION = "## Overload at the edge (issue 14)"
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} \w+ tidal\.dataplane: "
-                      r"infer (\S+?):? (?:failed: )?(?:\d+ more requests failed )?([A-Z_]+)")
+                      r"infer (\S+?):? (?:id=\S* )?(?:failed: )?(?:\d+ more requests failed )?([A-Z_]+)")
 
 
 def _stage(root: Path, slo_ms: float, rows: int) -> Path:

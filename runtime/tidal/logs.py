@@ -57,14 +57,14 @@ class FailureDigest:
         self._interval_s = interval_s
         self._open: dict[tuple[str, str, str], list] = {}  # key -> [count since the line, level, example]
 
-    def record(self, level: int, model: str, status: str, kind: str, message: str) -> None:
+    def record(self, level: int, model: str, status: str, kind: str, message: str, request_id: str = "") -> None:
         key = (model, status, kind)
         entry = self._open.get(key)
         if entry is not None:
             entry[0] += 1
             return
-        self._log.log(level, "infer %s failed: %s %s", model, status, message,
-                      extra={"model": model, "status": status})
+        self._log.log(level, "infer %s id=%r failed: %s %s", model, request_id, status, message,
+                      extra={"model": model, "status": status, "request_id": request_id})
         self._start(key, level, message)
 
     def _start(self, key: tuple[str, str, str], level: int, example: str) -> None:

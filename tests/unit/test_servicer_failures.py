@@ -45,7 +45,7 @@ def test_thousands_of_refusals_make_one_line_per_interval_with_the_count(caplog:
 
     asyncio.run(run())
     lines = [r.getMessage() for r in caplog.records if r.name == "test.digest"]
-    assert lines[0] == "infer m failed: RESOURCE_EXHAUSTED shed"
+    assert lines[0] == "infer m id='' failed: RESOURCE_EXHAUSTED shed"
     assert lines[1].startswith("infer m: 4999 more requests failed RESOURCE_EXHAUSTED (ResourceExhausted)")
     assert len(lines) == 2
 

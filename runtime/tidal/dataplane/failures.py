@@ -50,5 +50,5 @@ def failure(model: str, request_id: str, exc: BaseException, digest: FailureDige
         log.debug("infer %s id=%r failed: %s %s", model, request_id, status, text,
                   extra={"request_id": request_id, "model": model, "status": status})
     level = logging.INFO if exc.code in ROUTINE_CODES else logging.WARNING
-    digest.record(level, model, status, type(exc).__name__, text)
+    digest.record(level, model, status, type(exc).__name__, text, request_id)
     return exc
