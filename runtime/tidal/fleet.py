@@ -1,11 +1,14 @@
 """Sizing a fleet: how many replicas, with which variant, batch limit and instances, for a rate and an SLO.
 
-A replica answers at most what the smaller of two parts allows:
+A replica answers at most what the smallest of three limits allows:
 
 - its request path (gRPC, decoding, scheduling, encoding on one event loop), measured on this host as the
-  requests per second one tidal process answers when the model costs nothing (`path_rps`);
+  requests per second one tidal process answers when the model costs nothing (`path_rps`, a core's worth);
 - its model instances, from the variant's latency profile through the controller's queueing estimate
-  (control/plan.py): the largest batch whose p99 fits the target, and what `instances` of them sustain.
+  (control/plan.py): the largest batch whose p99 fits the target, and what `instances` of them sustain;
+- its cores: each request takes the path's time (1 / path_rps) plus its share of the batch it runs in, and
+  the replica has `cores_per_replica` cores for both (gRPC's own threads run beside the event loop, so the
+  path's core is not the only busy one).
 
 Replicas run at the utilisation where the SLO controller settles (`Tuning.settle_utilisation`), so the
 fleet keeps the headroom that the controller and the autoscaler expect. The request path's own queueing
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 from tidal.control.latency import BatchLatency
 from tidal.control.memory import Tuning
-from tidal.control.plan import Line, Load, plan_variant
+from tidal.control.plan import Line, Load, plan_variant, steady_batch
 
 P99_OF_EXPONENTIAL = math.log(100.0)
 
@@ -95,8 +98,12 @@ def size(candidate: Candidate, ask: Ask, tuning: Tuning | None = None) -> Sizing
         model_rps = plan.capacity * 1e3 / ask.rows_per_request
         if model_rps >= ask.path_rps:
             break  # more instances would only wait on the request path
-    capacity = min(ask.path_rps, model_rps)
-    bound = "request path" if ask.path_rps <= model_rps else "model"
+    # This request's share of the batch it runs in, at the rate the replica settles at.
+    rows = ask.rows_per_request
+    batch = max(min(steady_batch(line, planning.rate / instances), max(plan.max_batch, rows)), rows)
+    model_ms = line.ms(batch) / batch * rows
+    cpu_rps = ask.cores_per_replica * 1e3 / (1e3 / ask.path_rps + model_ms)
+    capacity, bound = min((ask.path_rps, "request path"), (model_rps, "model"), (cpu_rps, "cores"))
     if plan.max_batch == 0:
         return Sizing(candidate.name, candidate.accuracy, candidate.agreement, 0, instances, 0.0, bound, 0,
                       math.inf, -1.0, math.inf, False, math.inf)

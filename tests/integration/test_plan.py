@@ -21,7 +21,7 @@ def plan_capacity_rps(repository: Path, path_rps: float) -> float:
     plan = subprocess.run(
         [sys.executable, "-m", "tidal", "plan", "--model", "digits", "--model-repository", str(repository),
          "--rate", "20000", "--slo-ms", "50", "--min-accuracy", "0.97", "--cost-per-core-hour", "0.05",
-         "--path-rps", str(path_rps), "--json"],
+         "--path-rps", str(path_rps), "--cores-per-replica", "1", "--json"],  # the client has the other core
         capture_output=True, text=True, timeout=120,
     )
     assert plan.returncode == 0, plan.stderr

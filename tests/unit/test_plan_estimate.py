@@ -61,3 +61,11 @@ def test_choice_fewest_replicas_then_accuracy_and_the_floor_holds() -> None:
     assert "tiny" not in {s.variant for s in sized}
     assert sized[-1].variant == "big" and sized[-1].replicas > sized[0].replicas
     assert choose(variants, ask, min_accuracy=0.99) == []
+
+
+def test_a_replica_short_of_cores_pays_the_models_time_out_of_the_paths() -> None:
+    mid = linear("mid", 0.2, 0.05)  # a request's share of its batch: about 0.25 ms beside the path's 0.5 ms
+    one = size(mid, Ask(1_000, 50, 64, 2_000, 1))
+    assert one.bound_by == "cores" and one.capacity_rps == pytest.approx(1e3 / (0.5 + 0.25), rel=0.02)
+    two = size(mid, Ask(1_000, 50, 64, 2_000, 2))
+    assert two.bound_by == "request path" and two.capacity_rps == 2_000
