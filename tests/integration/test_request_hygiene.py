@@ -75,3 +75,22 @@ def test_rejected_requests_are_freed_at_once(server: ServerProcess, stub: pb_grp
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     growth = _rss_mib(server.proc.pid) - before
     assert growth < 4 * 32, f"RSS grew {growth:.0f} MiB over 10 rejected 32 MiB requests"
+
+
+def test_bytes_that_are_no_message_are_invalid_argument_and_log_no_traceback(server: ServerProcess) -> None:
+    """gRPC answered UNKNOWN and logged a traceback of ~1 KB for each; a fuzzer filled the log with them."""
+    tracebacks = sum("Traceback" in line for line in server.lines)
+    with grpc.insecure_channel(server.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                    response_deserializer=None)
+        for payload in (b"\xff\xff\xff\xff not protobuf", b"\x0a\x05sim"):
+            with pytest.raises(grpc.RpcError) as err:
+                infer(payload, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not parse as inference.ModelInferRequest" in err.value.details()
+        status = channel.unary_unary("/tidal.control.TidalControl/Status", request_serializer=None,
+                                     response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            status(b"\xff\xff", timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sum("Traceback" in line for line in server.lines) == tracebacks

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,7 @@ from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.control import ControlServicer
 from tidal.transport.servicer import InferenceServicer
+from tidal.transport.unreadable import Registrar
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ def unix_socket_path(address: str) -> str | None:
     if address.startswith("unix:"):
         return address.removeprefix("unix:")
     return None
+
+
+def _request_types(service: ServiceDescriptor) -> dict[str, str]:
+    return {method.name: method.input_type.full_name for method in service.methods}
 
 
 @functools.cache
@@ -90,13 +96,15 @@ class GrpcServer:
         ]
         self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
         self._credentials = credentials  # None: plaintext
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        cpb_grpc.add_TidalControlServicer_to_server(control, self._server)
+        inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Registrar(self._server, _request_types(inference)))
+        cpb_grpc.add_TidalControlServicer_to_server(control, Registrar(self._server, _request_types(tidal_control)))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (
-            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            cpb.DESCRIPTOR.services_by_name["TidalControl"].full_name,
+            inference.full_name,
+            tidal_control.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
