@@ -2,7 +2,7 @@
 
 grpc_tools emits absolute imports (`import model_config_pb2`); they are
 rewritten to relative ones so the generated modules live inside
-`tidal.transport._gen` without touching sys.path. The descriptors go into
+`tidal.proto` without touching sys.path. The descriptors go into
 tidal's private pool so tidal and tritonclient can share a process.
 """
 
@@ -28,12 +28,12 @@ def main(proto_dir: str, out_dir: str) -> int:
     for path in out.glob("*_pb2*.py*"):
         text = pattern.sub(r"from . import \1_pb2 as", path.read_text())
         if path.name.endswith("_pb2.py"):
-            # Register in tidal's private pool (see tidal/transport/_gen/__init__.py).
+            # Register in tidal's private pool (see tidal/proto/__init__.py).
             text = text.replace("_descriptor_pool.Default()", "_tidal_gen.POOL")
             text = text.replace(
                 "from google.protobuf import descriptor_pool as _descriptor_pool",
                 "from google.protobuf import descriptor_pool as _descriptor_pool\n"
-                "from tidal.transport import _gen as _tidal_gen",
+                "from tidal import proto as _tidal_gen",
             )
         path.write_text(text)
     return 0

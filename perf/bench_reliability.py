@@ -36,7 +36,7 @@ import numpy as np
 from loadgen import Watch, cpu_description, find_capacity, log, rss_mib, run_bench, write_section
 
 from tidal import demo
-from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from live_server import ServerProcess, start_server

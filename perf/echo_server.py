@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import grpc
 import uvloop
 
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
-from tidal.transport._gen import model_config_pb2 as mc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import model_config_pb2 as mc
 
 SERVER_NAME = "echo"
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from live_server import ServerProcess, start_server
 from onnx_models import build_repository
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from tidal.errors import Code
-from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2 as pb
 
 # The statuses bad input may get; anything else (INTERNAL, UNKNOWN, an exception) is a bug.
 INPUT_ERRORS = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE})

@@ -11,9 +11,10 @@ from tidal import __version__, logs
 from tidal.app import ModelControlMode, ServeOptions, run
 from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
+from tidal.demo_cli import add_demo_parser
 from tidal.errors import ConfigError, InvalidArgument, TidalError
 from tidal.hardware_cli import add_hardware_parser
-from tidal.optimize.cli import add_demo_parser, add_optimize_parser, add_profile_parser
+from tidal.optimize.cli import add_optimize_parser, add_profile_parser
 from tidal.plan_cli import add_plan_parser
 from tidal.probe import add_health_parser
 from tidal.transport.security import TlsFiles

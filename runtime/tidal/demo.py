@@ -110,7 +110,7 @@ def _hold_slo(path: Path) -> None:
     """The demo shows overload control out of the box: an SLO, the controller on, and priority 1 ahead of 2."""
     from google.protobuf import text_format
 
-    from tidal.transport._gen import model_config_pb2 as mc
+    from tidal.proto import model_config_pb2 as mc
 
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     config.slo.p99_ms = DEMO_SLO_P99_MS

@@ -24,11 +24,11 @@ with atheris.instrument_imports():
     from onnx_models import SIMPLE_CONFIG
     from tidal.dataplane import check_classification
     from tidal.errors import Code, ConfigError, TidalError
+    from tidal.proto import grpc_service_pb2 as pb
     from tidal.repository.config import build_spec
     from tidal.repository.pbtxt import parse_model_config_text
     from tidal.repository.validation import Signature
     from tidal.transport import convert
-    from tidal.transport._gen import grpc_service_pb2 as pb
 
 SPEC = build_spec(parse_model_config_text(SIMPLE_CONFIG, "simple/config.pbtxt").config)
 SIGNATURE = Signature(SPEC)

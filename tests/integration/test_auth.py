@@ -16,10 +16,10 @@ from tritonclient.utils import InferenceServerException
 
 from live_server import ServerProcess, start_server
 from onnx_models import SIMPLE_CONFIG, add_sub, write_config
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 INFER = {"authorization": "Bearer reader-5f2c9a"}
 ADMIN = {"authorization": "Bearer admin-81d0e4"}

@@ -29,9 +29,9 @@ from tritonclient.utils import InferenceServerException
 import onnx_models as models
 from live_server import metric, scrape, start_server
 from tidal.optimize.graph import save_graph
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
 from tidal.repository.variants import Accuracy, Hardware, LatencyProfile, Variant, VariantManifest, save_manifest
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 
 WIDTH = 512
 ROW_MS = 30.0  # what one row of `accurate` should cost

@@ -16,8 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from onnx_models import DTYPES
 from tidal.errors import Code
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.status import HTTP_STATUS
 from tidal.types import DataType
 

@@ -7,8 +7,8 @@ import grpc
 from fuzz_strategies import requests, valid_request
 from hypothesis import HealthCheck, given, settings
 
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 # DEADLINE_EXCEEDED is designed too: a fuzzed `timeout` parameter of a few microseconds expires in the queue.
 DESIGNED = {

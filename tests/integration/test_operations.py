@@ -24,10 +24,10 @@ from tritonclient.utils import InferenceServerException
 import onnx_models as models
 from live_server import ServerProcess, metric, scrape, start_server
 from onnx_models import SIMPLE_CONFIG
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 
 def _scale_input(value: float = 1.0) -> list[tc.InferInput]:

@@ -13,8 +13,8 @@ import pytest
 
 from live_server import ServerProcess, metric, scrape, start_server
 from onnx_models import spin, write_config
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.control import control_status
 
 CONFIG = """

@@ -14,8 +14,8 @@ import pytest
 
 import onnx_models as models
 from live_server import ServerProcess, start_server
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 CALLERS = 8
 # How a client of a fleet is set up (README, "Replicas"): spread calls over the replicas whose gRPC health is

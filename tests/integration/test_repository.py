@@ -14,11 +14,11 @@ from tritonclient.utils import InferenceServerException
 import onnx_models as models
 from live_server import start_server
 from tidal.errors import Code, TidalError
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.repository import manager as manager_module
 from tidal.repository.manager import ModelManager
 from tidal.repository.poll import RepositoryPoller
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 
 
 def _scale(client: tc.InferenceServerClient, model: str, version: str = "") -> float:

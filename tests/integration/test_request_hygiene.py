@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from live_server import ServerProcess
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 

@@ -29,9 +29,9 @@ from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
 from live_server import ServerProcess, start_server
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
 from tidal.repository.variants import Variant, VariantManifest, save_manifest
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 
 SPIN_SIZE = 256
 BLOCK_S = 3.0  # how long the blocker holds the instance: ample time to queue the rest

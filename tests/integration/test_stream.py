@@ -7,8 +7,8 @@ import queue
 import numpy as np
 import tritonclient.grpc as tc
 
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 UNADDRESSABLE = [0, 2**62, 2**62]  # no bytes, yet more elements than numpy can index
 

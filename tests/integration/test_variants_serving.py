@@ -17,8 +17,8 @@ from tritonclient.utils import InferenceServerException
 from live_server import ServerProcess, metric, scrape, start_server
 from tidal.optimize.reference import synthetic_classification, train_classifier
 from tidal.optimize.train import TrainConfig
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
 
 FAST = ["--max-batch-size", "8", "--profile-seconds", "0.01", "--no-progress", "--distill-epochs", "15"]
 

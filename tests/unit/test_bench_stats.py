@@ -14,7 +14,7 @@ from tidal.bench.runner import _Tick, _Window, stable
 from tidal.bench.spec import TrafficClass
 from tidal.bench.stats import OK, ClassRecorder, ClassStats, merge, new_histogram
 from tidal.errors import InvalidArgument
-from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2 as pb
 
 MS = 1_000_000
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from tidal.dataplane import check_classification, classify
 from tidal.errors import InvalidArgument
+from tidal.proto import grpc_service_pb2 as pb
 from tidal.transport import convert
-from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.types import DataType, InferResponse, TensorSpec
 
 

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidal.errors import InvalidArgument, ResourceExhausted
+from tidal.proto import grpc_service_pb2 as pb
 from tidal.repository.config import build_spec
 from tidal.repository.pbtxt import parse_model_config_text
 from tidal.repository.validation import Signature
 from tidal.transport import convert
-from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport.limits import DEFAULT_LIMITS, RequestLimits
 from tidal.types import DataType
 

@@ -8,6 +8,7 @@ import pytest
 
 import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
+from tidal.proto import model_config_pb2 as mc
 from tidal.repository import layout
 from tidal.repository.config import (
     autocomplete,
@@ -19,7 +20,6 @@ from tidal.repository.config import (
 )
 from tidal.repository.pbtxt import parse_model_config, parse_model_config_text
 from tidal.scheduling.queue import TimeoutAction
-from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import DataType
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from tidal.errors import InvalidArgument, Unavailable
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]

@@ -15,7 +15,7 @@ import numpy as np
 from tidal.bench.client import ModelInfo
 from tidal.bench.spec import TrafficClass
 from tidal.errors import InvalidArgument
-from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2 as pb
 from tidal.types import DataType
 
 INPUT_KINDS = ("random", "zeros")

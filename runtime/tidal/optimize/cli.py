@@ -1,4 +1,4 @@
-"""Sub-commands `tidal optimize`, `tidal profile` and `tidal demo`.
+"""Sub-commands `tidal optimize` and `tidal profile` (`tidal demo` lives above, in tidal.demo_cli).
 
 Each `add_*_parser(subparsers)` registers one sub-command whose
 `func(args) -> int` runs it; tidal.cli wires them in. User errors print one
@@ -17,7 +17,7 @@ from tidal.optimize.build import KINDS, BuildSettings
 from tidal.optimize.pipeline import OptimizeOptions, optimize, profile_repository
 from tidal.optimize.report import format_table
 from tidal.optimize.train import TrainConfig
-from tidal.repository.variants import VariantManifest, load_manifest
+from tidal.repository.variants import VariantManifest
 
 
 def _log(message: str) -> None:
@@ -125,30 +125,3 @@ def _profile(args: argparse.Namespace) -> int:
         )
     )
 
-
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build (once, cached) the digits demo repository and serve it")
-    p.add_argument("--rebuild", action="store_true", help="build again even when the cache is current")
-    p.add_argument("--build-only", action="store_true", help="print the repository path and the table, do not serve")
-    p.add_argument("--grpc-port", type=int, default=8001, help="port to serve on; 0 picks a free one")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from tidal import demo  # keeps scikit-learn off the path of the other commands
-
-    try:
-        repository = demo.ensure_demo_repository(progress=args.progress, rebuild=args.rebuild)
-    except TidalError as exc:
-        _log(f"error: {exc}")
-        return 2
-    manifest = load_manifest(repository / demo.DEMO_MODEL / "1")
-    if manifest is not None:
-        print(format_table(manifest))
-    print(f"demo repository: {repository}")
-    if args.build_only:
-        return 0
-    from tidal.app import ServeOptions, run
-
-    return run(ServeOptions(model_repository=repository, grpc_port=args.grpc_port))

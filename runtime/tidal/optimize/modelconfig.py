@@ -6,9 +6,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from tidal.proto import model_config_pb2 as mc
 from tidal.repository.config import autocomplete
 from tidal.repository.pbtxt import parse_model_config
-from tidal.transport._gen import model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
 

@@ -16,10 +16,10 @@ from tidal.backends.base import Accelerator, BackendOptions
 from tidal.backends.placement import InstanceGroup
 from tidal.control.api import Mode, Slo
 from tidal.errors import ConfigError, InvalidArgument
+from tidal.proto import model_config_pb2 as mc
 from tidal.repository.pbtxt import ParsedConfig, parse_model_config
 from tidal.scheduling.knobs import Knobs
 from tidal.scheduling.queue import QueuePolicy, SchedulerConfig, TimeoutAction
-from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import DataType, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from tidal.errors import ConfigError, InvalidArgument, NotFound
-from tidal.transport._gen import model_config_pb2 as mc
+from tidal.proto import model_config_pb2 as mc
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 

@@ -26,6 +26,7 @@ from tidal.backends.base import Backend, BackendOptions
 from tidal.backends.placement import Placement, place
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, InvalidArgument, NotFound, TidalError, Unavailable
+from tidal.proto import model_config_pb2 as mc
 from tidal.repository import layout
 from tidal.repository.config import (
     MAX_INSTANCES,
@@ -42,7 +43,6 @@ from tidal.repository.validation import Signature
 from tidal.repository.variants import Variant, VariantManifest, load_manifest, profile_key
 from tidal.scheduling.engine import ModelScheduler
 from tidal.scheduling.stats import ModelStats
-from tidal.transport._gen import model_config_pb2 as mc
 from tidal.types import InferRequest, InferResponse, TensorSpec
 
 log = logging.getLogger(__name__)

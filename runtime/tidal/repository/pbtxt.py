@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from tidal.errors import ConfigError
-from tidal.transport._gen import model_config_pb2
+from tidal.proto import model_config_pb2
 
 # Triton ModelConfig fields tidal accepts but does not act on, as dotted paths.
 TRITON_NOT_ACTED_ON = frozenset(

@@ -11,10 +11,10 @@ from tidal.control.api import Decision, Mode, model_key
 from tidal.control.slo import SloController
 from tidal.dataplane.edge import EdgeMeter
 from tidal.errors import InvalidArgument, NotFound, TidalError, Unavailable
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
 from tidal.repository.manager import ModelManager, ServedVersion
 from tidal.scheduling.knobs import Knobs
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
 from tidal.transport.status import GRPC_STATUS
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from tidal.errors import InvalidArgument
+from tidal.proto import grpc_service_pb2 as pb
 from tidal.repository.validation import Signature
-from tidal.transport._gen import grpc_service_pb2 as pb
 from tidal.transport.limits import DEFAULT_LIMITS, RequestLimits, check_request
 from tidal.types import DataType, InferRequest, InferResponse, TensorSpec
 

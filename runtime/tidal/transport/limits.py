@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tidal.errors import InvalidArgument, ResourceExhausted
-from tidal.transport._gen import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2 as pb
 from tidal.types import DataType
 
 MAX_DIMS = 64  # numpy's own limit on a tensor's rank

@@ -17,11 +17,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tidal.transport._gen import POOL
-from tidal.transport._gen import control_pb2 as cpb
-from tidal.transport._gen import control_pb2_grpc as cpb_grpc
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
+from tidal.proto import POOL
+from tidal.proto import control_pb2 as cpb
+from tidal.proto import control_pb2_grpc as cpb_grpc
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.control import ControlServicer
 from tidal.transport.servicer import InferenceServicer
 from tidal.transport.unreadable import Registrar

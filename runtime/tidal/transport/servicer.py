@@ -11,11 +11,11 @@ import grpc
 from tidal.dataplane import DataPlane, Head, VersionStats
 from tidal.dataplane.failures import clip
 from tidal.errors import InvalidArgument, TidalError
+from tidal.proto import grpc_service_pb2 as pb
+from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.repository.manager import ServedVersion
 from tidal.scheduling.stats import Duration
 from tidal.transport import convert
-from tidal.transport._gen import grpc_service_pb2 as pb
-from tidal.transport._gen import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.status import GRPC_STATUS
 
 log = logging.getLogger(__name__)
