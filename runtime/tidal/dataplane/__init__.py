@@ -179,9 +179,9 @@ class DataPlane:
         if refusal is not None:
             self._observe(served, level, now, ok=False)
             raise ResourceExhausted(
-                f"model '{served.name}' is at its in-flight limit for priority {level} "
-                f"({refusal.inflight} in flight, {refusal.limit} allowed) to hold its latency SLO; "
-                f"retry after {refusal.pushback_ms} ms, on another replica, or with a higher priority",
+                f"shed at arrival to hold the latency SLO of model '{served.name}': priority {level} is at its "
+                f"in-flight limit ({refusal.inflight} in flight, {refusal.limit} allowed); retry after "
+                f"{refusal.pushback_ms} ms, on another replica, or with a higher priority",
                 pushback_ms=refusal.pushback_ms,
             )
         try:
