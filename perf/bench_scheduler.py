@@ -153,11 +153,13 @@ def perf_analyzer_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def run_perf_analyzer(args: argparse.Namespace, url: str, model: str, concurrency: int) -> dict | None:
+def run_perf_analyzer(
+    args: argparse.Namespace, url: str, model: str, concurrency: int, protocol: str = "grpc"
+) -> dict | None:
     """One perf_analyzer measurement: throughput, p50 and p99 (client side) and the server's queue and compute
     means, or None if it never stabilized."""
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
-        cmd = [args.perf_analyzer, "-m", model, "-u", url, "-i", "grpc", "--concurrency-range", str(concurrency)]
+        cmd = [args.perf_analyzer, "-m", model, "-u", url, "-i", protocol, "--concurrency-range", str(concurrency)]
         cmd += ["--measurement-interval", str(args.interval_ms), "--max-trials", str(args.max_trials)]
         cmd += ["-s", str(args.stability), "-f", report.name]
         for _attempt in range(2):
