@@ -18,7 +18,7 @@ from typing import NoReturn
 import grpc
 
 from tidal.clock import SystemClock
-from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, VariantInfo, model_key
+from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, model_key
 from tidal.control.loop import ControlLoop
 from tidal.control.slo import SloController
 from tidal.dataplane import DataPlane
@@ -132,44 +132,21 @@ class _Plant:
         self.generation = served
 
     def info(self) -> ModelInfo:
-        served, knobs = self.served, self.served.spec.knobs
-        variants = []
-        for name in served.runners:
-            entry = served.manifest.variants.get(name) if served.manifest else None
-            if entry is None:
-                variants.append(VariantInfo(name, None))
-                continue
-            # The profile of the backend that really runs it; another backend's is better than none.
-            engine = served.engines.get(name, "")
-            profile = entry.profiles.get(engine) or next(iter(entry.profiles.values()), None)
-            accuracy = entry.accuracy
-            variants.append(VariantInfo(
-                name,
-                None if accuracy is None else accuracy.value,
-                1.0 if accuracy is None else accuracy.top1_agreement,
-                profile.batch_sizes if profile else (),
-                profile.p50_ms if profile else (),
-            ))
-        configured = Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us)
-        instances = len(next(iter(served.runners.values())))
-        spec = served.spec
-        return ModelInfo(self.key, spec.max_batch_size, instances, spec.scheduler.priority_levels, tuple(variants),
-                         configured)
+        return self.served.model_info(self.key)
 
     def configured_slo(self) -> Slo:
-        return self.served.spec.slo()
+        return self.served.configured_slo()
 
     def observe(self) -> Observation:
-        return dataclasses.replace(self.served.scheduler.observe(), edge=self.edge.observe(self.served.name))
+        return dataclasses.replace(self.served.observe(), edge=self.edge.observe(self.served.name))
 
     def setpoint(self) -> Setpoint:
-        k = self.served.scheduler.knobs
+        k = self.served.knobs
         return Setpoint(k.active_variant, k.max_batch_size, k.max_queue_delay_us, k.admission_limits)
 
     def apply(self, setpoint: Setpoint) -> None:
-        scheduler = self.served.scheduler
-        scheduler.apply(dataclasses.replace(
-            scheduler.knobs,
+        self.served.apply(dataclasses.replace(
+            self.served.knobs,
             active_variant=setpoint.variant,
             max_batch_size=setpoint.max_batch_size,
             max_queue_delay_us=setpoint.max_queue_delay_us,
@@ -248,8 +225,7 @@ class App:
         served = plant.served
         slo = self.controller.slo(plant.key)
         target = min([slo.p99_ms, *slo.priority_p99_ms.values()]) if slo.engaged else 0.0
-        levels = served.spec.scheduler.priority_levels
-        self.edge.gate(served.name, levels).configure(target, decision.inflight_limit)
+        self.edge.gate(served.name, served.priority_levels).configure(target, decision.inflight_limit)
         self.metrics.set_saturation(served.name, self.edge.saturation(served.name, decision.utilisation))
         self.metrics.set_slo(served.name, str(served.version), self._slo_ms(served))
         self.metrics.controller_decision(
@@ -259,19 +235,19 @@ class App:
 
     def _slo_ms(self, served: ServedVersion) -> float:
         key = model_key(served.name, served.version)
-        return self.controller.slo(key).p99_ms if self.controller.tracks(key) else served.spec.slo_p99_ms
+        return self.controller.slo(key).p99_ms if self.controller.tracks(key) else served.slo_p99_ms
 
     def _snapshots(self) -> list[ModelSnapshot]:
         return [
             ModelSnapshot(
                 model=s.name,
                 version=str(s.version),
-                stats=s.scheduler.stats(),
-                pending=s.scheduler.pending(),
-                queue_depth=s.scheduler.queue_depth(),
-                knobs=s.scheduler.knobs,
-                variants=tuple(sorted(s.runners)),
-                instances=len(next(iter(s.runners.values()))),
+                stats=s.stats(),
+                pending=s.pending(),
+                queue_depth=s.queue_depth(),
+                knobs=s.knobs,
+                variants=s.variants,
+                instances=s.instances,
                 slo_p99_ms=self._slo_ms(s),
                 edge=self.edge.observe(s.name),
                 received_rps=self.edge.rates(s.name)[0],
@@ -334,7 +310,7 @@ class App:
         except TimeoutError:
             log.error("drain did not finish within %.1fs; remaining requests are cancelled", self.options.drain_grace_s)
         for served in self.manager.served():
-            stats = served.scheduler.stats()
+            stats = served.stats()
             log.info(
                 "model %s version %s: %d requests succeeded, %d failed since start",
                 served.name,

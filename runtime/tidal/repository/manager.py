@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -39,11 +38,9 @@ from tidal.repository.config import (
     run_time_follows_shapes,
 )
 from tidal.repository.pbtxt import ParsedConfig
-from tidal.repository.validation import Signature
+from tidal.repository.served import ServedVersion, close_runners
 from tidal.repository.variants import Variant, VariantManifest, load_manifest, profile_key
 from tidal.scheduling.engine import ModelScheduler
-from tidal.scheduling.stats import ModelStats
-from tidal.types import InferRequest, InferResponse, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,80 +52,6 @@ class ModelState(enum.Enum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-def _close(runners: dict[str, list[Backend]]) -> None:
-    for instances in runners.values():
-        for backend in instances:
-            backend.close()
-
-
-@dataclass
-class ServedVersion:
-    """One ready version: its spec, its backends (per variant) and its scheduler."""
-
-    name: str
-    version: int
-    spec: ModelSpec
-    runners: dict[str, list[Backend]]
-    scheduler: ModelScheduler
-    engines: dict[str, str] = field(default_factory=dict)  # variant -> the backend that loaded it
-    manifest: VariantManifest | None = None  # accuracies and latency profiles, when the model has variants
-
-    @functools.cached_property
-    def output_specs(self) -> dict[str, TensorSpec]:
-        return {s.name: s for s in self.spec.outputs}
-
-    # What the data plane and the control surfaces need, so none of them reaches into spec or scheduler.
-    @property
-    def batched(self) -> bool:
-        """Dim 0 of every input and output is the batch."""
-        return self.spec.batching
-
-    @property
-    def priority_levels(self) -> int:
-        return self.spec.scheduler.priority_levels
-
-    def level_of(self, priority: int) -> int:
-        """The priority level a request's `priority` parameter selects (0 or out of range: the default)."""
-        return self.spec.scheduler.level_of(priority)
-
-    @property
-    def slo_p99_ms(self) -> float:
-        """The p99 target as configured (0: none); the controller may hold a live one."""
-        return self.spec.slo_p99_ms
-
-    @property
-    def config(self) -> mc.ModelConfig:
-        """The complete (auto-completed) model configuration."""
-        return self.spec.config
-
-    @property
-    def platform(self) -> str:
-        return self.spec.config.platform or self.spec.config.backend
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(self.spec.inputs)
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(self.spec.outputs)
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return await self.scheduler.infer(request)
-
-    def stats(self) -> ModelStats:
-        return self.scheduler.stats()
-
-    @functools.cached_property
-    def signature(self) -> Signature:
-        return Signature(self.spec)
-
-    async def close(self) -> None:
-        """Drain the scheduler, then release every backend instance."""
-        await self.scheduler.stop(drain=True)
-        _close(self.runners)
 
 
 @dataclass
@@ -152,7 +75,7 @@ def _load_instances(
             indices = [i for i, d in enumerate(placement.devices) if d.kind == kind]
             engines[kind] = _load_on(path, names, options, placement, indices, loaded)
     except TidalError:
-        _close({"": list(loaded.values())})
+        close_runners({"": list(loaded.values())})
         raise
     kind = "gpu" if "gpu" in engines else "cpu"
     return profile_key(engines[kind], kind), [loaded[i] for i in range(len(placement.devices))]
@@ -174,7 +97,7 @@ def _load_on(
                 device = placement.devices[i]
                 batch[i] = loader(path, replace(options, instance_index=i, device=device.kind, device_id=device.index))
         except TidalError as exc:
-            _close({"": list(batch.values())})
+            close_runners({"": list(batch.values())})
             errors.append(f"{name}: {exc}")
             continue
         loaded.update(batch)
@@ -303,7 +226,7 @@ async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> l
         return list(results)
     for result in results:
         if isinstance(result, _Built):
-            _close(result.runners)
+            close_runners(result.runners)
     raise failure
 
 
@@ -400,7 +323,7 @@ class ModelManager:
             for served in new.values():
                 await served.close()
             for b in built[len(new) :]:
-                _close(b.runners)
+                close_runners(b.runners)
             raise
         return new
 

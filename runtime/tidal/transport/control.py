@@ -70,19 +70,19 @@ def edge_status(edge: EdgeMeter, model: str, utilisation: float) -> cpb.EdgeStat
 
 def model_status(served: ServedVersion, controller: SloController, edge: EdgeMeter, now_s: float) -> cpb.ModelStatus:
     """What the server runs with and, once the control loop has seen the model, what the controller sees."""
-    scheduler, spec = served.scheduler, served.spec
+    configured = served.configured_slo()
     status = cpb.ModelStatus(
         model=served.name,
         version=str(served.version),
-        slo_p99_ms=spec.slo_p99_ms,
-        controller_mode=spec.controller_mode,
-        min_accuracy=spec.slo_min_accuracy,
-        priority_p99_ms=dict(spec.slo_priority_p99_ms),
-        period_ms=spec.controller_period_ms,
-        knobs=knobs_message(scheduler.knobs),
-        variants=sorted(served.runners),
-        queue_depth=scheduler.queue_depth(),
-        pending=scheduler.pending(),
+        slo_p99_ms=configured.p99_ms,
+        controller_mode=configured.mode.value,
+        min_accuracy=configured.min_accuracy,
+        priority_p99_ms=dict(configured.priority_p99_ms),
+        period_ms=round(configured.period_s * 1e3),
+        knobs=knobs_message(served.knobs),
+        variants=served.variants,
+        queue_depth=served.queue_depth(),
+        pending=served.pending(),
     )
     key = model_key(served.name, served.version)
     if not controller.tracks(key):
@@ -120,7 +120,7 @@ def updated_slo(controller: SloController, served: ServedVersion, request: cpb.S
     if request.HasField("period_ms"):
         changes["period_s"] = request.period_ms / 1e3
     if request.set_priority_p99_ms:
-        levels = served.spec.scheduler.priority_levels
+        levels = served.priority_levels
         if any(not 1 <= level <= levels for level in request.priority_p99_ms):
             raise InvalidArgument(f"priority_p99_ms names a level outside 1..{levels}")
         changes["priority_p99_ms"] = dict(request.priority_p99_ms)
@@ -154,9 +154,9 @@ class ControlServicer(cpb_grpc.TidalControlServicer):
             if not request.model:
                 raise InvalidArgument("SetKnobs needs a model name")
             served = self._manager.select(request.model, request.version)
-            planned = [(s, updated_knobs(s.scheduler.knobs, request.knobs)) for s in served]
+            planned = [(s, updated_knobs(s.knobs, request.knobs)) for s in served]
             for s, knobs in planned:
-                s.scheduler.apply(knobs)
+                s.apply(knobs)
         except TidalError as exc:
             return await context.abort(GRPC_STATUS[exc.code], str(exc))
         return self._response(served)
