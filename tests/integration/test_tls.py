@@ -127,3 +127,16 @@ def test_tls_flags_are_checked_at_start_up(repo: Path, pki: dict, flags: tuple[s
     with pytest.raises(RuntimeError, match="tidal exited with 2") as err:
         start_server(repo, "--no-metrics", *args)
     assert "--tls" in str(err.value)
+
+
+def test_http_is_https_with_the_same_files_and_client_certificates(repo: Path, pki: dict) -> None:
+    import ssl
+    import urllib.request
+
+    for srv in _serve(repo, pki["server"], "--tls-client-ca", str(pki["ca"].path)):
+        url = f"https://{srv.http_url}/v2/health/ready"
+        context = ssl.create_default_context(cafile=str(pki["ca"].path))
+        with pytest.raises(OSError):  # no client certificate: refused at the handshake
+            urllib.request.urlopen(url, context=context, timeout=10)
+        context.load_cert_chain(pki["client"].cert, pki["client"].key)
+        assert urllib.request.urlopen(url, context=context, timeout=10).status == 200
