@@ -102,3 +102,35 @@ def test_excess_is_refused_at_once_lowest_priority_first(overloadable: ServerPro
     total = sum(_sent(tally) for tally in outcomes.values())
     assert metric(metrics, "tidal_edge_received_total", model="spin") >= total
     assert 'tidal_saturation{model=""}' in metrics and "tidal_edge_loop_lag_seconds" in metrics
+
+
+async def _http_burst(url: str, count: int) -> collections.Counter:
+    import aiohttp
+
+    body = {"parameters": {"priority": 2},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [TRIPS]}]}
+    tally: collections.Counter = collections.Counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=count)) as session:
+
+        async def one() -> None:
+            async with session.post(f"http://{url}/v2/models/spin/infer", json=body) as response:
+                tally[response.status] += 1
+                if response.status == 429:
+                    gate = "in-flight limit" in (await response.json())["error"]  # else the queue's own limit
+                    tally["gate"] += gate
+                    headers = response.headers
+                    tally["retry-after"] += gate and "Retry-After" in headers and "Retry-After-Ms" in headers
+
+        await asyncio.gather(*[one() for _ in range(count)])
+    return tally
+
+
+def test_http_meets_the_same_gate_429_with_retry_after(overloadable: ServerProcess) -> None:
+    asyncio.run(_capacity(overloadable.url, 2.0))  # the controller learns the batch time and limits the gate
+    for _ in range(5):  # until the controller has limited the gate (it has after a few control periods)
+        tally = asyncio.run(_http_burst(overloadable.http_url, 300))
+        if tally["gate"]:
+            break
+    assert tally[429] > 0 and tally[200] > 0, tally
+    assert tally[429] + tally[200] == 300, tally  # nothing else: no 5xx, nothing lost
+    assert tally["gate"] > 0 and tally["retry-after"] == tally["gate"], tally  # the edge gate's come with a pushback
