@@ -141,17 +141,10 @@ class _Plant:
         return dataclasses.replace(self.served.observe(), edge=self.edge.observe(self.served.name))
 
     def setpoint(self) -> Setpoint:
-        k = self.served.knobs
-        return Setpoint(k.active_variant, k.max_batch_size, k.max_queue_delay_us, k.admission_limits)
+        return self.served.setpoint()
 
     def apply(self, setpoint: Setpoint) -> None:
-        self.served.apply(dataclasses.replace(
-            self.served.knobs,
-            active_variant=setpoint.variant,
-            max_batch_size=setpoint.max_batch_size,
-            max_queue_delay_us=setpoint.max_queue_delay_us,
-            admission_limits=setpoint.admission_limits,
-        ))
+        self.served.apply_setpoint(setpoint)
 
 
 class App:

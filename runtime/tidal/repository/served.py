@@ -8,7 +8,7 @@ reaches into its spec, backends and scheduler.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tidal.backends.base import Backend
 from tidal.control.api import ModelInfo, Setpoint, Slo, VariantInfo
@@ -26,6 +26,10 @@ def close_runners(runners: dict[str, list[Backend]]) -> None:
     for instances in runners.values():
         for backend in instances:
             backend.close()
+
+
+def _setpoint(knobs: Knobs) -> Setpoint:
+    return Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits)
 
 
 @dataclass
@@ -101,6 +105,20 @@ class ServedVersion:
         """Swap the live knobs atomically; InvalidArgument (and no change) if they do not fit this model."""
         self.scheduler.apply(knobs)
 
+    def setpoint(self) -> Setpoint:
+        """The live knobs as the controller speaks of them: the one Knobs -> Setpoint conversion."""
+        return _setpoint(self.scheduler.knobs)
+
+    def apply_setpoint(self, setpoint: Setpoint) -> None:
+        """A controller decision onto the live knobs; what the controller does not steer stays as it is."""
+        self.scheduler.apply(replace(
+            self.scheduler.knobs,
+            active_variant=setpoint.variant,
+            max_batch_size=setpoint.max_batch_size,
+            max_queue_delay_us=setpoint.max_queue_delay_us,
+            admission_limits=setpoint.admission_limits,
+        ))
+
     def observe(self) -> Observation:
         """The scheduler's observation for the controller; consumes its samples (the control loop's alone)."""
         return self.scheduler.observe()
@@ -134,10 +152,8 @@ class ServedVersion:
                 profile.batch_sizes if profile else (),
                 profile.p50_ms if profile else (),
             ))
-        knobs = self.spec.knobs
-        configured = Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us)
         return ModelInfo(key, self.spec.max_batch_size, self.instances, self.priority_levels, tuple(variants),
-                         configured)
+                         _setpoint(self.spec.knobs))
 
     @functools.cached_property
     def signature(self) -> Signature:
