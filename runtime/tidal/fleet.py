@@ -6,8 +6,9 @@ A replica answers at most what the smallest of three limits allows:
   requests per second one tidal process answers when the model costs nothing (`path_rps`, a core's worth);
 - its model instances, from the variant's latency profile through the controller's queueing estimate
   (control/plan.py): the largest batch whose p99 fits the target, and what `instances` of them sustain;
-- its cores: each request takes the path's time (1 / path_rps) plus its share of the batch it runs in, and
-  the replica has `cores_per_replica` cores for both (gRPC's own threads run beside the event loop, so the
+- its cores: each request takes the path's time (1 / path_rps) plus its share of the batch it runs in (the
+  profile's time, on as many cores as it ran intra-op threads), and the replica has `cores_per_replica` cores
+  for both (gRPC's own threads run beside the event loop, so the
   path's core is not the only busy one).
 
 Replicas run at the utilisation where the SLO controller settles (`Tuning.settle_utilisation`), so the
@@ -38,6 +39,7 @@ class Candidate:
     agreement: float
     batch_sizes: tuple[int, ...]
     p50_ms: tuple[float, ...]
+    threads: int = 1  # intra-op threads the profile ran with: its batches took up to this many cores
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def size(candidate: Candidate, ask: Ask, tuning: Tuning | None = None) -> Sizing
     # This request's share of the batch it runs in, at the rate the replica settles at.
     rows = ask.rows_per_request
     batch = max(min(steady_batch(line, planning.rate / instances), max(plan.max_batch, rows)), rows)
-    model_ms = line.ms(batch) / batch * rows
+    model_ms = line.ms(batch) / batch * rows * candidate.threads
     cpu_rps = ask.cores_per_replica * 1e3 / (1e3 / ask.path_rps + model_ms)
     capacity, bound = min((ask.path_rps, "request path"), (model_rps, "model"), (cpu_rps, "cores"))
     if plan.max_batch == 0:

@@ -116,7 +116,7 @@ def _profile(v: Variant) -> Candidate:
     agreement = v.accuracy.top1_agreement if v.accuracy else 1.0
     if profile is None:
         return Candidate(v.name, accuracy, agreement, (), ())
-    return Candidate(v.name, accuracy, agreement, profile.batch_sizes, profile.p50_ms)
+    return Candidate(v.name, accuracy, agreement, profile.batch_sizes, profile.p50_ms, max(profile.intra_op_threads, 1))
 
 
 def read_model(repository: Path, name: str) -> tuple[list[Candidate], object]:

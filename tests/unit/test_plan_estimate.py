@@ -69,3 +69,6 @@ def test_a_replica_short_of_cores_pays_the_models_time_out_of_the_paths() -> Non
     assert one.bound_by == "cores" and one.capacity_rps == pytest.approx(1e3 / (0.5 + 0.25), rel=0.02)
     two = size(mid, Ask(1_000, 50, 64, 2_000, 2))
     assert two.bound_by == "request path" and two.capacity_rps == 2_000
+    # Profiled on two intra-op threads: each batch took two cores' time.
+    threaded = size(Candidate("mid", 0.95, 1.0, mid.batch_sizes, mid.p50_ms, threads=2), Ask(1_000, 50, 64, 2_000, 1))
+    assert threaded.capacity_rps == pytest.approx(1e3 / (0.5 + 2 * 0.25), rel=0.02)
