@@ -109,6 +109,26 @@ def test_a_stream_without_a_token_ends_unauthenticated(srv: ServerProcess) -> No
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_http_takes_the_same_tokens_and_scopes(srv: ServerProcess) -> None:
+    """Before the reload test below, which rotates the infer token. tritonclient.http adds its own headers to
+    the dict it is given, so each call gets a copy."""
+    import tritonclient.http as tc_http
+
+    client = tc_http.InferenceServerClient(srv.http_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("simple")  # open
+    inputs = [tc_http.InferInput(f"INPUT{i}", [1, 16], "FP32") for i in (0, 1)]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+    assert _status(lambda: client.infer("simple", inputs))[0] == "401"
+    assert _status(lambda: client.infer("simple", inputs, headers={"authorization": "Bearer nope"}))[0] == "401"
+    assert _status(lambda: client.get_model_metadata("simple"))[0] == "401"
+    result = client.infer("simple", inputs, headers=dict(INFER))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, np.float32))
+    status, message = _status(lambda: client.unload_model("simple", headers=dict(INFER)))
+    assert status == "403" and "admin" in message
+    client.load_model("simple", headers=dict(ADMIN))  # already loaded: reloaded, allowed for an admin token
+
+
 def test_the_token_file_is_reloaded_when_it_changes(srv: ServerProcess, tokens: Path) -> None:
     client = tc.InferenceServerClient(srv.url)
     fresh = {"authorization": "Bearer rotated-0c77"}
@@ -136,20 +156,3 @@ def test_a_bad_token_file_stops_start_up(tmp_path: Path) -> None:
         start_server(tmp_path, "--no-metrics", "--auth-tokens", str(bad))
     assert "expected 'infer TOKEN' or 'admin TOKEN'" in str(err.value)
 
-
-def test_http_takes_the_same_tokens_and_scopes(srv: ServerProcess) -> None:
-    import tritonclient.http as tc_http
-
-    client = tc_http.InferenceServerClient(srv.http_url)
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("simple")  # open
-    inputs = [tc_http.InferInput(f"INPUT{i}", [1, 16], "FP32") for i in (0, 1)]
-    for tensor in inputs:
-        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
-    assert _status(lambda: client.infer("simple", inputs))[0] == "401"
-    assert _status(lambda: client.infer("simple", inputs, headers={"authorization": "Bearer nope"}))[0] == "401"
-    assert _status(lambda: client.get_model_metadata("simple"))[0] == "401"
-    result = client.infer("simple", inputs, headers=INFER)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, np.float32))
-    status, message = _status(lambda: client.unload_model("simple", headers=INFER))
-    assert status == "403" and "admin" in message
-    client.load_model("simple", headers=ADMIN)  # already loaded: reloaded, allowed for an admin token

@@ -140,3 +140,12 @@ def test_a_2_gib_body_is_refused_from_its_length_without_reading_it(server: Serv
         reply = sock.recv(65536).decode("latin-1")
     assert reply.startswith("HTTP/1.1 413") and "over the limit" in reply
     assert http_client.is_server_ready()
+
+
+def test_load_parameters_are_refused_as_over_grpc(http_client: tc_http.InferenceServerClient, client) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    for caller, status in ((http_client, "501"), (client, "StatusCode.UNIMPLEMENTED")):
+        with pytest.raises(InferenceServerException) as err:
+            caller.load_model("simple", config='{"max_batch_size": 4}')
+        assert err.value.status() == status and "config" in err.value.message(), err.value

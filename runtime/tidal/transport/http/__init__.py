@@ -219,7 +219,9 @@ class HttpFrontEnd:
 
     async def load(self, request: web.Request) -> web.Response:
         params = (await self._json(request)).get("parameters") or {}
-        await self._plane.load(request.match_info["model"], tuple(params) if isinstance(params, dict) else ("?",))
+        if not isinstance(params, dict):
+            raise InvalidArgument("'parameters' must be a JSON object")
+        await self._plane.load(request.match_info["model"], tuple(params))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
