@@ -53,15 +53,20 @@ async def _call(stub: pb_grpc.GRPCInferenceServiceStub, msg: pb.ModelInferReques
         tally["with pushback"] += "grpc-retry-pushback-ms" in dict(err.trailing_metadata() or ())
 
 
-async def _capacity(url: str, seconds: float) -> float:
-    """Requests per second one caller gets back to back: the backend's rate, one request at a time."""
+async def _capacity(url: str, seconds: float, callers: int = 4) -> float:
+    """Requests per second a few callers get back to back: the backend's rate (one instance, one request per
+    batch, always busy), without the round trip a single caller would wait out between requests."""
     tally: collections.Counter = collections.Counter()
     async with grpc.aio.insecure_channel(url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        while loop.time() < start + seconds:
-            await _call(stub, _request(1), tally)
+        stop = loop.time() + seconds
+
+        async def caller() -> None:
+            while loop.time() < stop:
+                await _call(stub, _request(1), tally)
+
+        await asyncio.gather(*[caller() for _ in range(callers)])
     return tally["OK"] / seconds
 
 

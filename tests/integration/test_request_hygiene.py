@@ -3,11 +3,14 @@ or pin rejected requests in memory."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import grpc
 import numpy as np
 import pytest
 
-from live_server import ServerProcess
+from live_server import ServerProcess, metric, scrape
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -62,7 +65,7 @@ def _rss_mib(pid: int) -> float:
 
 def test_rejected_requests_are_freed_at_once(server: ServerProcess, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     """Ten rejected 32 MiB requests: the server's memory must not keep them (a reference cycle through the
-    abort exception used to hold each one until the cycle collector ran)."""
+    abort exception holds each one until a collection, which used to wait for the collector's full round)."""
     payload = b"\0" * (32 << 20)
     msg = pb.ModelInferRequest(model_name="simple")
     msg.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
@@ -73,6 +76,7 @@ def test_rejected_requests_are_freed_at_once(server: ServerProcess, stub: pb_grp
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(msg, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(0.2)  # freed within moments (the sweep), not whenever a full collection happens to run
     growth = _rss_mib(server.proc.pid) - before
     assert growth < 4 * 32, f"RSS grew {growth:.0f} MiB over 10 rejected 32 MiB requests"
 
@@ -94,3 +98,19 @@ def test_bytes_that_are_no_message_are_invalid_argument_and_log_no_traceback(ser
             status(b"\xff\xff", timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sum("Traceback" in line for line in server.lines) == tracebacks
+
+
+def test_refusals_can_be_retried_by_a_client_retry_policy(server: ServerProcess) -> None:
+    """A status sent after response headers commits the call and retry policies give up; refusals go out as
+    trailers only, so a policy that retries this status does (here, three attempts reach the server)."""
+    config = {"methodConfig": [{"name": [{"service": "inference.GRPCInferenceService"}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["INVALID_ARGUMENT"]}}]}
+    wrong = _simple("retried", 1.0)
+    wrong.raw_input_contents[0] = b"\0" * 12  # not 64 bytes: INVALID_ARGUMENT
+    before = metric(scrape(server), "tidal_edge_received_total", model="simple")
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    with grpc.insecure_channel(server.url, options=options) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(wrong, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert metric(scrape(server), "tidal_edge_received_total", model="simple") - before == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -67,14 +68,36 @@ def _statistics(row: VersionStats) -> pb.ModelStatistics:
     return msg
 
 
+# A refused request at least this large is freed by a prompt collection, not whenever the collector runs.
+LARGE_REQUEST_BYTES = 1 << 20
+SWEEP_DELAY_S = 0.05  # one collection covers every large refusal in this window
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: TidalError) -> None:
-    """Answer with `exc`'s status. Not context.abort(): its exception's traceback would keep the request
-    (possibly many MiB) alive in a reference cycle until the cycle collector happens to run."""
-    context.set_code(GRPC_STATUS[exc.code])
-    context.set_details(clip(str(exc)))
+    """Answer with `exc`'s status, as trailers only: that is what gRPC clients' retry policies can retry (a
+    status sent after response headers commits the call), and where they read `grpc-retry-pushback-ms`."""
     pushback = getattr(exc, "pushback_ms", None)
-    if pushback is not None:
-        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(pushback)),))
+    trailers = (("grpc-retry-pushback-ms", str(pushback)),) if pushback is not None else ()
+    await context.abort(GRPC_STATUS[exc.code], clip(str(exc)), trailers)
+
+
+class _Sweeper:
+    """grpc.aio keeps an aborted call's exception on the call's state, and its traceback holds the handler
+    frames that hold the request: a reference cycle. For small requests the collector's usual rounds are
+    soon enough; a large one (many MiB) would stay in memory until a full collection, so refusing one
+    schedules a collection shortly after, once per window however many there are."""
+
+    def __init__(self) -> None:
+        self._due = False
+
+    def refused(self, request_bytes: int) -> None:
+        if request_bytes >= LARGE_REQUEST_BYTES and not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_later(SWEEP_DELAY_S, self._collect)
+
+    def _collect(self) -> None:
+        self._due = False
+        gc.collect()
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -82,6 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
+        self._sweeper = _Sweeper()
 
     # -- health and metadata ------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -133,6 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         answer = await self._infer(request, context)
         if isinstance(answer, TidalError):
+            self._sweeper.refused(sum(map(len, request.raw_input_contents)))
             return await _abort(context, answer)
         return answer
 
