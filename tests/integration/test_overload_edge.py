@@ -136,6 +136,5 @@ def test_http_meets_the_same_gate_429_with_retry_after(overloadable: ServerProce
         tally = asyncio.run(_http_burst(overloadable.http_url, 300))
         if tally["gate"]:
             break
-    assert tally[429] > 0 and tally[200] > 0, tally
     assert tally[429] + tally[200] == 300, tally  # nothing else: no 5xx, nothing lost
     assert tally["gate"] > 0 and tally["retry-after"] == tally["gate"], tally  # the edge gate's come with a pushback
