@@ -206,7 +206,7 @@ def main() -> int:
                 control_set_slo(server.url, MODEL, mode="off")
                 k, ck = 1, _capacity(server, 1, args)
                 r["C1"] = ck
-                while 3 * ck > 0.6 * r["E"] and k < 64:
+                while 3 * ck > 0.6 * r["E"] and k < 1024:
                     k *= 2
                     ck = _capacity(server, k, args)
                 r["k"], r["Ck"] = k, ck
