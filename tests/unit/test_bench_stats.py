@@ -123,6 +123,15 @@ def test_metrics_sample_the_models_under_load_only() -> None:
     assert scraper.parse([]) == {}
 
 
+def test_metrics_sample_the_servers_saturation() -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge("tidal_saturation", "saturation", ["model"], registry=registry)
+    gauge.labels("").set(1.25)
+    gauge.labels("other").set(3.0)
+    families = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    assert MetricsScraper("http://unused", ["mlp"]).parse(families) == {"saturation": 1.25}
+
+
 def _info(shape: list[int], max_batch: int | None, datatype: str = "FP32") -> ModelInfo:
     meta = pb.ModelMetadataResponse(name="m")
     meta.inputs.add(name="x", datatype=datatype, shape=shape)

@@ -1,7 +1,8 @@
 """Scrapes what a tidal server's controller is doing from its Prometheus endpoint.
 
-Reads `tidal_batch_size` (histogram), `tidal_queue_depth{model,priority}`
-and `tidal_active_variant{model,variant}` (1 marks the active variant).
+Reads `tidal_batch_size` (histogram), `tidal_queue_depth{model,priority}`,
+`tidal_active_variant{model,variant}` (1 marks the active variant) and the
+server's `tidal_saturation{model=""}`.
 Only the models under load count. Any metric may be absent (another
 server, an older tidal): the sample then lacks that part, and an
 unreachable endpoint yields None.
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 _BATCH = "tidal_batch_size"
 _QUEUE = "tidal_queue_depth"
 _VARIANT = "tidal_active_variant"
+_SATURATION = "tidal_saturation"
 
 
 class MetricsScraper:
@@ -59,6 +61,8 @@ class MetricsScraper:
         for family in families:
             for s in family.samples:
                 model = s.labels.get("model", "")
+                if s.name == _SATURATION and model == "":
+                    out["saturation"] = s.value  # the server's: what an autoscaler reads
                 if model not in self._models:
                     continue
                 if s.name == f"{_BATCH}_sum":

@@ -150,7 +150,7 @@ def write_summary_csv(result: dict[str, Any], path: Path) -> None:
 TIMESERIES_COLUMNS = [
     "t_s", "point", "sent", "ok", "errors", "offered_rps", "throughput_rps", "p50_ms", "p99_ms", "slo_met",
     "slo_judged", "inflight",
-    "send_lag_p99_ms", "loop_lag_p99_ms", "batch_size_mean", "queue_depth", "active_variant",
+    "send_lag_p99_ms", "loop_lag_p99_ms", "batch_size_mean", "queue_depth", "active_variant", "saturation",
 ]
 
 
