@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import gc
 import logging
 import math
 import os
@@ -267,6 +268,10 @@ class App:
             self.poller.start()
         self._control_task = asyncio.create_task(self.control_loop.run(), name="tidal-control")
         self.edge.start()
+        # What start-up built (modules, models, sessions) lives as long as the process: out of the cycle
+        # collector's sight, its full collections stop walking it, and their pauses, which hold every arriving
+        # call in gRPC's backlog, shrink to what serving allocates.
+        gc.freeze()
         self._accepting = True
         await self.server.set_serving("", True)
         # A machine-readable line: tests and wrappers read the bound port (or socket) from it.
