@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from tidal.control.admission import AdmissionGate, GateTuning, saturation
+from tidal.control.admission import AdmissionGate, saturation
 from tidal.types import EdgeObservation
 
 PROBE_S = 0.01  # how often the loop is probed
@@ -33,9 +33,8 @@ LAG_FULL_MS = 10.0  # a loop that keeps ready callbacks waiting this long counts
 class EdgeMeter:
     """Counts and gates inference RPCs at the transport; probes the event loop it runs on."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, tuning: GateTuning | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._tuning = tuning
         self._gates: dict[str, AdmissionGate] = {}
         self._received: collections.Counter[str] = collections.Counter()
         # (at_s, thread_cpu_s, lag_ms) per probe, over WINDOW_S
@@ -48,16 +47,11 @@ class EdgeMeter:
     def gate(self, model: str, levels: int) -> AdmissionGate:
         gate = self._gates.get(model)
         if gate is None:
-            gate = self._gates[model] = AdmissionGate(levels, self._tuning)
+            gate = self._gates[model] = AdmissionGate(levels)
         return gate
 
     def received(self, model: str) -> None:
         self._received[model] += 1
-
-    def forget(self, model: str) -> None:
-        """The model is gone: its gate and counters with it."""
-        self._gates.pop(model, None)
-        self._received.pop(model, None)
 
     # -- the probe ---------------------------------------------------------------------------
     def start(self) -> None:
