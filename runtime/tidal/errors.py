@@ -40,9 +40,20 @@ class Unavailable(TidalError):
     code = Code.UNAVAILABLE
 
 
+# A refused client that waits longer than this is better off on another replica: the hint says so.
+MAX_PUSHBACK_MS = 1000
+
+
+def pushback_ms(wait_s: float) -> int:
+    """The pushback every load refusal carries, from the refusing layer's expected wait: at least 1 ms (0 would
+    invite an immediate retry into the same overload), at most `MAX_PUSHBACK_MS`."""
+    return round(min(max(wait_s * 1e3, 1.0), MAX_PUSHBACK_MS))
+
+
 class ResourceExhausted(TidalError):
-    """`pushback_ms`, when given, is sent as gRPC's `grpc-retry-pushback-ms`: clients with a retry policy wait
-    that long (or try another replica) instead of retrying at once into the same overload."""
+    """`pushback_ms`, given by every refusal for load (see `pushback_ms()`), is sent as gRPC's
+    `grpc-retry-pushback-ms` and HTTP's Retry-After: clients with a retry policy wait that long (or try another
+    replica) instead of retrying at once into the same overload. None for limits that no wait lifts."""
 
     code = Code.RESOURCE_EXHAUSTED
 

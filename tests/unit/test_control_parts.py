@@ -180,8 +180,9 @@ def test_queue_refuses_at_arrival_by_the_count_at_or_above_the_level(make_reques
     limits = ((1, 3), (2, 2))
     queue.admit(make_request(priority=1), 0.0, limits)
     queue.admit(make_request(priority=1), 0.0, limits)
-    with pytest.raises(ResourceExhausted, match="shed at arrival to hold the latency SLO"):
-        queue.admit(make_request(priority=2), 0.0, limits)  # two of level 1 are ahead of it
+    with pytest.raises(ResourceExhausted, match="shed at arrival to hold the latency SLO") as shed:
+        queue.admit(make_request(priority=2), 0.0, limits, request_s=0.003)  # two of level 1 are ahead of it
+    assert shed.value.pushback_ms == 6  # the time they take to drain
     queue.admit(make_request(priority=1), 0.0, limits)
     with pytest.raises(ResourceExhausted, match="priority 1"):
         queue.admit(make_request(priority=1), 0.0, limits)

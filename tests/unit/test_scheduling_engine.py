@@ -228,6 +228,33 @@ def test_queue_full_is_resource_exhausted_at_once(run_async, row_backend, make_r
     run_async(main())
 
 
+def test_queue_refusal_pushes_back_by_the_measured_pace(run_async, row_backend, make_request):
+    gate = threading.Event()
+    backend = row_backend(gate)
+    clock = FakeClock()
+    config = SchedulerConfig(batching=True, max_batch_size=4, default_policy=QueuePolicy(max_queue_size=2))
+
+    async def main():
+        async with serving(sched([backend], config, Knobs(1, 0), clock), gate) as s:
+            first = asyncio.create_task(s.infer(make_request()))
+            await started(backend)
+            clock.advance(0.005)  # the one measured batch: 5 ms for one request
+            gate.set()
+            await first
+            gate.clear()
+            head = asyncio.create_task(s.infer(make_request()))
+            await started(backend)
+            queued = [asyncio.create_task(s.infer(make_request())) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(ResourceExhausted) as refused:
+                await s.infer(make_request())
+            assert refused.value.pushback_ms == 10  # two queued ahead at 5 ms each
+            gate.set()
+            await asyncio.gather(head, *queued)
+
+    run_async(main())
+
+
 def test_model_without_batching_runs_one_request_per_execution(run_async, row_backend):
     gate = threading.Event()
     backend = row_backend(gate)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tidal.clock import FakeClock
-from tidal.errors import ConfigError, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from tidal.errors import MAX_PUSHBACK_MS, ConfigError, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from tidal.scheduling.knobs import Knobs
 from tidal.scheduling.ordering import InOrder
 from tidal.scheduling.queue import QueuePolicy, RequestQueue, SchedulerConfig, TimeoutAction
@@ -52,6 +52,24 @@ def test_max_queue_size_is_per_level_and_rejects_at_once(make_request):
     queue.cancel(first)  # a freed place is usable again
     queue.admit(make_request(priority=1), 0.0)
     assert queue.depth_by_level() == {1: 2, 2: 5}
+
+
+def test_a_full_queue_pushes_back_for_the_time_the_requests_ahead_take(make_request):
+    queue = RequestQueue(config(priority_levels=2, default_policy=QueuePolicy(max_queue_size=2)))
+    for level in (1, 1, 2, 2):
+        queue.admit(make_request(priority=level), 0.0)
+    with pytest.raises(ResourceExhausted, match="retry after 8 ms") as refused:
+        queue.admit(make_request(priority=1), 0.0, request_s=0.004)  # two of level 1 ahead, 4 ms each
+    assert refused.value.pushback_ms == 8
+    with pytest.raises(ResourceExhausted) as refused:
+        queue.admit(make_request(priority=2), 0.0, request_s=0.004)  # level 1 drains first: four ahead
+    assert refused.value.pushback_ms == 16
+    with pytest.raises(ResourceExhausted) as refused:
+        queue.admit(make_request(priority=2), 0.0)  # nothing served yet: the pace is unknown
+    assert refused.value.pushback_ms == 1  # never 0, which would invite an immediate retry
+    with pytest.raises(ResourceExhausted) as refused:
+        queue.admit(make_request(priority=2), 0.0, request_s=10.0)
+    assert refused.value.pushback_ms == MAX_PUSHBACK_MS  # so long a wait says: go to another replica
 
 
 def test_reject_timeout_counts_from_arrival_and_expires_in_queue(make_request):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tidal.errors import pushback_ms
+
 _MIN_SAMPLES = 8  # completions in a period before its p99 says anything
 
 
@@ -36,7 +38,6 @@ class GateTuning:
     reserve_decay: float = 0.8  # how much of a level's reserve survives a period in which it used less
     min_limit: int = 2
     default_limit: int = 64  # before any prediction or measurement
-    max_pushback_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +159,8 @@ class AdmissionGate:
 
     def _pushback_ms(self) -> int:
         """Roughly how long the work already inside takes to drain: the last p99, or the target."""
-        wait = self._p99_ms if self._p99_ms is not None else self._target_ms
-        return int(min(max(wait, 1.0), self.tuning.max_pushback_ms))
+        wait_ms = self._p99_ms if self._p99_ms is not None else self._target_ms
+        return pushback_ms(wait_ms * 1e-3)
 
     def state(self) -> GateState:
         return GateState(

@@ -93,6 +93,7 @@ class ModelScheduler:
         slots = max(len(instances) for instances in self._runners.values())
         self._busy = [False] * slots
         self._running = 0  # requests inside executing batches
+        self._request_s = 0.0  # the last batch's time per request: the pace the queue drains at, per instance
         self._workers = InstanceWorkers(slots, name)
         self._timer = PreciseTimer(name, self._on_timer, self._clock)
         self._timer_at: float | None = None
@@ -151,7 +152,8 @@ class ModelScheduler:
             for output in request.requested_outputs:
                 if output not in self._declared_set:
                     raise InvalidArgument(f"model '{self._name}' has no output '{output}'")
-            entry = self._queue.admit(request, now, self._active.knobs.admission_limits)
+            knobs = self._active.knobs
+            entry = self._queue.admit(request, now, knobs.admission_limits, self._request_s / knobs.instance_count)
         except TidalError as exc:
             reason = "REJECTED" if isinstance(exc, ResourceExhausted | DeadlineExceeded) else "OTHER"
             self._stats.failed(request.arrival_s, reason, now)
@@ -289,6 +291,7 @@ class ModelScheduler:
         self._running -= len(entries)
         now = self._clock.now()
         if outcome.error is None:
+            self._request_s = (outcome.input_s + outcome.infer_s + outcome.output_s) / len(entries)
             if self._inline is not None:
                 self._inline.ran(sum(entry.rows for entry in entries), outcome.infer_s)
             self._stats.executed(entries, outcome, started_s, variant, now)

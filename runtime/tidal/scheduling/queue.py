@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidal.errors import ConfigError, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from tidal.errors import ConfigError, DeadlineExceeded, InvalidArgument, ResourceExhausted, pushback_ms
 from tidal.types import InferRequest
 
 _NEVER = math.inf
@@ -118,8 +118,12 @@ class RequestQueue:
     def __len__(self) -> int:
         return self._size
 
-    def admit(self, request: InferRequest, now: float, limits: tuple[tuple[int, int], ...] = ()) -> Entry:
-        """Queue `request` or raise the error its client gets at once; `limits` as in `Knobs.admission_limits`."""
+    def admit(
+        self, request: InferRequest, now: float, limits: tuple[tuple[int, int], ...] = (), request_s: float = 0.0
+    ) -> Entry:
+        """Queue `request` or raise the error its client gets at once; `limits` as in `Knobs.admission_limits`.
+        `request_s`: what serving one queued request takes now (0 before any was served); a refusal's pushback
+        is the time the requests ahead of it take to drain at that pace."""
         config = self._config
         level = config.level_of(request.priority)
         rows, key = _rows_and_key(request, config)
@@ -127,14 +131,21 @@ class RequestQueue:
         deadline_s = _NEVER if request.deadline_s is None else request.deadline_s
         if deadline_s <= now:
             raise DeadlineExceeded("the request deadline passed before it was queued")
+        ahead = sum(self._level_sizes[:level])  # served before it: its level and every higher one
         if policy.max_queue_size and self._level_sizes[level - 1] >= policy.max_queue_size:
-            raise ResourceExhausted(f"queue of priority level {level} is full ({policy.max_queue_size} requests)")
+            pushback = pushback_ms(ahead * request_s)
+            raise ResourceExhausted(
+                f"queue of priority level {level} is full ({policy.max_queue_size} requests); retry after "
+                f"{pushback} ms or on another replica", pushback,
+            )
         for limited, limit in limits:
-            if limited == level and sum(self._level_sizes[:level]) >= limit:
+            if limited == level and ahead >= limit:
                 self._shed[level - 1] += 1
+                pushback = pushback_ms(ahead * request_s)
                 raise ResourceExhausted(
                     f"shed at arrival to hold the latency SLO of model '{request.model_name}': priority {level} "
-                    f"admits at most {limit} queued requests at or above it now; retry later or with a higher priority"
+                    f"admits at most {limit} queued requests at or above it now; retry after {pushback} ms, on "
+                    "another replica, or with a higher priority", pushback,
                 )
         timeout_us = policy.default_timeout_us
         if policy.allow_timeout_override and request.timeout_us and (not timeout_us or request.timeout_us < timeout_us):
