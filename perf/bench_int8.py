@@ -2,6 +2,11 @@
 
     .venv/bin/python perf/bench_int8.py            # prints the "## INT8 kernels" section of perf/RESULTS.md
     .venv/bin/python perf/bench_int8.py --quick    # fewer shapes and shorter windows, for a smoke run
+    .venv/bin/python perf/bench_int8.py --hide-isa avx512,vnni --repeat 3   # as on an AVX2-only host
+
+--hide-isa re-runs the bench under perf/isa_mask.py, which hides ISA extensions from CPUID and /proc/cpuinfo,
+so tidal's kernels, tidal's hardware detection and MLAS all dispatch as on a host without them (the ISA is
+emulated, not the microarchitecture). --repeat N measures the GEMM table N times and reports per-cell medians.
 
 Single-thread figures divide work by the calling thread's CPU time (both tidal's kernels and ONNX Runtime
 with one intra-op thread run on the calling thread), so another process sharing the core does not read as
@@ -16,11 +21,14 @@ import argparse
 import itertools
 import json
 import os
+import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import isa_mask  # perf/, beside this script
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -71,6 +79,40 @@ def session(model: bytes | str, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def mlas_saturation() -> int:
+    """Largest error of MLAS's u8 x s8 GEMM against exact integer arithmetic on inputs whose pair sums overflow
+    int16: 0 on a VNNI kernel, large on MLAS's AVX2 kernel (vpmaddubsw saturates), so it names the kernel run."""
+    rng = np.random.default_rng(3)
+    b = rng.integers(-128, 128, (256, 64), dtype=np.int8)
+    a = rng.integers(200, 256, (16, 256), dtype=np.uint8)
+    y = matmul_integer(b).run(None, {"a": a})[0]
+    return int(np.abs(y - (a.astype(np.int64) - 3) @ b.astype(np.int64)).max())
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Cell-wise medians of repeated GEMM tables (same shapes in the same order)."""
+    return [{key: statistics.median(run[i][key] for run in runs) if key.endswith("_gops") else value
+             for key, value in row.items()} for i, row in enumerate(runs[0])]
+
+
+RATIOS = {"tidal / MLAS": ("tidal", "mlas"), "avx2 7-bit / MLAS 7-bit": ("avx2_7bit", "mlas_7bit"),
+          "avx2 8-bit / MLAS": ("avx2_8bit", "mlas")}
+
+
+def ratio_spread(runs: list[list[dict]], min_m: int = 16) -> list[str]:
+    """Per ratio, over cells with M >= min_m: median of the cell medians and min-max over every run's cells."""
+    lines = []
+    for label, (num, den) in RATIOS.items():
+        if f"{num}_gops" not in runs[0][0]:
+            continue
+        cells = [[run[i][f"{num}_gops"] / run[i][f"{den}_gops"] for run in runs]
+                 for i, row in enumerate(runs[0]) if row["m"] >= min_m]
+        medians, every = [statistics.median(c) for c in cells], [v for cell in cells for v in cell]
+        lines.append(f"{label} {statistics.median(medians):.2f}x (cell medians {min(medians):.2f}-"
+                     f"{max(medians):.2f}x, single runs {min(every):.2f}-{max(every):.2f}x)")
+    return lines
 
 
 def gemm_table(shapes: list[tuple[str, int, int]], ms: list[int], rounds: int, window_s: float) -> list[dict]:
@@ -168,23 +210,35 @@ def _host(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, ISA flags `{' '.join(m['flags'])}`"
 
 
+def masked_host(m: dict) -> str:
+    if not m.get("hidden"):
+        return ""
+    return (f" Run under `perf/isa_mask.py --hide {m['hidden']}`: CPUID and /proc/cpuinfo hide those extensions "
+            f"from tidal's kernels, tidal's hardware detection and MLAS alike (host's own flags `{m['host_flags']}`). "
+            "This emulates the ISA of such a host, not its microarchitecture: the AVX2 instructions run on this "
+            "core's units at this core's speed.")
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
+    peak_insn = "vpdpbusd" if "vnni" in m["isa"] else "vpmaddubsw + vpmaddwd + vpaddd"
+    repeat = f"median of {result['repeat']} runs per cell" if result["repeat"] > 1 else "one run"
     lines = [
         "## INT8 kernels", "",
         f"One run of `perf/bench_int8.py` on {_host(m)}; kernels `{m['isa']}` by default, ONNX Runtime "
-        f"{m['onnxruntime']}. Peak of one core, measured in the same run with a register-only loop of each "
-        f"ISA's multiply-add: **{result['peak_gops']:.0f} GOPS** on `{m['isa']}` (vpdpbusd), "
+        f"{m['onnxruntime']}.{masked_host(m)} Peak of one core, measured in the same run with a register-only loop "
+        f"of each ISA's multiply-add: **{result['peak_gops']:.0f} GOPS** on `{m['isa']}` ({peak_insn}), "
         f"**{result['avx2_peak_gops']:.0f} GOPS** on `avx2` (vpmaddubsw + vpmaddwd + vpaddd). Other work on "
         f"the machine: 1-minute load average {m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.",
-        "", f"### GEMM, one thread (u8 x s8 -> s32, GOPS per core; {_host(m)})", "",
-        "MLAS runs whatever its CPUID dispatch picks on this host (VNNI where present), so the AVX2 columns "
-        "compare tidal's AVX2 paths with MLAS at its best here, not with MLAS's AVX2 path.", "",
+        "", f"### GEMM, one thread (u8 x s8 -> s32, GOPS per core, {repeat}; {_host(m)})", "",
+        f"MLAS runs whatever its CPUID dispatch picks here; its largest error against exact integer arithmetic on "
+        f"inputs whose int16 pair sums overflow: {result['mlas_saturation']} (0 on its VNNI kernels, large on its "
+        f"AVX2 kernel, which saturates).", "",
         "| MLP | K x N | M | tidal | % of peak | MLAS | tidal / MLAS | avx2 7-bit | / MLAS 7-bit | "
         "avx2 8-bit | / MLAS | 8-bit / 7-bit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["gemm"]:
+    for r in median_rows(result["gemm_runs"]):
         row = (f"| {r['mlp']} | {r['k']} x {r['n']} | {r['m']} | {r['tidal_gops']:.0f} | "
                f"{100 * r['tidal_gops'] / result['peak_gops']:.0f}% | {r['mlas_gops']:.0f} | "
                f"{r['tidal_gops'] / r['mlas_gops']:.2f}x |")
@@ -195,6 +249,7 @@ def markdown(result: dict) -> str:
         else:
             row += " - | - | - | - | - |"
         lines.append(row)
+    lines += ["", f"At M >= 16 ({repeat}): " + "; ".join(ratio_spread(result["gemm_runs"])) + "."]
     for run in result["end_to_end"]:
         unit = "rows/s per core (thread CPU time)" if run["threads"] == 1 else "rows/s (wall clock)"
         lines += ["", f"### Reference MLP 256-1024-1024-10, {run['threads']} thread(s), {unit}; {_host(m)}", "",
@@ -219,19 +274,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter windows")
     parser.add_argument("--json", type=Path, default=Path("perf/out/int8.json"))
+    parser.add_argument("--repeat", type=int, default=1, help="measure the GEMM table this many times")
+    parser.add_argument("--hide-isa", metavar="GROUPS",
+                        help=f"re-run as on a host without these ISA groups ({', '.join(isa_mask.GROUPS)})")
+    parser.add_argument("--host-flags", help=argparse.SUPPRESS)  # set by the --hide-isa parent for its child
     args = parser.parse_args()
+    if args.hide_isa and args.host_flags is None:
+        child = [sys.executable, __file__, *sys.argv[1:], "--host-flags", " ".join(cpu_info().isa_flags)]
+        try:
+            raise SystemExit(isa_mask.run(args.hide_isa, child))
+        except ValueError as exc:
+            parser.error(str(exc))
     rounds, window_s = (3, 0.02) if args.quick else (8, 0.05)
     cpu = cpu_info()
     isa = _kernels.best_isa()
     result: dict = {"machine": {"cpu": cpu.model, "cores": cpu.cores, "flags": list(cpu.isa_flags), "isa": isa,
-                                "onnxruntime": ort.__version__, "load_before": os.getloadavg()[0]}}
+                                "onnxruntime": ort.__version__, "load_before": os.getloadavg()[0],
+                                "hidden": args.hide_isa, "host_flags": args.host_flags}, "repeat": args.repeat}
     if isa == "scalar":
         raise SystemExit("bench_int8: this CPU runs none of the SIMD kernels (no AVX2)")
     result["peak_gops"] = max(_kernels.peak_gops(isa, 0.2) for _ in range(5))  # the ISA in use, never nan
     result["avx2_peak_gops"] = max(_kernels.peak_gops("avx2", 0.2) for _ in range(5))
     shapes = [("reference", k, n) for k, n in itertools.pairwise(REFERENCE_MLP)]
     shapes += [("wide", k, n) for k, n in itertools.pairwise(WIDE_MLP)]
-    result["gemm"] = gemm_table(shapes[:2] if args.quick else shapes, GEMM_M, rounds, window_s)
+    result["mlas_saturation"] = mlas_saturation()
+    result["gemm_runs"] = [gemm_table(shapes[:2] if args.quick else shapes, GEMM_M, rounds, window_s)
+                           for _ in range(args.repeat)]
     batches = [1, 32, 256] if args.quick else BATCHES
     with tempfile.TemporaryDirectory() as tmp:
         fp32, qdq = reference_models(Path(tmp))
