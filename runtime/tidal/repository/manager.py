@@ -328,10 +328,12 @@ class ModelManager:
         return new
 
     async def unload(self, name: str) -> None:
+        """Unloading a model that is not loaded (unknown, or unloaded already) succeeds, as in Triton: the
+        model is not served afterwards either way. A name no repository could hold is still refused."""
         entry = self._entries.get(name)
         if entry is None or entry.state is ModelState.UNAVAILABLE:
             layout.model_dir(self.root, name)
-            raise NotFound(f"model '{name}' is not loaded")
+            return
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state = ModelState.UNLOADING

@@ -39,15 +39,28 @@ def param_value(param: pb.InferParameter) -> Any:
 
 
 def int_param(params: dict[str, Any], key: str) -> int | None:
-    """An integer request parameter; tritonclient sends uint64, others int64."""
-    value = params.get(key)
-    if value is None:
+    """An integer request parameter; tritonclient sends uint64, others int64. One sent without a value is
+    refused, as Triton refuses it, rather than read as absent."""
+    if key not in params:
         return None
+    value = params[key]
+    if value is None:
+        raise InvalidArgument(f"parameter '{key}' has no value; it must be an integer")
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"parameter '{key}' must be an integer, got {value!r}")
     if value < 0:
         raise InvalidArgument(f"parameter '{key}' must not be negative, got {value}")
     return value
+
+
+def requested_outputs(names: list[str]) -> tuple[str, ...]:
+    """An output named twice is refused, as Triton refuses it, rather than answered once."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InvalidArgument(f"output '{name[:64]}' is requested twice")
+        seen.add(name)
+    return tuple(names)
 
 
 def decode_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
@@ -169,7 +182,7 @@ def decode_request(
     raw, tensors = msg.raw_input_contents, msg.inputs
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs")
-    requested = tuple([out.name for out in msg.outputs]) if msg.outputs else ()
+    requested = requested_outputs([out.name for out in msg.outputs]) if msg.outputs else ()
     if signature is not None:
         signature.check_declared({name: (dt, shape) for name, (dt, shape, _) in declared.items()}, requested)
     inputs: dict[str, np.ndarray] = {}

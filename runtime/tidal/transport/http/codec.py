@@ -16,7 +16,7 @@ import numpy as np
 from tidal.dataplane import Head
 from tidal.errors import InvalidArgument
 from tidal.repository.validation import Signature
-from tidal.transport.convert import decode_bytes, encode_bytes, int_param
+from tidal.transport.convert import decode_bytes, encode_bytes, int_param, requested_outputs
 from tidal.transport.limits import DEFAULT_LIMITS, RequestLimits, check_head, check_parameters, declare
 from tidal.types import DataType, InferRequest, InferResponse
 
@@ -80,7 +80,7 @@ class Body:
                 raise InvalidArgument(f"input '{name}': 'shape' must be an array of integers")
             tensors.append((name, datatype, tuple(shape)))
         declared = declare(tensors, self.limits)
-        requested = tuple(self._output_names())
+        requested = requested_outputs(self._output_names())
         signature.check_declared({n: (dt, shape) for n, (dt, shape, _) in declared.items()}, requested)
         inputs, offset = {}, 0
         for tensor, (name, (dtype, shape, count)) in zip(self.inputs, declared.items(), strict=True):
