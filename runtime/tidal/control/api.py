@@ -60,6 +60,27 @@ class VariantInfo:
     agreement: float = 1.0  # top-1 agreement with the reference variant: breaks accuracy ties
     batch_sizes: tuple[int, ...] = ()  # the offline profile (p50 per batch size); empty: learn online
     p50_ms: tuple[float, ...] = ()
+    # cpu | gpu -> (batch sizes, p50 ms) measured there: what a variant would cost on a pool of the other kind
+    device_profiles: Mapping[str, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The instances of one instance_group: the unit a priority level may be routed to on its own."""
+
+    device: str  # cpu | gpu: which of a variant's device profiles applies
+    instances: tuple[int, ...]  # indices into the model's instances
+
+
+@dataclass(frozen=True)
+class Route:
+    """Levels 1..`levels` run only on `instances`, with `variant` in batches of at most `max_batch_size` rows;
+    the other levels run on the remaining instances under the setpoint's own variant and batch limit."""
+
+    levels: int
+    instances: tuple[int, ...]
+    variant: str
+    max_batch_size: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,7 @@ class Setpoint:
     max_batch_size: int
     max_queue_delay_us: int
     admission_limits: tuple[tuple[int, int], ...] = ()  # (level, max queued at or above it); () admits all
+    route: Route | None = None  # None: every level shares every instance
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,7 @@ class ModelInfo:
     priority_levels: int
     variants: tuple[VariantInfo, ...]
     configured: Setpoint  # restored when the controller is turned off
+    pools: tuple[Pool, ...] = ()  # one per instance_group, as placed on this host
 
 
 class Reason(enum.Enum):
@@ -94,6 +117,7 @@ class Reason(enum.Enum):
     UP = "up"  # load fell: a more accurate variant holds the SLO with margin
     SHED = "shed"  # no variant holds the SLO: refusing, lowest priority first
     UNATTAINABLE = "unattainable"  # not even an unloaded batch meets the SLO; nothing to shed for
+    ROUTE = "route"  # priority 1 on instances of its own: the rest batches at its looser target on the others
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tidal.control.api import Decision, ModelInfo, Slo
 from tidal.control.latency import BatchLatency
-from tidal.control.plan import Load
+from tidal.control.plan import Line, Load
 from tidal.control.window import Ewma, LatencyWindow, RateMeter
 
 HISTORY = 32  # changed decisions kept per model for `tidal control status`
@@ -52,6 +52,7 @@ class ModelMemory:
     window: LatencyWindow = field(init=False)
     offered: RateMeter = field(init=False)
     latency: dict[str, BatchLatency] = field(init=False)
+    device_latency: dict[tuple[str, str], BatchLatency] = field(init=False)  # (variant, cpu|gpu): from profiles
     drift: Ewma = field(default_factory=lambda: Ewma(0.3))
     offsets: dict[str, Ewma] = field(default_factory=dict)  # per variant: measured p99 beyond the estimate
     ceilings: dict[str, tuple[float, float]] = field(default_factory=dict)  # variant -> (rows/ms it broke at, when)
@@ -71,6 +72,20 @@ class ModelMemory:
         self.window = LatencyWindow(self.tuning.window_s)
         self.offered = RateMeter(self.tuning.window_s)
         self.latency = {v.name: BatchLatency(v.batch_sizes, v.p50_ms) for v in self.info.variants}
+        self.device_latency = {
+            (v.name, device): BatchLatency(*profile)
+            for v in self.info.variants
+            for device, profile in v.device_profiles.items()
+        }
+
+    def line(self, variant: str, device: str, drift: float) -> Line | None:
+        """A variant's batch latency on `device`: the line learned online where every pool is the same kind of
+        device, else its profile there, scaled by the machine-wide drift; None when neither is known."""
+        if len({pool.device for pool in self.info.pools}) == 1:
+            latency = self.latency.get(variant)
+        else:
+            latency = self.device_latency.get((variant, device))
+        return Line(*latency.line(drift)) if latency is not None and latency.known() else None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from tidal.control.api import Decision, Mode, ModelInfo, Reason, Setpoint, Slo, 
 from tidal.control.explain import describe, why_down
 from tidal.control.memory import MAX_DRIFT, ModelMemory, Period, Tuning
 from tidal.control.plan import Line, Load, Plan, admission_limits, plan_variant, predict_p99
+from tidal.control.route import best_split
 from tidal.control.window import Ewma
 from tidal.errors import NotFound
 from tidal.types import Observation
@@ -99,8 +100,9 @@ class SloController:
         if decision.changed:
             model.engaged = decision.reason is not Reason.OFF
             model.history.append(decision)
-            if decision.setpoint.variant != active.variant or bool(decision.setpoint.admission_limits) != bool(
-                active.admission_limits
+            setpoint = decision.setpoint
+            if (setpoint.variant, bool(setpoint.admission_limits), setpoint.route) != (
+                active.variant, bool(active.admission_limits), active.route
             ):
                 # Requests that arrive while the backlog of the old setting drains wait for it: not the new one's doing.
                 self._restart_window(model, decision.at_s + model.drain_s)
@@ -242,6 +244,9 @@ class SloController:
             for v in candidates
             if model.latency[v].known()
         }
+        routed = self._route(model, at_s, active, plans, candidates, p, drift)
+        if routed is not None:
+            return routed
         if not any(plan.max_batch for plan in plans.values()):
             fastest = min(plans.values(), key=lambda plan: plan.batch_ms)
             setpoint = self._setpoint(model, fastest, active, p, loads[fastest.variant], shedding=False)
@@ -301,6 +306,46 @@ class SloController:
                 return plan, Reason.DOWN_PREDICTED, why_down(active.variant, current)
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, breach or "no variant holds the SLO at the offered load"
+
+    def _route(
+        self, model: ModelMemory, at_s: float, active: Setpoint, plans: dict[str, Plan], ranked: list[str], p: Period,
+        drift: float,
+    ) -> Decision | None:
+        """Priority 1 on a pool of its own (route.py) when that lets the rest run a more accurate variant than
+        sharing every instance, or run at all without shedding; sharing again once it has matched the split
+        for `up_hold_s`."""
+        t, info = self.tuning, model.info
+        if model.slo.mode is not Mode.FULL or len(info.pools) < 2:
+            return None
+        keep = active.route is not None
+        targets = {lv: model.slo.target_ms(lv) * t.latency_margin for lv in range(1, info.priority_levels + 1)}
+        split = best_split(
+            info.pools, ranked, lambda v, device: model.line(v, device, drift),
+            replace(p.load, offset_ms=self._offset(model, active.variant)), p.rates, targets,
+            max(info.max_batch_size, 1), t.leave_utilisation if keep else t.settle_utilisation,
+            info.configured.max_queue_delay_us / 1e3, t.max_delay_share,
+        )
+        if split is None:
+            return None
+        fits = t.up_utilisation if keep else t.settle_utilisation
+        shared = next((plan for plan in plans.values() if plan.fits(fits, p.load.target_ms)), None)
+        if shared is not None and ranked.index(shared.variant) <= ranked.index(split.bulk.variant):
+            if not keep or self._held(model, at_s):
+                return None
+        else:
+            model.fit_since = None
+        model.shedding, route = False, split.route
+        batch = split.bulk.max_batch if info.max_batch_size else 0
+        setpoint = Setpoint(split.bulk.variant, batch, round(split.bulk_delay_ms * 1e3), (), route)
+        was = active.route
+        if was is not None and (active.variant, was.instances, was.variant) == (setpoint.variant, route.instances,
+                                                                                route.variant):
+            setpoint = active  # the same split: small moves of its batch limits are not worth a change
+        detail = (f"priority 1 on instances {', '.join(map(str, route.instances))} with {route.variant} (batch <= "
+                  f"{route.max_batch_size}, predicted p99 {split.reserved.predicted_p99_ms:.1f} ms); the other "
+                  f"levels on the rest with {split.bulk.variant} (batch <= {split.bulk.max_batch})")
+        return self._decision(model, at_s, active, setpoint, Reason.ROUTE, detail, p, split.bulk.predicted_p99_ms,
+                              split.bulk)
 
     def _ceiled(self, model: ModelMemory, at_s: float, variant: str, plan: Plan, rate: float) -> Plan:
         """A variant left because its measured p99 broke the SLO at some load is not trusted above that load
