@@ -21,8 +21,8 @@ GRPC_STATUS: dict[Code, grpc.StatusCode] = {
 
 # The same codes as Triton's HTTP front end (HttpCodeFromError): invalid arguments, cancellations and
 # conflicts are 400, unsupported operations 501, a request that timed out in the queue is UNAVAILABLE there
-# (503). Overload (the edge gate, a full queue, a request over tidal's limits) is 429, with Retry-After where
-# the gate gave a pushback: the HTTP convention that clients and proxies back off on (Triton says 503 for a
+# (503). Overload (the edge gate, a full queue, a request over tidal's limits) is 429, with Retry-After on
+# every refusal for load: the HTTP convention that clients and proxies back off on (Triton says 503 for a
 # full queue; it has no edge gate).
 HTTP_STATUS: dict[Code, int] = {
     Code.INVALID_ARGUMENT: 400,
