@@ -1,7 +1,7 @@
 """The native TensorRT backend without a GPU: a fake `tensorrt` module (the calls tidal makes, recording
 them; its engine computes OUTPUT = 2 * INPUT through the device addresses it is given) over the fake CUDA
 runtime. Checks the strongly typed network, the one profile, the engine cache and its key, CUDA graphs per
-batch size, the refusals, and that close releases everything."""
+batch size, the refusals, that close releases everything, and `tidal optimize --backend tensorrt`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,19 @@ from gpu_fakes import FakeCudaRuntime
 from tidal.backends import cuda, hardware
 from tidal.backends.base import BackendOptions
 from tidal.backends.hardware import GpuInfo
+from tidal.cli import main
 from tidal.errors import ConfigError, InvalidArgument
+from tidal.optimize import engines
+from tidal.repository.config import backend_options
+from tidal.repository.pbtxt import parse_model_config
+from tidal.repository.variants import (
+    Hardware,
+    LatencyProfile,
+    Variant,
+    VariantManifest,
+    load_manifest,
+    save_manifest,
+)
 
 GPU = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559, "9.0", "GPU-aaaa")
 
@@ -263,3 +275,65 @@ def test_refusals_name_the_cause(fakes, tmp_path: Path, monkeypatch) -> None:
         trt_backend.load(_model(tmp_path, b"third"), _options(tmp_path, device_id=3))
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "8.6.1")
     assert trt_backend.gpu_unavailable() == "tensorrt 8.6.1 is older than 10"
+
+
+def _repository(tmp_path: Path) -> Path:
+    """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it."""
+    model_dir = tmp_path / "repo" / "mlp"
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        'name: "mlp"\nbackend: "onnxruntime"\nmax_batch_size: 32\ndynamic_batching { preferred_batch_size: [8] }\n'
+    )
+    hw = Hardware("cpu", 2, ("avx2",))
+    profile = LatencyProfile((1,), (0.1,), (0.2,), (1e4,), 1, 2, False, "2026-01-01T00:00:00+00:00", hw)
+    variants = {}
+    for kind, on in (("fp32", "cpu"), ("int8", "cpu"), ("int8-dynamic", "cpu"), ("fp16", "gpu")):
+        file = "model.onnx" if kind == "fp32" else f"model.{kind}.onnx"
+        (version_dir / file).write_bytes(f"onnx {kind}".encode())
+        backends = ("tensorrt",) if kind == "fp16" else ("onnxruntime",)
+        variants[kind] = Variant(kind, file, kind, backends, (on,), 10, 10, None, None, {"onnxruntime": profile})
+    save_manifest(version_dir, VariantManifest("mlp", "fp32", hw, variants))
+    return model_dir
+
+
+def test_optimize_builds_the_engines_a_load_then_finds(fakes, tmp_path: Path, monkeypatch) -> None:
+    trt_backend, rec, _ = fakes
+    model_dir = _repository(tmp_path)
+    version_dir = model_dir / "1"
+    manifest = engines.build_engines(model_dir, 1, lambda line: None)
+    assert len(rec.builds) == 3  # fp32, int8 (explicit Q/DQ), fp16; not int8-dynamic
+    assert all(b["profiles"] == [{"INPUT": [(1, 4), (8, 4), (32, 4)]}] for b in rec.builds)  # the config's
+    assert manifest.variants["int8"].backends == ("tensorrt", "onnxruntime")
+    assert manifest.variants["int8"].runnable_on == ("cpu", "gpu")
+    assert manifest.variants["int8-dynamic"].backends == ("onnxruntime",)
+    assert load_manifest(version_dir) == manifest
+    # A load keyed from the same config finds the engine ahead of time: nothing is built again.
+    options = replace(backend_options(parse_model_config(model_dir / "config.pbtxt").config), device="gpu",
+                      cache_dirs=(version_dir / "engines", tmp_path / "cache"))
+    trt_backend.load(version_dir / "model.int8.onnx", options).close()
+    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()
+    engines.build_engines(model_dir, 1, lambda line: None)
+    assert len(rec.builds) == 3  # already built
+    # Another kind of GPU is another engine.
+    monkeypatch.setattr(hardware, "gpus", lambda: (replace(GPU, name="NVIDIA L4", compute_capability="8.9"),))
+    engines.build_engines(model_dir, 1, lambda line: None)
+    assert len(rec.builds) == 6 and len(list((version_dir / "engines").iterdir())) == 6
+
+
+def test_optimize_refuses_early_without_tensorrt_or_a_gpu(fakes, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(hardware, "gpus", lambda: ())
+    with pytest.raises(ConfigError, match="--backend tensorrt: no GPU is visible to this process"):
+        engines.check_available()
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda: "no CUDA driver (libcuda.so.1 not found)")
+    with pytest.raises(ConfigError, match="--backend tensorrt: no CUDA driver"):
+        engines.check_available()
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.delitem(sys.modules, "tidal.backends.tensorrt")
+    with pytest.raises(ConfigError, match=r"needs TensorRT 10 or later.*pip install 'tidal\[gpu\]'"):
+        engines.check_available()
+    # Through the CLI: refused before any variant is built (the model file does not even exist).
+    argv = ["optimize", str(tmp_path / "absent.onnx"), "--repository", str(tmp_path / "r"), "--name", "m",
+            "--calibration", str(tmp_path / "absent.npz"), "--backend", "tensorrt"]
+    assert main(argv) == 2
+    assert "needs TensorRT 10 or later" in capsys.readouterr().err and not (tmp_path / "r").exists()

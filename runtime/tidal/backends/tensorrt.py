@@ -115,26 +115,39 @@ def build_engine(model: bytes, path: Path, key: EngineKey, workspace_bytes: int 
     return bytes(serialized)
 
 
+def find_engine(key: EngineKey, directories: Sequence[Path]) -> Path | None:
+    """The first of `directories` holding the engine for `key`."""
+    return next((d / key.filename() for d in directories if (d / key.filename()).is_file()), None)
+
+
+def save_engine(engine: bytes, key: EngineKey, directory: Path) -> Path:
+    """Written atomically: a server loading from the same folder never reads half an engine."""
+    target = directory / key.filename()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(engine)
+    os.replace(tmp, target)
+    return target
+
+
+def workspace_bytes(options: BackendOptions) -> int:
+    return int(options.parameters.get("max_workspace_size_bytes", "0"))
+
+
 def cached_engine(path: Path, options: BackendOptions) -> bytes:
     """The engine for `path` on this GPU: from the first cache directory holding it, else built and saved."""
     model = path.read_bytes()
     key = engine_key(model, options)
-    for directory in options.cache_dirs:
-        candidate = directory / key.filename()
-        if candidate.is_file():
-            log.info("%s: TensorRT engine %s", path, candidate)
-            return candidate.read_bytes()
+    found = find_engine(key, options.cache_dirs)
+    if found is not None:
+        log.info("%s: TensorRT engine %s", path, found)
+        return found.read_bytes()
     log.warning("%s: no TensorRT engine for %s (sm %s, TensorRT %s) in %s; building one now, which can take "
-                "minutes (a copy of the saved engine in the version's engines/ folder skips this)", path, key.gpu_name,
+                "minutes (`tidal optimize --backend tensorrt` builds them ahead of time)", path, key.gpu_name,
                 key.compute_capability, key.trt_version, ", ".join(map(str, options.cache_dirs)) or "no cache")
-    engine = build_engine(model, path, key, int(options.parameters.get("max_workspace_size_bytes", "0")))
+    engine = build_engine(model, path, key, workspace_bytes(options))
     if options.cache_dirs:
-        target = options.cache_dirs[-1] / key.filename()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(engine)
-        os.replace(tmp, target)
-        log.info("%s: TensorRT engine saved to %s", path, target)
+        log.info("%s: TensorRT engine saved to %s", path, save_engine(engine, key, options.cache_dirs[-1]))
     return engine
 
 
@@ -270,4 +283,5 @@ def load(path: Path, options: BackendOptions) -> TensorRTBackend:
     return TensorRTBackend(path, options, rt, cached_engine(path, options))
 
 
-__all__ = ["EngineKey", "TensorRTBackend", "build_engine", "cached_engine", "engine_key", "gpu_unavailable", "load"]
+__all__ = ["EngineKey", "TensorRTBackend", "build_engine", "cached_engine", "engine_key", "find_engine",
+           "gpu_unavailable", "load", "save_engine", "workspace_bytes"]

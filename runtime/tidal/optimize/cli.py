@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tidal.errors import TidalError
+from tidal.optimize import engines
 from tidal.optimize.build import KINDS, BuildSettings
 from tidal.optimize.pipeline import OptimizeOptions, optimize, profile_repository
 from tidal.optimize.report import format_table
@@ -59,6 +60,8 @@ def add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-rows", type=int, default=2048, help="rows of --calibration to use at most")
     p.add_argument("--min-accuracy", type=float, default=0.0, help="leave out variants below this (0..1)")
     p.add_argument("--max-batch-size", type=int, help="largest batch profiled and served (default: config's, or 64)")
+    p.add_argument("--backend", choices=["tensorrt"], help="also build this GPU backend's engines ahead of time, "
+                   "for each kind of GPU here, into VERSION/engines/ (needs TensorRT 10+ and a GPU)")
     _add_profile_flags(p)
     p.set_defaults(func=_optimize)
 
@@ -86,7 +89,16 @@ def _optimize(args: argparse.Namespace) -> int:
         profile_seconds=args.profile_seconds,
         progress=args.progress,
     )
-    return _print_table(lambda: optimize(options, _log))
+
+    def build() -> VariantManifest:
+        if args.backend == "tensorrt":
+            engines.check_available()  # before minutes of building variants, not after
+        manifest = optimize(options, _log)
+        if args.backend == "tensorrt":
+            manifest = engines.build_engines(args.repository / args.name, args.version, _log)
+        return manifest
+
+    return _print_table(build)
 
 
 def _print_table(build: Callable[[], VariantManifest]) -> int:

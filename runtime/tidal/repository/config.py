@@ -265,7 +265,8 @@ def _scheduling(config: mc.ModelConfig) -> tuple[SchedulerConfig, Knobs]:
     return scheduler, knobs
 
 
-def _backend_options(config: mc.ModelConfig) -> BackendOptions:
+def backend_options(config: mc.ModelConfig) -> BackendOptions:
+    """Public because `tidal optimize --backend tensorrt` keys the engines it builds ahead with the same options."""
     params = {key: value.string_value for key, value in config.parameters.items()}
 
     def int_param(key: str) -> int:
@@ -346,7 +347,7 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         scheduler=scheduler,
         knobs=knobs,
         instance_count=knobs.instance_count,
-        backend_options=_backend_options(config),
+        backend_options=backend_options(config),
         default_model_filename=config.default_model_filename or "model.onnx",
         **_controller(config, scheduler.priority_levels),
         variants=tuple(config.variants),
