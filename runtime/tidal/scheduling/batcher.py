@@ -63,9 +63,11 @@ class Wait:
     until_s: float  # re-ask at this time (or earlier, on any arrival)
 
 
-def form_batch(queue: RequestQueue, limits: BatchLimits, now: float) -> Dispatch | Wait | None:
-    """The next batch to run now, when to ask again, or None for an empty queue."""
-    order = queue.in_order()
+def form_batch(
+    queue: RequestQueue, limits: BatchLimits, now: float, levels: range | None = None
+) -> Dispatch | Wait | None:
+    """The next batch (of `levels` only, when given) to run now, when to ask again, or None for an empty queue."""
+    order = queue.in_order(levels)
     head = next(order, None)
     if head is None:
         return None

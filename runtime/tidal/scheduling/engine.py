@@ -19,6 +19,7 @@ import enum
 import functools
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from tidal.backends.base import Backend
@@ -32,7 +33,7 @@ from tidal.errors import (
     TidalError,
     Unavailable,
 )
-from tidal.scheduling.batcher import BatchLimits, Dispatch, Wait, form_batch
+from tidal.scheduling.batcher import BatchLimits, Wait, form_batch
 from tidal.scheduling.execute import BatchOutcome, run_batch
 from tidal.scheduling.inline import InlinePolicy
 from tidal.scheduling.knobs import Knobs
@@ -52,13 +53,21 @@ class _State(enum.Enum):
     STOPPED = 4
 
 
+class _Lane(NamedTuple):
+    """Instances serving some priority levels with one variant (every level, without a route)."""
+
+    levels: range | None  # None: every level
+    instances: tuple[int, ...]
+    variant: str
+    backends: Sequence[Backend]
+    limits: BatchLimits
+
+
 class _Active(NamedTuple):
     """Everything derived from one Knobs object; replaced as a whole."""
 
     knobs: Knobs
-    limits: BatchLimits
-    variant: str
-    backends: Sequence[Backend]
+    lanes: tuple[_Lane, ...]
 
 
 class ModelScheduler:
@@ -220,32 +229,39 @@ class ModelScheduler:
             raise InvalidArgument(
                 f"max_batch_size {knobs.max_batch_size} exceeds the model's limit {self._config.max_batch_size}"
             )
-        return _Active(knobs, BatchLimits.of(self._config, knobs), variant, backends)
+        everyone = tuple(range(knobs.instance_count))
+        lane = _Lane(None, everyone, variant, backends, BatchLimits.of(self._config, knobs))
+        route = knobs.route
+        if route is None:
+            return _Active(knobs, (lane,))
+        rest = tuple(i for i in everyone if i not in route.instances)
+        levels = self._config.priority_levels
+        problem = ""
+        if not 1 <= route.levels < levels:
+            problem = f"it has {levels} priority level(s)"
+        elif not rest or not route.instances or not set(route.instances) < set(everyone):
+            problem = f"instances {route.instances} are not a part of 0..{knobs.instance_count - 1}"
+        elif route.variant not in self._runners:
+            problem = f"no variant '{route.variant}' is loaded"
+        elif self._config.batching and route.max_batch_size > self._config.max_batch_size:
+            problem = f"max_batch_size {route.max_batch_size} exceeds its limit {self._config.max_batch_size}"
+        if problem:
+            raise InvalidArgument(f"model '{self._name}' cannot route levels 1..{route.levels}: {problem}")
+        top = _Lane(range(1, route.levels + 1), route.instances, route.variant, self._runners[route.variant],
+                    BatchLimits.of(self._config, replace(knobs, max_batch_size=route.max_batch_size)))
+        return _Active(knobs, (top, lane._replace(levels=range(route.levels + 1, levels + 1), instances=rest)))
 
     def _schedule(self) -> None:
-        """Expire, then fill every free instance the batcher allows, then arm the timer."""
+        """Expire, then fill every free instance the batcher allows, lane by lane, then arm the timer."""
         if self._state is _State.STOPPED:
             return
         now = self._expire()
-        queue = self._queue
-        active = self._active
-        limits = active.limits if self._state is _State.RUNNING else active.limits.without_window()
         wake_s = None
-        while len(queue):
-            index = self._free_instance(active)
-            if index is None:
-                break
-            # Nothing executing: waiting could only add latency, since no running batch will free an
-            # instance sooner. The window applies only while another batch is running.
-            decision = form_batch(queue, limits if self._running else limits.without_window(), now)
-            if isinstance(decision, Wait):
-                wake_s = decision.until_s
-                break
-            assert isinstance(decision, Dispatch)
-            queue.take(decision.entries)
-            if self._launch(index, active, decision.entries, now):
-                now = self._expire()  # time passed while it ran
-        event_s = queue.next_event_s()
+        for lane in self._active.lanes:
+            now, until_s = self._fill(lane, now)
+            if until_s is not None and (wake_s is None or until_s < wake_s):
+                wake_s = until_s
+        event_s = self._queue.next_event_s()
         if event_s is not None and (wake_s is None or event_s < wake_s):
             wake_s = event_s
         if wake_s is not None and (self._timer_at is None or wake_s < self._timer_at):
@@ -253,30 +269,43 @@ class ModelScheduler:
             self._timer.arm(wake_s)
         self._check_idle()
 
+    def _fill(self, lane: _Lane, now: float) -> tuple[float, float | None]:
+        """Start batches of the lane's levels on its free instances; (now, when the batcher asks to look again)."""
+        limits = lane.limits if self._state is _State.RUNNING else lane.limits.without_window()
+        while True:
+            index = next((i for i in lane.instances if not self._busy[i]), None)
+            if index is None:
+                return now, None
+            # Nothing executing: waiting could only add latency, since no running batch will free an
+            # instance sooner. The window applies only while another batch is running.
+            running = any(self._busy[i] for i in lane.instances)
+            decision = form_batch(self._queue, limits if running else limits.without_window(), now, lane.levels)
+            if decision is None:
+                return now, None
+            if isinstance(decision, Wait):
+                return now, decision.until_s
+            self._queue.take(decision.entries)
+            if self._launch(index, lane, decision.entries, now):
+                now = self._expire()  # time passed while it ran
+
     def _expire(self) -> float:
         now = self._clock.now()
         for entry in self._queue.expire(now):
             self._fail(entry, _expired(entry, now), "REJECTED", now)
         return now
 
-    def _free_instance(self, active: _Active) -> int | None:
-        for index in range(active.knobs.instance_count):
-            if not self._busy[index]:
-                return index
-        return None
-
-    def _launch(self, index: int, active: _Active, entries: list[Entry], now: float) -> bool:
+    def _launch(self, index: int, lane: _Lane, entries: list[Entry], now: float) -> bool:
         """Start a batch on instance `index`; True if it already ran, inline."""
         self._busy[index] = True
         self._running += len(entries)
         job = functools.partial(
-            run_batch, active.backends[index], entries, self._declared, self._batched, self._clock,
-            active.variant in self._coupled,
+            run_batch, lane.backends[index], entries, self._declared, self._batched, self._clock,
+            lane.variant in self._coupled,
         )
         if self._inline is not None and self._inline.inline(sum(entry.rows for entry in entries)):
-            self._complete(index, entries, active.variant, now, job())
+            self._complete(index, entries, lane.variant, now, job())
             return True
-        done = functools.partial(self._finish, index, entries, active.variant, now)
+        done = functools.partial(self._finish, index, entries, lane.variant, now)
         self._workers.submit(index, job, done)
         return False
 

@@ -14,6 +14,17 @@ from tidal.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
+class LevelRoute:
+    """Levels 1..`levels` run only on the instances `instances`, with `variant`, in batches of at most
+    `max_batch_size` rows; every other level runs on the remaining instances under the knobs' own variant."""
+
+    levels: int
+    instances: tuple[int, ...]
+    variant: str
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
 class Knobs:
     """Every field may change live.
 
@@ -35,6 +46,7 @@ class Knobs:
     instance_count: int = 1  # backend instances that may run at once (<= instances loaded)
     active_variant: str = ""  # key into the engine's runners; "" = the first (default) one
     admission_limits: tuple[tuple[int, int], ...] = ()  # (priority level, max queued at or above it)
+    route: LevelRoute | None = None  # None: every level shares every instance
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:

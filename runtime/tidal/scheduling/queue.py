@@ -205,9 +205,10 @@ class RequestQueue:
             heapq.heappop(events)
         return events[0][0] if events else None
 
-    def in_order(self) -> Iterator[Entry]:
-        """Queued entries in service order; do not change the queue while iterating."""
-        for lane in self._lanes:
+    def in_order(self, levels: range | None = None) -> Iterator[Entry]:
+        """Queued entries (of `levels` only, when given) in service order; do not change the queue while iterating."""
+        lanes = self._lanes if levels is None else self._lanes[2 * (levels.start - 1) : 2 * (levels.stop - 1)]
+        for lane in lanes:
             if lane:
                 yield from lane.values()
 

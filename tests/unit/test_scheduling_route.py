@@ -1,0 +1,61 @@
+"""A priority level routed to instances of its own (Knobs.route): the placement the controller chooses,
+carried out by the real ModelScheduler over numpy backends, with gates instead of sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import pytest
+from test_scheduling_engine import sched, serving
+
+from tidal.errors import InvalidArgument
+from tidal.scheduling import Knobs, SchedulerConfig
+from tidal.scheduling.knobs import LevelRoute
+
+TWO_LEVELS = SchedulerConfig(batching=True, max_batch_size=4, priority_levels=2, default_priority_level=2)
+ROUTED = Knobs(4, 0, instance_count=2, active_variant="bulk", route=LevelRoute(1, (1,), "fast", 1))
+
+
+def test_priority_1_runs_on_its_own_instance_and_variant_while_the_bulk_waits_for_the_others(
+    run_async, row_backend, make_request
+):
+    gate = threading.Event()
+    bulk = [row_backend(gate), row_backend()]
+    fast = [row_backend(), row_backend()]
+
+    async def main():
+        scheduler = sched({"bulk": bulk, "fast": fast}, TWO_LEVELS, ROUTED)
+        async with serving(scheduler, gate) as s:
+            held = asyncio.create_task(s.infer(make_request(priority=2, value=1.0)))
+            await asyncio.to_thread(bulk[0].started.acquire)  # instance 0 is busy with the bulk
+            waiting = [asyncio.create_task(s.infer(make_request(priority=2, value=2.0))) for _ in range(3)]
+            urgent = await asyncio.gather(*(s.infer(make_request(priority=1, value=3.0)) for _ in range(3)))
+            assert {r.parameters["tidal_variant"] for r in urgent} == {"fast"}
+            assert fast[1].batches == [1, 1, 1]  # the route's own batch limit
+            assert not any(w.done() for w in waiting)  # instance 1 is not the bulk's, even while idle
+            gate.set()
+            rest = await asyncio.gather(held, *waiting)
+        assert {r.parameters["tidal_variant"] for r in rest} == {"bulk"}
+        assert bulk[0].batches == [1, 3] and not bulk[1].runs and not fast[0].runs
+
+    run_async(main())
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (LevelRoute(2, (1,), "fast", 1), "it has 2 priority level"),
+        (LevelRoute(1, (0, 1), "fast", 1), r"instances \(0, 1\) are not a part of 0..1"),
+        (LevelRoute(1, (2,), "fast", 1), r"instances \(2,\) are not a part"),
+        (LevelRoute(1, (1,), "nope", 1), "no variant 'nope' is loaded"),
+        (LevelRoute(1, (1,), "fast", 8), "max_batch_size 8 exceeds its limit 4"),
+    ],
+)
+def test_a_route_the_model_cannot_take_is_refused_and_changes_nothing(row_backend, route, message):
+    runners = {"bulk": [row_backend(), row_backend()], "fast": [row_backend(), row_backend()]}
+    scheduler = sched(runners, TWO_LEVELS, ROUTED)
+    with pytest.raises(InvalidArgument, match=f"cannot route levels 1..{route.levels}: {message}"):
+        scheduler.apply(replace(ROUTED, route=route))
+    assert scheduler.knobs == ROUTED
