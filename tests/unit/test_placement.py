@@ -20,8 +20,10 @@ from tidal.backends import onnxruntime as ort_backend
 from tidal.backends.base import BackendOptions
 from tidal.backends.hardware import GpuInfo, discover_gpus, visible
 from tidal.backends.placement import CPU, Device, InstanceGroup, PlacementError, place
+from tidal.control.api import Pool, Route
 from tidal.errors import ConfigError, Unavailable
 from tidal.repository.manager import ModelManager
+from tidal.types import InferRequest
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559, "9.0", "GPU-aaaa")
 L4 = GpuInfo(1, "NVIDIA L4", 23034, "8.9", "GPU-bbbb")
@@ -70,6 +72,8 @@ def test_a_listed_gpu_this_host_lacks_is_refused() -> None:
 def test_mixed_groups_keep_instance_order_and_the_limit() -> None:
     placed = place([InstanceGroup("cpu", 1), InstanceGroup("gpu", 1, (0,))], [H100], None, 256)
     assert placed.devices == _devices("cpu", "gpu:0") and placed.kinds == {"cpu", "gpu"}
+    two = place([InstanceGroup("gpu", 2), InstanceGroup("cpu", 1)], [H100, L4], None, 256)
+    assert two.pools() == [("gpu", (0, 1, 2, 3)), ("cpu", (4,))]  # one pool per group, across its GPUs
     with pytest.raises(PlacementError, match="5 instances on this host, at most 4"):
         place([InstanceGroup("gpu", 5)], [H100], None, 4)
 
@@ -184,6 +188,30 @@ def test_instances_land_on_the_configured_gpus(gpu_host: list[BackendOptions], t
         asyncio.run(scenario())
     assert [(o.device, o.device_id, o.instance_index) for o in gpu_host] == [("gpu", 1, 0), ("gpu", 1, 1)]
     assert any("instances 1 x cpu, 2 x gpu:1" in r.getMessage() for r in caplog.records)
+
+
+def test_the_controller_sees_each_group_as_a_pool_and_may_route_priority_1_to_one(
+    gpu_host: list[BackendOptions], tmp_path: Path
+) -> None:
+    groups = "instance_group [ { kind: KIND_GPU count: 2 gpus: [ 1 ] }, { kind: KIND_CPU } ]"
+    models.add_sub(tmp_path / "m" / "1" / "model.onnx", width=4)
+    models.write_config(tmp_path / "m", "max_batch_size: 8 dynamic_batching { priority_levels: 2 "
+                        f"default_priority_level: 2 }} {groups}")
+
+    async def scenario() -> None:
+        manager = await _load(tmp_path)
+        served = manager.get("m")
+        info = served.model_info("m:1")
+        assert info.pools == (Pool("gpu", (0, 1)), Pool("cpu", (2,))) and info.priority_levels == 2
+        route = Route(1, (2,), "", 1)
+        served.apply_setpoint(replace(served.setpoint(), route=route))
+        assert served.setpoint().route == route and served.knobs.route.instances == (2,)
+        x = np.ones((1, 4), np.float32)
+        request = InferRequest("m", "1", {"INPUT0": x, "INPUT1": x}, (), "", 1, None, 0.0, None)
+        assert (await served.infer(request)).outputs["OUTPUT0"].tolist() == [[2.0] * 4]
+        await manager.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_gpu_model_on_a_host_without_gpus_is_unavailable(monkeypatch, tmp_path: Path) -> None:

@@ -48,6 +48,14 @@ CPU = Device("cpu")
 class Placement:
     devices: tuple[Device, ...]  # one per instance, in instance order
     reason: str
+    groups: tuple[int, ...] = ()  # the instance_group each instance came from, in instance order
+
+    def pools(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(device kind, instance indices) per instance_group: what the controller may route a level to."""
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(self.groups):
+            members.setdefault(group, []).append(index)
+        return [(self.devices[m[0]].kind, tuple(m)) for _, m in sorted(members.items())]
 
     @property
     def kinds(self) -> frozenset[str]:
@@ -91,6 +99,7 @@ def place(
         gpu_blocker = "no GPU on this host"
     devices: list[Device] = []
     reasons: list[str] = []
+    members: list[int] = []
     for i, group in enumerate(groups or (InstanceGroup(),)):
         where = f"instance_group[{i}] (KIND_{group.kind.upper()})" if groups else "no instance_group (KIND_AUTO)"
         if group.kind == "cpu":
@@ -105,9 +114,10 @@ def place(
         else:
             devices += [CPU] * group.count
             reasons.append(f"{where}: {group.count} on the CPU, no GPU for it ({gpu_blocker})")
+        members += [i] * (len(devices) - len(members))
     if len(devices) > max_instances:
         raise PlacementError(f"instance_group: {len(devices)} instances on this host, at most {max_instances}")
-    return Placement(tuple(devices), "; ".join(reasons))
+    return Placement(tuple(devices), "; ".join(reasons), tuple(members))
 
 
 __all__ = ["CPU", "KINDS", "Device", "InstanceGroup", "Placement", "PlacementError", "place"]

@@ -132,6 +132,7 @@ class _Built:
     manifest: VariantManifest | None
     predictable: bool  # every variant's run time follows its batch size (see scheduling/inline.py)
     coupled: frozenset[str]  # variants whose rows share statistics across the batch (see config.couples_rows)
+    placement: Placement
 
 
 def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Built:
@@ -167,7 +168,7 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
             default_file, default_order, options, placement
         )
         coupled = frozenset({DEFAULT_VARIANT} if couples_rows(graph) else ())
-        return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}), coupled)
+        return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}), coupled, placement)
     errors = []
     for variant in chosen:
         if not placement.kinds <= set(variant.runnable_on):
@@ -187,7 +188,7 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     files = {name: version_dir / manifest.variants[name].file for name in runners}
     graphs = {f: graph if f == default_file else _graph_or_none(f) for f in files.values()}
     coupled = frozenset(name for name, f in files.items() if (g := graphs[f]) is not None and couples_rows(g))
-    return _Built(spec, runners, engines, manifest, _predictable(spec, graphs), coupled)
+    return _Built(spec, runners, engines, manifest, _predictable(spec, graphs), coupled, placement)
 
 
 def _serving_order(model: str, version: int, variant: Variant) -> tuple[str, ...]:
@@ -317,7 +318,9 @@ class ModelManager:
                     f"{name}:{version}", b.spec.scheduler, b.spec.knobs, b.runners, outputs, self.clock, b.predictable,
                     b.coupled,
                 )
-                new[version] = ServedVersion(name, version, b.spec, b.runners, scheduler, b.engines, b.manifest)
+                new[version] = ServedVersion(
+                    name, version, b.spec, b.runners, scheduler, b.engines, b.manifest, b.placement
+                )
                 await scheduler.start()
         except BaseException:
             for served in new.values():

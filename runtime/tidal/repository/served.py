@@ -11,13 +11,14 @@ import functools
 from dataclasses import dataclass, field, replace
 
 from tidal.backends.base import Backend
-from tidal.control.api import ModelInfo, Setpoint, Slo, VariantInfo
+from tidal.backends.placement import Placement
+from tidal.control.api import ModelInfo, Pool, Route, Setpoint, Slo, VariantInfo
 from tidal.proto import model_config_pb2 as mc
 from tidal.repository.config import ModelSpec
 from tidal.repository.validation import Signature
-from tidal.repository.variants import VariantManifest
+from tidal.repository.variants import Variant, VariantManifest, split_profile_key
 from tidal.scheduling.engine import ModelScheduler
-from tidal.scheduling.knobs import Knobs
+from tidal.scheduling.knobs import Knobs, LevelRoute
 from tidal.scheduling.stats import ModelStats
 from tidal.types import InferRequest, InferResponse, Observation, TensorSpec
 
@@ -29,7 +30,19 @@ def close_runners(runners: dict[str, list[Backend]]) -> None:
 
 
 def _setpoint(knobs: Knobs) -> Setpoint:
-    return Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits)
+    r = knobs.route
+    route = None if r is None else Route(r.levels, r.instances, r.variant, r.max_batch_size)
+    return Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits, route)
+
+
+def _device_profiles(entry: Variant) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
+    """cpu | gpu -> the profile measured there, of the backend the variant prefers among those profiled."""
+    found: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+    rank = {name: i for i, name in enumerate(entry.backends)}
+    for key in sorted(entry.profiles, key=lambda k: rank.get(split_profile_key(k)[0], len(rank))):
+        profile = entry.profiles[key]
+        found.setdefault(split_profile_key(key)[1], (profile.batch_sizes, profile.p50_ms))
+    return found
 
 
 @dataclass
@@ -43,6 +56,7 @@ class ServedVersion:
     scheduler: ModelScheduler
     engines: dict[str, str] = field(default_factory=dict)  # variant -> the backend that loaded it
     manifest: VariantManifest | None = None  # accuracies and latency profiles, when the model has variants
+    placement: Placement | None = None  # where each instance runs, and from which instance_group
 
     @functools.cached_property
     def output_specs(self) -> dict[str, TensorSpec]:
@@ -117,6 +131,8 @@ class ServedVersion:
             max_batch_size=setpoint.max_batch_size,
             max_queue_delay_us=setpoint.max_queue_delay_us,
             admission_limits=setpoint.admission_limits,
+            route=None if (r := setpoint.route) is None else LevelRoute(r.levels, r.instances, r.variant,
+                                                                        r.max_batch_size),
         ))
 
     def observe(self) -> Observation:
@@ -151,9 +167,11 @@ class ServedVersion:
                 1.0 if accuracy is None else accuracy.top1_agreement,
                 profile.batch_sizes if profile else (),
                 profile.p50_ms if profile else (),
+                _device_profiles(entry),
             ))
+        pools = tuple(Pool(device, members) for device, members in self.placement.pools()) if self.placement else ()
         return ModelInfo(key, self.spec.max_batch_size, self.instances, self.priority_levels, tuple(variants),
-                         _setpoint(self.spec.knobs))
+                         _setpoint(self.spec.knobs), pools)
 
     @functools.cached_property
     def signature(self) -> Signature:
