@@ -4,11 +4,19 @@ fuzz tests and by the atheris targets of `make fuzz`."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from hypothesis import strategies as st
 
-from tidal.errors import Code
+from onnx_models import SIMPLE_CONFIG
+from tidal.dataplane import check_classification
+from tidal.errors import Code, ConfigError, TidalError
 from tidal.proto import grpc_service_pb2 as pb
+from tidal.repository.config import build_spec
+from tidal.repository.pbtxt import parse_model_config_text
+from tidal.repository.validation import Signature
+from tidal.transport import convert
 
 # The statuses bad input may get; anything else (INTERNAL, UNKNOWN, an exception) is a bug.
 INPUT_ERRORS = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE})
@@ -33,6 +41,27 @@ def valid_request(rows: int, typed: bool) -> pb.ModelInferRequest:
         else:
             msg.raw_input_contents.append(data.tobytes())
     return msg
+
+
+@cache
+def _simple() -> tuple[Signature, dict]:
+    spec = build_spec(parse_model_config_text(SIMPLE_CONFIG, "simple/config.pbtxt").config)
+    return Signature(spec), {s.name: s for s in spec.outputs}
+
+
+def decode_like_the_servicer(msg: pb.ModelInferRequest) -> None:
+    """Decodes and validates `msg` for the "simple" model as the servicer does. The only outcomes allowed: a
+    valid request, or a designed status whose message fits a gRPC status header whatever the request repeated.
+    Anything else fails an assertion or escapes: the fuzzers' sign of a bug."""
+    signature, outputs = _simple()
+    try:
+        request = convert.decode_request(msg, 0.0, 1.0, signature)
+        signature.check(request)
+        for name in convert.class_counts(msg):
+            check_classification(name, outputs.get(name))
+    except TidalError as exc:
+        assert exc.code in INPUT_ERRORS, f"{exc.code}: {exc}"
+        assert len(str(exc)) < 2048, f"a message of {len(str(exc))} characters"
 
 
 @st.composite
@@ -162,3 +191,19 @@ def mutated_configs(draw: st.DrawFn) -> str:
             end = min(len(text), pos + draw(st.integers(1, 40)))
             text = text[:end] + text[pos:end] + text[end:]
     return text
+
+
+def parse_like_the_repository(text: str) -> None:
+    """Parses a config.pbtxt text and checks its settings as the repository does. The only outcomes allowed: a
+    valid spec, a short ConfigError naming the file, or INVALID_ARGUMENT from the settings' own checks (the
+    manager adds the file's name to these). Anything else fails an assertion or escapes."""
+    path = "repo/m/config.pbtxt"
+    try:
+        config = parse_model_config_text(text, path).config
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{path}: ") and len(str(exc)) < 1024, str(exc)[:200]
+        return
+    try:
+        build_spec(config)
+    except TidalError as exc:
+        assert exc.code is Code.INVALID_ARGUMENT, f"{exc.code}: {exc}"
