@@ -45,10 +45,11 @@ def run(hide: str, command: list[str]) -> int:
         return CANNOT
     with tempfile.TemporaryDirectory(prefix="isa_mask-") as tmp:
         lib = Path(tmp) / "isa_mask.so"
+        plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TIDAL_HIDE_ISA")}  # nested runs
         built = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(SOURCE), "-ldl"],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=plain)
         if built.returncode != 0:
-            print(f"isa_mask: cannot build {SOURCE.name}:\n{built.stderr}", file=sys.stderr)
+            print(f"isa_mask: cannot build {SOURCE.name} (cc: {built.returncode}):\n{built.stderr}", file=sys.stderr)
             return CANNOT
         env = os.environ | {"LD_PRELOAD": str(lib), "TIDAL_HIDE_ISA": hide}
         env.pop("PYTHONFAULTHANDLER", None)  # its SIGSEGV handler would replace the mask's
