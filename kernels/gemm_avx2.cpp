@@ -34,10 +34,43 @@ inline void store_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.c + r * kTileCols + h * 8), acc[r][h]);
 }
 
+// The row steps are inline asm so that every accumulator stays in its own register. Written as intrinsics,
+// GCC 12 copied each accumulator through a temporary every K group and spilled several to the stack (the
+// 8-bit path's 12): 10-30% slower on the 8-bit path, a few percent on the 7-bit one (measured on an emulated
+// AVX2-only host, perf/RESULTS.md). 6 rows for the 7-bit path became possible once the products stopped
+// needing a register each.
+
+// u8 x s8 pairs -> int16 (vpmaddubsw) -> int32 (vpmaddwd with ones), added into a0 (w[0..31]) and a1
+// (w[32..63]). The weights are memory operands: L1 feeds them, and the registers go to accumulators.
+inline void step_bytes(__m256i& a0, __m256i& a1, const uint8_t* x, const int8_t* w, __m256i ones) {
+    __m256i b, t;
+    __asm__("vpbroadcastd %[x], %[b]\n\t"
+            "vpmaddubsw %[w0], %[b], %[t]\n\t"
+            "vpmaddwd %[ones], %[t], %[t]\n\t"
+            "vpaddd %[t], %[a0], %[a0]\n\t"
+            "vpmaddubsw %[w1], %[b], %[t]\n\t"
+            "vpmaddwd %[ones], %[t], %[t]\n\t"
+            "vpaddd %[t], %[a1], %[a1]"
+            : [a0] "+x"(a0), [a1] "+x"(a1), [b] "=&x"(b), [t] "=&x"(t)
+            : [x] "m"(*reinterpret_cast<const int32_t*>(x)), [w0] "m"(*reinterpret_cast<const __m256i*>(w)),
+              [w1] "m"(*reinterpret_cast<const __m256i*>(w + 32)), [ones] "x"(ones));
+}
+
+// int16 pairs x int16 pairs -> int32 (vpmaddwd), added into a0 (w0) and a1 (w1).
+inline void step_words(__m256i& a0, __m256i& a1, const uint8_t* x, __m256i w0, __m256i w1) {
+    __m256i b, t;
+    __asm__("vpbroadcastd %[x], %[b]\n\t"
+            "vpmaddwd %[w0], %[b], %[t]\n\t"
+            "vpaddd %[t], %[a0], %[a0]\n\t"
+            "vpmaddwd %[w1], %[b], %[t]\n\t"
+            "vpaddd %[t], %[a1], %[a1]"
+            : [a0] "+x"(a0), [a1] "+x"(a1), [b] "=&x"(b), [t] "=&x"(t)
+            : [x] "m"(*reinterpret_cast<const int32_t*>(x)), [w0] "x"(w0), [w1] "x"(w1));
+}
+
 struct Avx2Bytes {
-    // 4 rows x 2 ymm = 8 accumulators + 2 weight vectors, the broadcast and products; 6 rows measured
-    // slower (register pressure: the products need temporaries).
-    static constexpr int kMR = 4, kNV = 1;
+    // 6 rows x 2 ymm = 12 accumulators + ones, the broadcast and the product: 15 of 16 registers.
+    static constexpr int kMR = 6, kNV = 1;
 
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
@@ -48,20 +81,16 @@ struct Avx2Bytes {
         const int8_t* b = k.b;
         const uint8_t* a = k.a;
         for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 4) {
-            const __m256i w0 = load(b), w1 = load(b + 32);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r) {
-                const __m256i x = _mm256_set1_epi32(load_i32(a + r * k.lda));
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
-            }
+            for (int r = 0; r < MR; ++r) step_bytes(acc[r][0], acc[r][1], a + r * k.lda, b, ones);
         }
         store_acc<MR>(k, acc);
     }
 };
 
 struct Avx2Widened {
-    // 6 rows x 2 ymm = 12 accumulators; the weights are read as memory operands of vpmaddwd.
+    // 6 rows x 2 ymm = 12 accumulators; each K group in two halves (K pairs 0-1, then 2-3), so only two
+    // weight vectors are live beside the broadcast and the product: 16 of 16 registers.
     static constexpr int kMR = 6, kNV = 1;
 
     template <int MR, int NV>
@@ -72,15 +101,11 @@ struct Avx2Widened {
         const int8_t* b = k.b;
         const uint8_t* a = k.a;  // int16 activations, 8 bytes per K group
         for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 8) {
-            const __m256i w0 = load(b), w1 = load(b + 32), w2 = load(b + 64), w3 = load(b + 96);
+#pragma GCC unroll 2
+            for (int half = 0; half < 2; ++half) {
+                const __m256i w0 = load(b + 64 * half), w1 = load(b + 64 * half + 32);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r) {
-                const __m256i x01 = _mm256_set1_epi32(load_i32(a + r * k.lda));
-                const __m256i x23 = _mm256_set1_epi32(load_i32(a + r * k.lda + 4));
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x01, w0));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x01, w1));
-                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x23, w2));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x23, w3));
+                for (int r = 0; r < MR; ++r) step_words(acc[r][0], acc[r][1], a + r * k.lda + 4 * half, w0, w1);
             }
         }
         store_acc<MR>(k, acc);
