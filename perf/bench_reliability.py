@@ -5,11 +5,13 @@
 
 One run against a real `tidal serve` of the demo's `digits` (its SLO and controller on), `tidal bench` as the
 load, 1-row requests:
-1. C: the capacity within the SLO;
+1. C: the capacity within the SLO, the lowest of --capacity-tries searches (one search on a shared host may
+   land in a quiet minute: 1,164/s and 1,819/s in two runs of the same code);
 2. overload at 5 C for --overload-s: gRPC health latency (probed every 50 ms), the server's RSS, and every
    status clients saw (designed: OK, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, and CANCELLED for
    calls gRPC core drops from its backlog before they start);
-3. a soak at 0.7 C for --soak-s: errors, and RSS growth from its first minute to its end;
+3. a soak at 0.7 C for --soak-s: errors, RSS growth from its first minute to its end, and how long the
+   server's event-loop thread waited for a CPU (the host's share of any drops);
 4. SIGTERM during a closed loop of 32 callers: what each call got (no CANCELLED, no call lost);
 5. --fuzz messages: valid requests with random byte mutations, truncations and random bytes, sent raw to
    ModelInfer: the statuses, and whether the server still serves.
@@ -22,11 +24,13 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,44 @@ SECTION = "# Reliability"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
+class LoopWait:
+    """Time the server's event-loop thread spent runnable but off the CPU (Linux schedstat), per 100 ms.
+    Calls arriving meanwhile pile up in gRPC core's backlog, which drops them beyond its size: on a host
+    shared with other work this, not the offered load, is what bunches arrivals up."""
+
+    def __init__(self, pid: int) -> None:
+        self._path = Path(f"/proc/{pid}/task/{pid}/schedstat")  # the main thread runs the event loop
+        self._waits: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> LoopWait:
+        self.load_start = os.getloadavg()[0]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.load_end = os.getloadavg()[0]
+
+    def _sample(self) -> None:
+        last = int(self._path.read_text().split()[1])
+        while not self._stop.wait(0.1):
+            try:
+                now = int(self._path.read_text().split()[1])
+            except OSError:  # the server is gone
+                return
+            self._waits.append((now - last) / 1e6)
+            last = now
+
+    def summary(self) -> dict[str, Any]:
+        waits = sorted(self._waits) or [0.0]
+        return {"waiting_share": sum(waits) / (100.0 * len(waits)), "p99_ms": waits[int(0.99 * (len(waits) - 1))],
+                "windows_over_20ms": sum(w >= 20.0 for w in waits), "windows": len(waits),
+                "host_load_start": self.load_start, "host_load_end": self.load_end}
+
+
 def _statuses(result: dict[str, Any]) -> dict[str, int]:
     stats = result["points"][0]["measurement"]["all"]
     return {"OK": stats["ok"], **stats["errors"]}
@@ -64,13 +106,13 @@ def overload(server: ServerProcess, c: float, args: argparse.Namespace) -> dict[
 
 def soak(server: ServerProcess, c: float, args: argparse.Namespace) -> dict[str, Any]:
     load = ["--rate", f"{0.7 * c:.0f}", "--duration-s", f"{args.soak_s:g}", "--warmup-s", "0"]
-    with Watch(server.url, "", server.proc.pid) as watch:
+    with Watch(server.url, "", server.proc.pid) as watch, LoopWait(server.proc.pid) as wait:
         result = run_bench(server.url, args.out / "soak", [MODEL], 1, args.slo_ms, load, workers=args.workers)
     first_minute = [v for t, v in watch.rss_mib if t <= 60] or [v for _, v in watch.rss_mib]
     end = watch.rss_mib[-1][1]
     stats = result["points"][0]["measurement"]["all"]
     return {"rate_rps": 0.7 * c, "seconds": args.soak_s, "statuses": _statuses(result),
-            "attainment": stats["slo_attainment"], "health": watch.health(),
+            "attainment": stats["slo_attainment"], "health": watch.health(), "loop_wait": wait.summary(),
             "rss_mib": {"first_minute_max": max(first_minute), "end": end,
                         "growth": end / max(first_minute) - 1.0}}
 
@@ -85,7 +127,9 @@ def sigterm(repository: Path, args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(3.0)
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(60)
-    bench.communicate(timeout=120)
+    _, errors = bench.communicate(timeout=120)
+    if not out.with_suffix(".json").is_file():
+        raise RuntimeError(f"tidal bench left no result (exit {bench.returncode}):\n{errors[-2000:]}")
     result = json.loads(out.with_suffix(".json").read_text())
     stats = result["points"][0]["measurement"]["all"]
     served = re.findall(r"(\d+) requests succeeded", server.log())
@@ -152,10 +196,12 @@ def fuzz(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
 
 def render(r: dict[str, Any], command: str) -> str:
     o, s, t, f = r["overload"], r["soak"], r["sigterm"], r["fuzz"]
+    w = s["loop_wait"]
     return "\n".join([
         BEGIN,
         f"`{command}` on {r['cpu']}; load generator on the same cores. Capacity C = {r['C']:.0f} 1-row "
-        f"requests/s within the {r['slo_ms']:g} ms SLO (demo `digits`, controller on).", "",
+        f"requests/s within the {r['slo_ms']:g} ms SLO (demo `digits`, controller on): the lowest of "
+        f"{', '.join(f'{c:.0f}' for c in r['C_tries'])}.", "",
         "| run | load | statuses | health (50 ms probe) | RSS MiB |", "|---|---|---|---|---|",
         f"| overload, {r['overload_s']:g} s | 5 C = {o['rate_rps']:.0f}/s | {o['statuses']} | "
         f"{o['health']} | {o['rss_mib']} |",
@@ -165,7 +211,11 @@ def render(r: dict[str, Any], command: str) -> str:
         f"| SIGTERM under 32 closed-loop callers | - | {t['statuses']}; {t['answered']} of {t['sent']} sent "
         f"answered; server succeeded {t['server_succeeded']}, exit {t['server_exit']} | - | - |",
         f"| {f['messages']} fuzzed messages ({f['seconds']} s) | 16 in flight | {f['statuses']}; server alive: "
-        f"{f['alive']} | - | {f['rss_mib']} |",
+        f"{f['alive']} | - | {f['rss_mib']} |", "",
+        f"During the soak the server's event-loop thread waited for a CPU {100 * w['waiting_share']:.1f}% of the "
+        f"time (p99 {w['p99_ms']:.0f} ms per 100 ms; {w['windows_over_20ms']} of {w['windows']} 100-ms windows "
+        f"with 20 ms or more); host load average {w['host_load_start']:.1f} at its start, {w['host_load_end']:.1f} "
+        f"at its end.",
         END,
     ]) + "\n"
 
@@ -177,6 +227,7 @@ def main() -> int:
     parser.add_argument("--soak-s", type=float, default=600.0)
     parser.add_argument("--fuzz", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2, help="load processes")
+    parser.add_argument("--capacity-tries", type=int, default=3, help="capacity searches; C is the lowest")
     parser.add_argument("--out", type=Path, default=Path("perf/out/reliability"))
     parser.add_argument("--results", type=Path, default=Path("perf/RELIABILITY.md"))
     args = parser.parse_args()
@@ -185,9 +236,16 @@ def main() -> int:
     r: dict[str, Any] = {"cpu": cpu_description(), "slo_ms": args.slo_ms, "overload_s": args.overload_s}
     server = start_server(repository, "--load-model", MODEL)
     try:
-        r["C"] = find_capacity(server.url, MODEL, 1, args.slo_ms, args.out / "capacity", workers=args.workers,
-                               metrics_url=server.metrics_url)
-        log(f"C = {r['C']:.0f}/s")
+        r["C_tries"] = [
+            find_capacity(server.url, MODEL, 1, args.slo_ms, args.out / f"capacity{i}", workers=args.workers,
+                          metrics_url=server.metrics_url)
+            for i in range(args.capacity_tries)
+        ]
+        found = [c for c in r["C_tries"] if c > 0]
+        if not found:
+            sys.exit(f"no capacity found in {args.capacity_tries} searches: is the host busy with other work?")
+        r["C"] = min(found)
+        log(f"C = {r['C']:.0f}/s of {r['C_tries']}")
         r["overload"] = overload(server, r["C"], args)
         log(f"overload: {r['overload']}")
         r["soak"] = soak(server, r["C"], args)
