@@ -5,10 +5,8 @@
 The reference mlp (perf/models.py) with dynamic batching on (max_batch_size 128, no window), batch-1
 requests, perf_analyzer with no `-x` and its default binary tensors over HTTP. Points are interleaved
 (tidal gRPC, tidal HTTP, PyTriton HTTP) and repeated; tables give the median and the min-max spread.
-PyTriton (Triton's server with a Python model, here the same ONNX file through ONNX Runtime, batching on)
-runs from its own venv, `.venv-pytriton`, when that exists: made from Debian's python3
-(`/usr/bin/python3 -m venv .venv-pytriton && .venv-pytriton/bin/pip install nvidia-pytriton onnxruntime`),
-as Triton's Python backend stub loads the system's shared libpython, which must match the venv's stdlib.
+PyTriton (Triton's server with a Python model, here the same ONNX file through ONNX Runtime, batching on) is
+perf/pytriton_server.py, run from `.venv-pytriton` when that exists (see there).
 """
 
 from __future__ import annotations
@@ -17,62 +15,16 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_scheduler import MAX_BATCH, Server, perf_analyzer_binary, run_perf_analyzer
+from bench_scheduler import MAX_BATCH, Server, perf_analyzer_binary, run_perf_analyzer, start_pytriton
 from loadgen import environment, log, write_section
 from models import MODELS, model_config, write_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTRITON = ROOT / ".venv-pytriton" / "bin" / "python"
 MODEL = "mlp"
 BEGIN, END = "<!-- bench_http:begin -->", "<!-- bench_http:end -->"
 SECTION = "## HTTP/REST against gRPC"
-PYTRITON_SERVER = '''
-import sys, numpy as np, onnxruntime as ort
-from pytriton.decorators import batch
-from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
-@batch
-def infer(**inputs):
-    return {name_out: session.run([name_out], {name_in: inputs[name_in]})[0]}
-config = TritonConfig(http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), metrics_port=int(sys.argv[4]))
-# Loopback only: no access token, so perf_analyzer may read the statistics endpoint as it does from tidal.
-with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
-    triton.bind("mlp", infer, inputs=[Tensor(name=name_in, dtype=np.float32, shape=(256,))],
-                outputs=[Tensor(name=name_out, dtype=np.float32, shape=(10,))],
-                config=ModelConfig(max_batch_size=128))
-    print(sys.argv[2], flush=True)  # the HTTP port: serving
-    triton.serve()
-'''
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def start_pytriton(onnx_file: Path, work: Path) -> tuple[Server, str] | None:
-    if not PYTRITON.exists():
-        log("PyTriton not measured: no .venv-pytriton")
-        return None
-    script = work / "pytriton_server.py"
-    script.write_text(PYTRITON_SERVER)
-    http, grpc, metrics = free_ports(3)
-    server = Server([str(PYTRITON), str(script), str(onnx_file), str(http), str(grpc), str(metrics)],
-                    r"^(\d+)$", work / "pytriton.log")
-    return server, f"127.0.0.1:{http}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                     break
             targets = {"tidal gRPC": (f"127.0.0.1:{grpc_port}", "grpc"),
                        "tidal HTTP": (f"127.0.0.1:{http_port}", "http")}
-            pytriton = start_pytriton(onnx_file, work)
+            pytriton = start_pytriton({MODEL: onnx_file}, work, window_us=0)
             if pytriton is not None:
-                targets["PyTriton HTTP"] = (pytriton[1], "http")
-                time.sleep(5)  # PyTriton reports serving before its model is loaded
+                targets["PyTriton HTTP"] = (pytriton[1]["http"], "http")
             for repeat in range(args.repeats):
                 for label, (url, protocol) in targets.items():
                     log(f"repeat {repeat + 1}: {label}")

@@ -17,6 +17,7 @@ tables give the median and the min-max spread of throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,7 +45,9 @@ CONCURRENCY = (1, 8, 32, 128)
 EXTRA_CONCURRENCY = {"wide_mlp": (64,)}  # the batching target is set at 64 for the compute-bound model
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BATCH = 128
-SERVERS = ("echo", "off", "on")
+SERVERS = ("echo", "off", "on", "pytriton")
+PYTRITON = ROOT / ".venv-pytriton" / "bin" / "python"
+PYTRITON_WINDOW_US = 100  # Triton's dynamic batching as its users set it for small requests
 TARGET_MODELS = ("mlp", "cnn", "wide_mlp")  # the issue's targets name these; `linear` isolates tidal's own cost
 IDLE_GAPS_MS = (0.5, 1.0, 2.0)  # idle time before a batch-1 run: a c1 server idles for the client's round trip
 
@@ -95,6 +98,12 @@ def _p50_run(backend: OnnxRuntimeBackend, x: np.ndarray, seconds: float, idle_s:
     return statistics.median(times)
 
 
+def _ticks(stat: Path) -> tuple[int, int]:
+    """(user + system clock ticks, parent pid) from a /proc stat file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), int(fields[1])
+
+
 class Server:
     """A server child process on a free loopback port; its CPU time is read from /proc."""
 
@@ -114,10 +123,23 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     def cpu_s(self, loop_thread_only: bool = False) -> float:
-        """CPU seconds of the whole process, or of its main thread (where the event loop runs)."""
-        stat = f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat" if loop_thread_only else f"/proc/{self.proc.pid}/stat"
-        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds of the process and its descendants (PyTriton runs Triton and its Python backend as
+        children), or of the main thread only (where tidal's event loop runs)."""
+        if loop_thread_only:
+            return _ticks(Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat"))[0] / os.sysconf("SC_CLK_TCK")
+        children: dict[int, list[int]] = {}
+        ticks: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a process that ended meanwhile
+                pid = int(stat.parent.name)
+                ticks[pid], ppid = _ticks(stat)
+                children.setdefault(ppid, []).append(pid)
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            total += ticks.get(pid, 0)
+            todo += children.get(pid, [])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -125,9 +147,51 @@ class Server:
         self._log.close()
 
 
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_pytriton(models: dict[str, Path], work: Path, window_us: int) -> tuple[Server, dict[str, str]] | None:
+    """perf/pytriton_server.py serving `models` (name -> ONNX file) with dynamic batching, once every model is
+    ready (PyTriton prints its port before Triton has loaded them); None where `.venv-pytriton` is missing."""
+    if not PYTRITON.exists():
+        log("PyTriton not measured: no .venv-pytriton (see perf/pytriton_server.py)")
+        return None
+    http, grpc, metrics = free_ports(3)
+    cmd = [str(PYTRITON), str(ROOT / "perf" / "pytriton_server.py"), str(http), str(grpc), str(metrics)]
+    cmd += [f"{name}={path}" for name, path in models.items()] + ["--window-us", str(window_us)]
+    server = Server(cmd, r"^(\d+)$", work / "pytriton.log")  # the gRPC port
+    urls = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}"}
+    client = tc.InferenceServerClient(urls["grpc"])
+    deadline = time.monotonic() + 120
+    while not all(_ready(client, name) for name in models):
+        if time.monotonic() > deadline or server.proc.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"PyTriton did not load {sorted(models)}; see {work / 'pytriton.log'}")
+        time.sleep(0.5)
+    client.close()
+    return server, urls
+
+
+def _ready(client: tc.InferenceServerClient, model: str) -> bool:
+    try:
+        return client.is_model_ready(model)
+    except Exception:  # Triton's gRPC endpoint comes up after PyTriton prints its port
+        return False
+
+
 @contextmanager
 def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
-    """One tidal (every model, both configs) and one echo per reference model, all started up front."""
+    """One tidal (every model, both configs), one echo per reference model and one PyTriton (every model,
+    batching on), all started up front."""
     started: dict[str, Server] = {}
     try:
         tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
@@ -137,6 +201,10 @@ def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
             echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]
             echo_cmd += ["--dims", ",".join(map(str, model.input_dims)), "--max-batch-size", str(MAX_BATCH)]
             started[f"echo:{name}"] = Server(echo_cmd, r"^(\d+)$", work / f"echo-{name}.log")
+        onnx_files = {name: repo / name / "1" / "model.onnx" for name in MODELS}
+        pytriton = start_pytriton(onnx_files, work, PYTRITON_WINDOW_US)
+        if pytriton is not None:
+            started["pytriton"] = pytriton[0]
         yield started
     finally:
         for server in started.values():
@@ -197,15 +265,17 @@ def measure_point(args, server: Server, model: str, concurrency: int, stats_clie
 
 
 def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> list[dict]:
-    """Every (model, concurrency) point for echo, off and on, interleaved."""
-    stats_client = tc.InferenceServerClient(running["tidal"].url)
+    """Every (model, concurrency) point for echo, off, on and PyTriton, interleaved."""
+    stats_clients = {k: tc.InferenceServerClient(running[k].url) for k in ("tidal", "pytriton") if k in running}
     points = []
     for name in args.models:
-        for concurrency in sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
+        for concurrency in args.concurrency or sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
             for kind in SERVERS:
-                server = running[f"echo:{name}"] if kind == "echo" else running["tidal"]
+                key = {"echo": f"echo:{name}", "pytriton": "pytriton"}.get(kind, "tidal")
+                if key not in running:
+                    continue
                 model = f"{name}_batched" if kind == "on" else name
-                result = measure_point(args, server, model, concurrency, None if kind == "echo" else stats_client)
+                result = measure_point(args, running[key], model, concurrency, stats_clients.get(key))
                 if result is None:
                     continue
                 points.append({"repeat": repeat, "model": name, "server": kind, "concurrency": concurrency, **result})
@@ -214,19 +284,23 @@ def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> 
                     f"r{repeat} {name:8s} c{concurrency:<3d} {kind:4s} {result['throughput']:8.0f}/s "
                     f"p50 {result['p50_ms']:7.2f} p99 {result['p99_ms']:7.2f} ms cpu {result['server_cpu']:.2f}{batch}"
                 )
-    stats_client.close()
+    for client in stats_clients.values():
+        client.close()
     return points
 
 
 def warm_up(running: dict[str, Server]) -> None:
-    """One request per tidal model, so no measured window pays ONNX Runtime's first-run allocations."""
-    client = tc.InferenceServerClient(running["tidal"].url)
-    for name, model in MODELS.items():
-        for served in (name, f"{name}_batched"):
-            tensor = tc.InferInput("INPUT", [1, *model.input_dims], "FP32")
-            tensor.set_data_from_numpy(np.zeros((1, *model.input_dims), np.float32))
-            client.infer(served, [tensor])
-    client.close()
+    """One request per model of tidal and PyTriton, so no measured window pays first-run allocations."""
+    for key, suffixes in (("tidal", ("", "_batched")), ("pytriton", ("",))):
+        if key not in running:
+            continue
+        client = tc.InferenceServerClient(running[key].url)
+        for name, model in MODELS.items():
+            for suffix in suffixes:
+                tensor = tc.InferInput("INPUT", [1, *model.input_dims], "FP32")
+                tensor.set_data_from_numpy(np.zeros((1, *model.input_dims), np.float32))
+                client.infer(name + suffix, [tensor])
+        client.close()
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -274,24 +348,29 @@ def _lat(m: dict | None) -> str:
 def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
     lines = [
         "| conc | echo infer/s | echo p50 / p99 ms | off infer/s | off p50 / p99 | on infer/s | on p50 / p99 "
-        "| batch formed | on / echo | on / raw at that batch | server CPU per request, us (echo, off, on) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| PyTriton infer/s | PyTriton p50 / p99 | batch formed (on, PyTriton) | on / echo | on / PyTriton "
+        "| on / raw at that batch | server CPU per request, us (echo, off, on, PyTriton) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in sorted({p["concurrency"] for p in points if p["model"] == name}):
-        echo, off, on = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
-        ratio = f"{on['throughput'] / echo['throughput']:.2f}" if on and echo else "-"
+        echo, off, on, pyt = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
         vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
-        cpu = ", ".join(_cpu(m) for m in (echo, off, on))
-        batch = f"{on['batch']:.1f}" if on else "-"
+        cpu = ", ".join(_cpu(m) for m in (echo, off, on, pyt))
+        batch = " / ".join(f"{m['batch']:.1f}" if m and "batch" in m else "-" for m in (on, pyt))
         lines.append(
             f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(off)} | {_lat(off)} | {_rate(on)} | {_lat(on)} "
-            f"| {batch} | {ratio} | {vs_raw} | {cpu} |"
+            f"| {_rate(pyt)} | {_lat(pyt)} | {batch} | {_ratio(on, echo)} | {_ratio(on, pyt)} | {vs_raw} | {cpu} |"
         )
     return lines
 
 
+def _ratio(a: dict | None, b: dict | None) -> str:
+    return f"{a['throughput'] / b['throughput']:.2f}" if a and b else "-"
+
+
 def targets(points: list[dict], raw: dict) -> list[str]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The native request path's targets (issue 16) and the batching targets that must keep holding, each
+    with the measured value and whether it is met."""
     rows = []
 
     def add(what: str, measured: float, goal: float, fmt: str, at_least: bool) -> None:
@@ -300,20 +379,21 @@ def targets(points: list[dict], raw: dict) -> list[str]:
             f"| {what} | {measured:{fmt}} | {'>=' if at_least else '<='} {goal:{fmt}} | {'yes' if met else 'NO'} |"
         )
 
-    echo, on = (
-        summarize(points, model="mlp", server="echo", concurrency=128),
-        summarize(points, model="mlp", server="on", concurrency=128),
-    )
+    echo, on, pyt = (summarize(points, model="mlp", server=k, concurrency=128) for k in ("echo", "on", "pytriton"))
     if echo and on:
-        add("mlp c128 batching on: throughput / echo", on["throughput"] / echo["throughput"], 0.8, ".2f", True)
-        add("mlp c128 batching on: p99 (ms)", on["p99_ms"], 30.0, ".1f", False)
-    for name in TARGET_MODELS:
-        echo = summarize(points, model=name, server="echo", concurrency=1)
-        for kind in ("off", "on"):
-            m = summarize(points, model=name, server=kind, concurrency=1)
-            if echo and m:
-                bound = echo["p50_ms"] + raw[name][1]["p50_ms"] + 0.2
-                add(f"{name} c1 batching {kind}: p50 (ms) vs echo p50 + raw b1 + 0.2", m["p50_ms"], bound, ".2f", False)
+        add("mlp c128 batching on: throughput / echo", on["throughput"] / echo["throughput"], 0.7, ".2f", True)
+        per_request = [m["server_cpu"] / m["throughput"] for m in (on, echo)]
+        add("mlp c128: server CPU per request / echo's", per_request[0] / per_request[1], 1.4, ".2f", False)
+    if on and pyt:
+        add("mlp c128 batching on: throughput / PyTriton", on["throughput"] / pyt["throughput"], 1.2, ".2f", True)
+        add("mlp c128 batching on: p99 (ms), below PyTriton's", on["p99_ms"], pyt["p99_ms"], ".1f", False)
+    echo = summarize(points, model="mlp", server="echo", concurrency=1)
+    for kind in ("off", "on"):
+        m = summarize(points, model="mlp", server=kind, concurrency=1)
+        if echo and m:
+            bound = echo["p50_ms"] + raw["mlp"][1]["idle_1.0_ms"] + 0.3
+            add(f"mlp c1 batching {kind}: p50 (ms) vs echo p50 + raw b1 after 1 ms idle + 0.3", m["p50_ms"], bound,
+                ".2f", False)
     off, on = (summarize(points, model="wide_mlp", server=k, concurrency=64) for k in ("off", "on"))
     if off and on:
         add("wide_mlp c64: batching on / off", on["throughput"] / off["throughput"], 3.0, ".2f", True)
@@ -331,7 +411,9 @@ def render(points: list[dict], raw: dict, env: dict[str, str], command: str) -> 
         f"grpcio {env['grpcio']}; load average at start {env['load_average']}, at the end {env['load_end']}.",
         f"Settings: one ONNX Runtime instance per model, intra_op_thread_count 1, allow_spinning false; batching off "
         f"= `max_batch_size: 1`, on = `max_batch_size: {MAX_BATCH}` with `max_queue_delay_microseconds: "
-        f"{env['window_us']}`. tidal, the echo and perf_analyzer share the machine's cores.",
+        f"{env['window_us']}`. PyTriton (perf/pytriton_server.py): Triton with the same ONNX file in a Python "
+        f"callable, same ONNX Runtime settings, `max_batch_size: {MAX_BATCH}`, `max_queue_delay_microseconds: "
+        f"{PYTRITON_WINDOW_US}`. Every server and perf_analyzer share the machine's cores.",
         "",
     ]
     for name, model in MODELS.items():
@@ -364,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-seconds", type=float, default=0.5, help="time per batch size of the raw backend")
     parser.add_argument("--window-us", type=int, default=0, help="max_queue_delay_microseconds with batching on")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models to load-test")
+    parser.add_argument("--concurrency", nargs="+", type=int, help="only these concurrencies (default: all)")
     parser.add_argument("--write", type=Path, help="update the generated part of this RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write every point here")
     args = parser.parse_args(argv)
