@@ -221,14 +221,16 @@ def masked_host(m: dict) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    peak_insn = "vpdpbusd" if "vnni" in m["isa"] else "vpmaddubsw + vpmaddwd + vpaddd"
+    avx2_insns = "vpmaddubsw + vpmaddwd + vpaddd"
+    peaks = f"**{result['avx2_peak_gops']:.0f} GOPS** on `avx2` ({avx2_insns})"
+    if m["isa"] != "avx2":
+        peaks = f"**{result['peak_gops']:.0f} GOPS** on `{m['isa']}` (vpdpbusd), {peaks}"
     repeat = f"median of {result['repeat']} runs per cell" if result["repeat"] > 1 else "one run"
     lines = [
         "## INT8 kernels", "",
         f"One run of `perf/bench_int8.py` on {_host(m)}; kernels `{m['isa']}` by default, ONNX Runtime "
         f"{m['onnxruntime']}.{masked_host(m)} Peak of one core, measured in the same run with a register-only loop "
-        f"of each ISA's multiply-add: **{result['peak_gops']:.0f} GOPS** on `{m['isa']}` ({peak_insn}), "
-        f"**{result['avx2_peak_gops']:.0f} GOPS** on `avx2` (vpmaddubsw + vpmaddwd + vpaddd). Other work on "
+        f"of each ISA's multiply-add: {peaks}. Other work on "
         f"the machine: 1-minute load average {m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.",
         "", f"### GEMM, one thread (u8 x s8 -> s32, GOPS per core, {repeat}; {_host(m)})", "",
         f"MLAS runs whatever its CPUID dispatch picks here; its largest error against exact integer arithmetic on "
