@@ -8,10 +8,14 @@ perf_analyzer with batch-1 requests and no `-x` (the same flags work against Tri
   dynamic batching without a window); one ONNX Runtime instance, intra_op_thread_count 1, no spinning;
 - the bare grpc.aio echo (perf/echo_server.py, uvloop) serving the same input shape: the ceiling of any
   Python gRPC server on this machine;
+- the floor (perf/floor_server.py): the echo's server running the model through one worker thread with
+  nothing else on the request path, so floor -> tidal is what tidal's own request path costs;
+- PyTriton (perf/pytriton_server.py, Triton's core with the model in a Python callable), where
+  `.venv-pytriton` exists;
 - the raw backend called in this process at each batch size: the ceiling of the model itself.
 Servers run as separate processes but share the machine's cores with perf_analyzer; the echo is measured
-the same way, so the ratios compare like with like. Points are interleaved (echo, off, on) and repeated;
-tables give the median and the min-max spread of throughput.
+the same way, so the ratios compare like with like. Points are interleaved (echo, floor, off, on, PyTriton)
+and repeated; tables give the median and the min-max spread of throughput.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ CONCURRENCY = (1, 8, 32, 128)
 EXTRA_CONCURRENCY = {"wide_mlp": (64,)}  # the batching target is set at 64 for the compute-bound model
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BATCH = 128
-SERVERS = ("echo", "off", "on", "pytriton")
+SERVERS = ("echo", "floor", "off", "on", "pytriton")
 PYTRITON = ROOT / ".venv-pytriton" / "bin" / "python"
 PYTRITON_WINDOW_US = 100  # Triton's dynamic batching as its users set it for small requests
 TARGET_MODELS = ("mlp", "cnn", "wide_mlp")  # the issue's targets name these; `linear` isolates tidal's own cost
@@ -190,8 +194,8 @@ def _ready(client: tc.InferenceServerClient, model: str) -> bool:
 
 @contextmanager
 def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
-    """One tidal (every model, both configs), one echo per reference model and one PyTriton (every model,
-    batching on), all started up front."""
+    """One tidal (every model, both configs), one echo and one floor per reference model and one PyTriton
+    (every model, batching on), all started up front."""
     started: dict[str, Server] = {}
     try:
         tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
@@ -201,6 +205,9 @@ def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
             echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]
             echo_cmd += ["--dims", ",".join(map(str, model.input_dims)), "--max-batch-size", str(MAX_BATCH)]
             started[f"echo:{name}"] = Server(echo_cmd, r"^(\d+)$", work / f"echo-{name}.log")
+            floor_cmd = [sys.executable, str(ROOT / "perf" / "floor_server.py"), *echo_cmd[2:]]
+            floor_cmd += ["--onnx", str(repo / name / "1" / "model.onnx")]
+            started[f"floor:{name}"] = Server(floor_cmd, r"^(\d+)$", work / f"floor-{name}.log")
         onnx_files = {name: repo / name / "1" / "model.onnx" for name in MODELS}
         pytriton = start_pytriton(onnx_files, work, PYTRITON_WINDOW_US)
         if pytriton is not None:
@@ -265,13 +272,13 @@ def measure_point(args, server: Server, model: str, concurrency: int, stats_clie
 
 
 def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> list[dict]:
-    """Every (model, concurrency) point for echo, off, on and PyTriton, interleaved."""
-    stats_clients = {k: tc.InferenceServerClient(running[k].url) for k in ("tidal", "pytriton") if k in running}
+    """Every (model, concurrency) point for every server kind, interleaved."""
+    stats_clients = {k: tc.InferenceServerClient(s.url) for k, s in running.items() if not k.startswith("echo")}
     points = []
     for name in args.models:
         for concurrency in args.concurrency or sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
             for kind in SERVERS:
-                key = {"echo": f"echo:{name}", "pytriton": "pytriton"}.get(kind, "tidal")
+                key = {"echo": f"echo:{name}", "floor": f"floor:{name}", "pytriton": "pytriton"}.get(kind, "tidal")
                 if key not in running:
                     continue
                 model = f"{name}_batched" if kind == "on" else name
@@ -347,19 +354,21 @@ def _lat(m: dict | None) -> str:
 
 def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
     lines = [
-        "| conc | echo infer/s | echo p50 / p99 ms | off infer/s | off p50 / p99 | on infer/s | on p50 / p99 "
-        "| PyTriton infer/s | PyTriton p50 / p99 | batch formed (on, PyTriton) | on / echo | on / PyTriton "
-        "| on / raw at that batch | server CPU per request, us (echo, off, on, PyTriton) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| conc | echo infer/s | echo p50 / p99 ms | floor infer/s | floor p50 / p99 | off infer/s | off p50 / p99 "
+        "| on infer/s | on p50 / p99 | PyTriton infer/s | PyTriton p50 / p99 | batch formed (floor, on, PyTriton) "
+        "| on / echo | on / floor | on / PyTriton | on / raw at that batch "
+        "| server CPU per request, us (echo, floor, off, on, PyTriton) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in sorted({p["concurrency"] for p in points if p["model"] == name}):
-        echo, off, on, pyt = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
+        echo, floor, off, on, pyt = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
         vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
-        cpu = ", ".join(_cpu(m) for m in (echo, off, on, pyt))
-        batch = " / ".join(f"{m['batch']:.1f}" if m and "batch" in m else "-" for m in (on, pyt))
+        cpu = ", ".join(_cpu(m) for m in (echo, floor, off, on, pyt))
+        batch = " / ".join(f"{m['batch']:.1f}" if m and "batch" in m else "-" for m in (floor, on, pyt))
         lines.append(
-            f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(off)} | {_lat(off)} | {_rate(on)} | {_lat(on)} "
-            f"| {_rate(pyt)} | {_lat(pyt)} | {batch} | {_ratio(on, echo)} | {_ratio(on, pyt)} | {vs_raw} | {cpu} |"
+            f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(floor)} | {_lat(floor)} | {_rate(off)} | {_lat(off)} "
+            f"| {_rate(on)} | {_lat(on)} | {_rate(pyt)} | {_lat(pyt)} | {batch} | {_ratio(on, echo)} "
+            f"| {_ratio(on, floor)} | {_ratio(on, pyt)} | {vs_raw} | {cpu} |"
         )
     return lines
 

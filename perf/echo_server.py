@@ -17,6 +17,7 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -148,11 +149,11 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, servicer_type: Callable[..., EchoServicer]) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     )
-    servicer = EchoServicer(
+    servicer = servicer_type(
         args.model or ["echo"], args.datatype, args.dims, args.max_batch_size, args.service_ms / 1e3
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -173,7 +174,8 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, servicer_type: Callable[..., EchoServicer] = EchoServicer) -> int:
+    """`servicer_type` builds the servicer from (models, datatype, dims, max batch size, service seconds)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port; the bound port is printed")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    uvloop.run(serve(args))
+    uvloop.run(serve(args, servicer_type))
     return 0
 
 
