@@ -48,8 +48,8 @@ class BatchLimits:
         return cls(max_rows, preferred, knobs.max_queue_delay_us * 1e-6)
 
     def without_window(self) -> BatchLimits:
-        """The same limits with no waiting: used while draining."""
-        return replace(self, delay_s=0.0)
+        """The same limits with no waiting: used while draining, and on every look at an idle model."""
+        return replace(self, delay_s=0.0) if self.delay_s else self
 
 
 @dataclass(frozen=True, slots=True)
