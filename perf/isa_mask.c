@@ -42,9 +42,10 @@ static const struct hidden_bits kAvx512[] = {
     {7, 0, EDX, B(2) | B(3) | B(8) | B(23)},           // 4VNNIW 4FMAPS VP2INTERSECT FP16
     {7, 1, EAX, B(5)},                                 // BF16
 };
-// Every int8 dot-product extension: AVX512_VNNI, AVX512_4VNNIW, AVX-VNNI, AVX-VNNI-INT8, AVX-VNNI-INT16.
+// Every int8 dot-product extension: AVX512_VNNI, AVX512_4VNNIW, AVX-VNNI, AVX-VNNI-INT8, AVX-VNNI-INT16, and
+// AMX (BF16, TILE, INT8), which MLAS prefers where present.
 static const struct hidden_bits kVnni[] = {
-    {7, 0, ECX, B(11)}, {7, 0, EDX, B(2)}, {7, 1, EAX, B(4)}, {7, 1, EDX, B(4) | B(10)},
+    {7, 0, ECX, B(11)}, {7, 0, EDX, B(2) | B(22) | B(24) | B(25)}, {7, 1, EAX, B(4)}, {7, 1, EDX, B(4) | B(10)},
 };
 #undef B
 
@@ -85,7 +86,7 @@ static void on_segv(int sig, siginfo_t* info, void* context) {
 
 static int hidden_flag(const char* flag, size_t n) {
     return (g_hide_avx512 && n >= 6 && strncmp(flag, "avx512", 6) == 0) ||
-           (g_hide_vnni && memmem(flag, n, "vnni", 4) != NULL);
+           (g_hide_vnni && (memmem(flag, n, "vnni", 4) != NULL || (n >= 4 && strncmp(flag, "amx_", 4) == 0)));
 }
 
 // Copies the "flags" lines of /proc/cpuinfo without the hidden flags, every other line as it is.

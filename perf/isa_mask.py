@@ -20,7 +20,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_suffix(".c")
 CANNOT = 77  # the exit status test harnesses read as "skipped"
-GROUPS = ("avx512", "vnni")
+GROUPS = ("avx512", "vnni")  # "vnni": every int8 dot-product extension, AMX included
 
 
 def unavailable() -> str | None:
