@@ -49,6 +49,23 @@ def test_lower_priorities_are_refused_first_and_higher_ones_keep_what_they_use()
     assert gate.admit(1) is None and gate.admit(3) is not None  # a freed slot goes to the top level
 
 
+def test_a_refused_level_takes_the_next_free_slots_even_without_a_reserve() -> None:
+    """Level 1 sent nothing for a while (its calls were dropped before the gate, say): its reserve is gone and
+    level 2 filled the limit. Its refusal reserves room at once, so level 2, arriving first each time a slot
+    frees, is refused until level 1 has what it asked for: level 1 is not locked out period after period."""
+    gate = AdmissionGate(levels=2)
+    gate.configure(target_ms=50, predicted=10)
+    now = 0.0
+    gate.adapt(now, 0.0)
+    assert fill(gate, 2, 100) == 10 and gate.admit(1) is not None  # the limit is full
+    for _ in range(3):  # each time a slot frees, level 2 arrives first, then level 1; periods pass
+        gate.release(2, 0.01)
+        assert gate.admit(2) is not None and gate.admit(1) is None
+        now += gate.tuning.period_s
+        gate.adapt(now, 0.0)
+    assert gate.state().refused == {1: 1, 2: 90 + 3}
+
+
 def test_an_idle_level_gives_its_reserve_back() -> None:
     gate = AdmissionGate(levels=2)
     gate.configure(target_ms=50, predicted=20)

@@ -11,9 +11,11 @@ in the manner of latency-gradient limiters (Netflix's Gradient2, Envoy's adaptiv
 - it starts from, and never grows past twice, the limit the SLO controller predicts from the model's
   batch-time profile (`predicted`), so a cold model is protected before any measurement exists;
 - priority levels share it in order: level 1 may fill the whole limit; each lower level may fill what is
-  left once every level above it has its reserve, the most it recently had in flight (rising at once,
-  falling slowly) plus one. Excess is refused lowest priority first, and a level's own traffic never has
-  to squeeze past a flood of lower-priority requests.
+  left once every level above it has its reserve, the most it recently had in flight or asked for (rising
+  at once, falling slowly) plus one. Excess is refused lowest priority first, and a level's own traffic never
+  has to squeeze past a flood of lower-priority requests: a refusal reserves the room its level asked for at
+  once, so the next free slots go to it even when it had nothing in flight before (its reserve had decayed)
+  and lower levels arrive first.
 
 Pure: `adapt` takes `now`; nothing here reads a clock, sleeps or does I/O; one gate per served model, driven from
 the event loop only (not thread-safe).
@@ -111,6 +113,7 @@ class AdmissionGate:
             if self._inflight >= cap:
                 self._bound = True
                 self._refused[level - 1] += 1
+                self._reserve[level - 1] = max(self._reserve[level - 1], self._by_level[level - 1] + 1.0)
                 return Refusal(level, cap, self._inflight, self._pushback_ms())
             if self._inflight + 1 >= self.limit:
                 self._bound = True
