@@ -135,12 +135,21 @@ static void read_cpuinfo(void) {
     free(buf);
 }
 
-// A fresh in-memory file with the filtered text for each open of /proc/cpuinfo; -1 for any other path.
-static int cpuinfo_fd(const char* path, int flags) {
-    if (g_cpuinfo == NULL || path == NULL || strcmp(path, "/proc/cpuinfo") != 0) return -1;
+static int is_cpuinfo(const char* path) {
+    return g_cpuinfo != NULL && path != NULL && strcmp(path, "/proc/cpuinfo") == 0;
+}
+
+// A fresh in-memory file with the filtered text, for each open of /proc/cpuinfo; -1 with errno set when one
+// cannot be made (the open fails as an open can, rather than showing the unfiltered flags).
+static int cpuinfo_fd(int flags) {
     const int fd = memfd_create("cpuinfo", (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
-    if (fd < 0 || write(fd, g_cpuinfo, g_cpuinfo_len) != (ssize_t)g_cpuinfo_len) abort();
-    lseek(fd, 0, SEEK_SET);
+    if (fd < 0) return -1;
+    if (write(fd, g_cpuinfo, g_cpuinfo_len) != (ssize_t)g_cpuinfo_len || lseek(fd, 0, SEEK_SET) != 0) {
+        const int error = errno ? errno : EIO;
+        close(fd);
+        errno = error;
+        return -1;
+    }
     return fd;
 }
 
@@ -153,8 +162,7 @@ int openat(int dirfd, const char* path, int flags, ...) {
     va_start(ap, flags);
     const mode_t mode = mode_arg(flags, ap);
     va_end(ap);
-    const int fd = cpuinfo_fd(path, flags);
-    if (fd >= 0) return fd;
+    if (is_cpuinfo(path)) return cpuinfo_fd(flags);
     static int (*real)(int, const char*, int, ...);
     if (real == NULL) real = (int (*)(int, const char*, int, ...))dlsym(RTLD_NEXT, "openat");
     return real(dirfd, path, flags, mode);
@@ -173,8 +181,10 @@ int open(const char* path, int flags, ...) {
 int open64(const char* path, int flags, ...) __attribute__((alias("open")));
 
 FILE* fopen(const char* path, const char* how) {
-    const int fd = cpuinfo_fd(path, O_CLOEXEC);
-    if (fd >= 0) return fdopen(fd, "r");
+    if (is_cpuinfo(path)) {
+        const int fd = cpuinfo_fd(O_CLOEXEC);
+        return fd < 0 ? NULL : fdopen(fd, "r");
+    }
     static FILE* (*real)(const char*, const char*);
     if (real == NULL) real = (FILE * (*)(const char*, const char*)) dlsym(RTLD_NEXT, "fopen");
     return real(path, how);
