@@ -4,7 +4,8 @@ perf/echo_server.py's gRPC server (grpc.aio on uvloop, the same metadata, config
 ModelInfer runs the model as tidal does, with nothing else: the raw input becomes an array, a future waits on
 the loop, one worker thread runs everything queued as one ONNX Runtime batch (one intra-op thread, no spinning,
 tidal's settings) and hands the outputs back with one `call_soon_threadsafe`. No validation, admission, priority,
-deadline, statistics beyond counts, metrics or error handling: a measuring stick, not a server. Next to the echo
+deadline, statistics beyond counts, metrics or error handling (a failing run stops the worker and every later
+request waits; requests must be one row each): a measuring stick, not a server. Next to the echo
 (no model work) and tidal in one run, it splits tidal's distance from the echo into what the model and the
 thread hand-offs cost (echo -> floor) and what tidal's own request path costs (floor -> tidal).
 
