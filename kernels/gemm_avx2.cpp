@@ -131,7 +131,9 @@ void tile_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1
     if (g.a_group_bytes == 8) {
         run_tile<Avx2Widened>(g, m0, m1, p0, p1, scratch);
     } else {
-        run_tile<Avx2Bytes>(g, m0, m1, p0, p1, scratch);
+        // 256 K groups per cache block: the 7-bit path's one-panel B micro-panel is then 16 KiB, still in L1,
+        // and each tile's accumulators go through memory half as often (+2-5% at K >= 1024, A/B measured).
+        run_tile<Avx2Bytes, 256>(g, m0, m1, p0, p1, scratch);
     }
 }
 
