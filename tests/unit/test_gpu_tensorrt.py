@@ -5,6 +5,7 @@ batch size, the refusals, that close releases everything, and `tidal optimize --
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import importlib
 import json
@@ -17,20 +18,22 @@ import numpy as np
 import pytest
 from gpu_fakes import FakeCudaRuntime
 
+import onnx_models as models
 from tidal.backends import cuda, hardware
 from tidal.backends.base import BackendOptions
 from tidal.backends.hardware import GpuInfo
 from tidal.cli import main
 from tidal.errors import ConfigError, InvalidArgument
 from tidal.optimize import engines
-from tidal.repository.config import backend_options
-from tidal.repository.pbtxt import parse_model_config
+from tidal.repository.config import DEFAULT_MAX_BATCH_SIZE
+from tidal.repository.manager import ModelManager
 from tidal.repository.variants import (
     Hardware,
     LatencyProfile,
     Variant,
     VariantManifest,
     load_manifest,
+    profile_key,
     save_manifest,
 )
 
@@ -277,20 +280,22 @@ def test_refusals_name_the_cause(fakes, tmp_path: Path, monkeypatch) -> None:
     assert trt_backend.gpu_unavailable() == "tensorrt 8.6.1 is older than 10"
 
 
-def _repository(tmp_path: Path) -> Path:
-    """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it."""
+def _repository(tmp_path: Path, config: str) -> Path:
+    """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it; the fp32 one
+    (the default file, which auto-complete reads) a real ONNX graph INPUT [batch, 4] -> OUTPUT."""
     model_dir = tmp_path / "repo" / "mlp"
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(
-        'name: "mlp"\nbackend: "onnxruntime"\nmax_batch_size: 32\ndynamic_batching { preferred_batch_size: [8] }\n'
-    )
+    (model_dir / "config.pbtxt").write_text(config)
     hw = Hardware("cpu", 2, ("avx2",))
     profile = LatencyProfile((1,), (0.1,), (0.2,), (1e4,), 1, 2, False, "2026-01-01T00:00:00+00:00", hw)
     variants = {}
     for kind, on in (("fp32", "cpu"), ("int8", "cpu"), ("int8-dynamic", "cpu"), ("fp16", "gpu")):
         file = "model.onnx" if kind == "fp32" else f"model.{kind}.onnx"
-        (version_dir / file).write_bytes(f"onnx {kind}".encode())
+        if kind == "fp32":
+            models.scale(version_dir / file, 2.0)
+        else:
+            (version_dir / file).write_bytes(f"onnx {kind}".encode())
         backends = ("tensorrt",) if kind == "fp16" else ("onnxruntime",)
         variants[kind] = Variant(kind, file, kind, backends, (on,), 10, 10, None, None, {"onnxruntime": profile})
     save_manifest(version_dir, VariantManifest("mlp", "fp32", hw, variants))
@@ -298,8 +303,10 @@ def _repository(tmp_path: Path) -> Path:
 
 
 def test_optimize_builds_the_engines_a_load_then_finds(fakes, tmp_path: Path, monkeypatch) -> None:
-    trt_backend, rec, _ = fakes
-    model_dir = _repository(tmp_path)
+    _, rec, _ = fakes
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a load would write an engine it built
+    config = 'name: "mlp"\nbackend: "onnxruntime"\nmax_batch_size: 32\ndynamic_batching { preferred_batch_size: [8] }\n'
+    model_dir = _repository(tmp_path, config)
     version_dir = model_dir / "1"
     manifest = engines.build_engines(model_dir, 1, lambda line: None)
     assert len(rec.builds) == 3  # fp32, int8 (explicit Q/DQ), fp16; not int8-dynamic
@@ -308,17 +315,41 @@ def test_optimize_builds_the_engines_a_load_then_finds(fakes, tmp_path: Path, mo
     assert manifest.variants["int8"].runnable_on == ("cpu", "gpu")
     assert manifest.variants["int8-dynamic"].backends == ("onnxruntime",)
     assert load_manifest(version_dir) == manifest
-    # A load keyed from the same config finds the engine ahead of time: nothing is built again.
-    options = replace(backend_options(parse_model_config(model_dir / "config.pbtxt").config), device="gpu",
-                      cache_dirs=(version_dir / "engines", tmp_path / "cache"))
-    trt_backend.load(version_dir / "model.int8.onnx", options).close()
-    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()
+    _load_and_close(model_dir)
+    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()  # the load found every engine ahead of time
     engines.build_engines(model_dir, 1, lambda line: None)
     assert len(rec.builds) == 3  # already built
     # Another kind of GPU is another engine.
     monkeypatch.setattr(hardware, "gpus", lambda: (replace(GPU, name="NVIDIA L4", compute_capability="8.9"),))
     engines.build_engines(model_dir, 1, lambda line: None)
     assert len(rec.builds) == 6 and len(list((version_dir / "engines").iterdir())) == 6
+
+
+def _load_and_close(model_dir: Path) -> None:
+    """The repository's own load of `model_dir` on the (fake) GPU, every instance on TensorRT."""
+
+    async def scenario() -> None:
+        manager = ModelManager(model_dir.parent)
+        await manager.load(model_dir.name)
+        try:
+            assert set(manager.get(model_dir.name).engines.values()) == {profile_key("tensorrt", "gpu")}
+        finally:
+            await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_finds_engines_built_for_a_config_auto_complete_fills_in(fakes, tmp_path: Path, monkeypatch) -> None:
+    """No max_batch_size in config.pbtxt: auto-complete sets it at load, and the engines built ahead carry the
+    same batch profile, so the load builds nothing."""
+    _, rec, _ = fakes
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model_dir = _repository(tmp_path, 'name: "mlp"\nbackend: "onnxruntime"\n')
+    engines.build_engines(model_dir, 1, lambda line: None)
+    batch = DEFAULT_MAX_BATCH_SIZE
+    assert [b["profiles"] for b in rec.builds] == [[{"INPUT": [(1, 4), (batch, 4), (batch, 4)]}]] * 3
+    _load_and_close(model_dir)
+    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()
 
 
 def test_optimize_refuses_early_without_tensorrt_or_a_gpu(fakes, tmp_path: Path, monkeypatch, capsys) -> None:

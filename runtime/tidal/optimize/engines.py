@@ -3,8 +3,8 @@
 Building an engine takes seconds to minutes per variant and GPU model; done at load, it delays the model's
 readiness by that much. Here every variant TensorRT can take is built for each kind of GPU on this host,
 keyed as the backend keys them at load (model hash, GPU name, compute capability, TensorRT version, batch
-profile from the model's config), into the version's `engines/` folder, where a load looks first. The
-manifest then lists tensorrt first for those variants and marks them runnable on a GPU.
+profile from the model's config as a load auto-completes it), into the version's `engines/` folder, where a
+load looks first. The manifest then lists tensorrt first for those variants and marks them runnable on a GPU.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from types import ModuleType
 
 from tidal.backends import cuda, hardware
 from tidal.errors import ConfigError
-from tidal.repository.config import backend_options
-from tidal.repository.pbtxt import parse_model_config
+from tidal.repository.config import load_config, version_spec
 from tidal.repository.variants import VariantManifest, load_manifest, save_manifest
 
 ENGINES_DIR = "engines"
@@ -52,7 +51,7 @@ def build_engines(model_dir: Path, version: int, log: Callable[[str], None]) -> 
     manifest = load_manifest(version_dir)
     if manifest is None:
         raise ConfigError(f"{version_dir}: no variants.json (run `tidal optimize` without --backend first)")
-    options = backend_options(parse_model_config(model_dir / "config.pbtxt").config)
+    options = version_spec(load_config(model_dir, model_dir.name), version_dir).spec.backend_options
     target = version_dir / ENGINES_DIR
     gpus = {(g.name, g.compute_capability): g for g in hardware.gpus()}.values()
     chosen = [v for v in manifest.variants.values() if v.kind in KINDS]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 
@@ -265,8 +266,7 @@ def _scheduling(config: mc.ModelConfig) -> tuple[SchedulerConfig, Knobs]:
     return scheduler, knobs
 
 
-def backend_options(config: mc.ModelConfig) -> BackendOptions:
-    """Public because `tidal optimize --backend tensorrt` keys the engines it builds ahead with the same options."""
+def _backend_options(config: mc.ModelConfig) -> BackendOptions:
     params = {key: value.string_value for key, value in config.parameters.items()}
 
     def int_param(key: str) -> int:
@@ -347,7 +347,7 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
         scheduler=scheduler,
         knobs=knobs,
         instance_count=knobs.instance_count,
-        backend_options=backend_options(config),
+        backend_options=_backend_options(config),
         default_model_filename=config.default_model_filename or "model.onnx",
         **_controller(config, scheduler.priority_levels),
         variants=tuple(config.variants),
@@ -360,6 +360,33 @@ def build_spec(config: mc.ModelConfig) -> ModelSpec:
     except InvalidArgument as exc:
         raise ConfigError(f"slo/controller: {exc}") from exc
     return spec
+
+
+class VersionSpec(NamedTuple):
+    spec: ModelSpec
+    default_file: Path
+    graph: onnx.GraphProto  # the default file's, read once for the callers that inspect it further
+
+
+def version_spec(parsed: ParsedConfig, version_dir: Path) -> VersionSpec:
+    """Blocking: one version's settings as a load serves them, auto-completed from its default file.
+
+    The one way from config to spec (and backend options): a load builds from it, and `tidal optimize --backend
+    tensorrt` keys the engines it builds ahead from it, so a setting auto-complete fills in (max_batch_size,
+    the batch profile) cannot differ between the engine built and the one a load looks for.
+    """
+    config = mc.ModelConfig()
+    config.CopyFrom(parsed.config)
+    default_file = version_dir / (config.default_model_filename or "model.onnx")
+    if not default_file.is_file():
+        raise ConfigError(f"{default_file} does not exist")
+    graph = read_graph(default_file)
+    try:
+        autocomplete(config, default_file, parsed.present, graph)
+        spec = build_spec(config)
+    except ConfigError as exc:  # their checks see the settings, not the file they came from
+        raise ConfigError(f"{parsed.source}: {exc}") from exc
+    return VersionSpec(spec, default_file, graph)
 
 
 def load_config(model_dir: Path, name: str) -> ParsedConfig:

@@ -25,17 +25,15 @@ from tidal.backends.base import Backend, BackendOptions
 from tidal.backends.placement import Placement, place
 from tidal.clock import Clock, SystemClock
 from tidal.errors import ConfigError, InvalidArgument, NotFound, TidalError, Unavailable
-from tidal.proto import model_config_pb2 as mc
 from tidal.repository import layout
 from tidal.repository.config import (
     MAX_INSTANCES,
     ModelSpec,
-    autocomplete,
-    build_spec,
     couples_rows,
     load_config,
     read_graph,
     run_time_follows_shapes,
+    version_spec,
 )
 from tidal.repository.pbtxt import ParsedConfig
 from tidal.repository.served import ServedVersion, close_runners
@@ -141,17 +139,7 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
     A variant no backend here can load is left out with a warning; the version fails only if none loads.
     """
     version_dir = model_path / str(version)
-    version_config = mc.ModelConfig()
-    version_config.CopyFrom(parsed.config)
-    default_file = version_dir / (version_config.default_model_filename or "model.onnx")
-    if not default_file.is_file():
-        raise ConfigError(f"{default_file} does not exist")
-    graph = read_graph(default_file)
-    try:
-        autocomplete(version_config, default_file, parsed.present, graph)
-        spec = build_spec(version_config)
-    except ConfigError as exc:  # their checks see the settings, not the file they came from
-        raise ConfigError(f"{parsed.source}: {exc}") from exc
+    spec, default_file, graph = version_spec(parsed, version_dir)
     manifest = load_manifest(version_dir)
     runners: dict[str, list[Backend]] = {}
     engines: dict[str, str] = {}
