@@ -203,9 +203,10 @@ def test_the_controller_sees_each_group_as_a_pool_and_may_route_priority_1_to_on
         served = manager.get("m")
         info = served.model_info("m:1")
         assert info.pools == (Pool("gpu", (0, 1)), Pool("cpu", (2,))) and info.priority_levels == 2
-        route = Route(1, (2,), "", 1)
+        route = Route(1, (2,), "", 1, 200)
         served.apply_setpoint(replace(served.setpoint(), route=route))
         assert served.setpoint().route == route and served.knobs.route.instances == (2,)
+        assert served.knobs.route.max_queue_delay_us == 200  # the route travels whole, both ways
         x = np.ones((1, 4), np.float32)
         request = InferRequest("m", "1", {"INPUT0": x, "INPUT1": x}, (), "", 1, None, 0.0, None)
         assert (await served.infer(request)).outputs["OUTPUT0"].tolist() == [[2.0] * 4]

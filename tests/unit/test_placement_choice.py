@@ -61,7 +61,8 @@ class Sim:
 def test_a_tight_priority_1_gets_the_cpu_pool_and_the_bulk_keeps_big_gpu_batches() -> None:
     sim = Sim({1: 4.0, 2: 50.0})
     sim.run({1: 200, 2: 20_000}, 1.0)
-    assert sim.active.route == Route(1, (1,), "fp32", sim.active.route.max_batch_size)
+    route = sim.active.route
+    assert route == Route(1, (1,), "fp32", route.max_batch_size, route.max_queue_delay_us)
     assert sim.active.variant == "fp32" and sim.active.max_batch_size >= 256  # the GPU batches at 50 ms
     assert 1 <= sim.active.route.max_batch_size <= 8  # priority 1 in small CPU batches, within 4 ms
     last = sim.controller.last("m:1")
@@ -116,7 +117,10 @@ def test_best_split_never_plans_one_side_across_two_kinds_of_device() -> None:
     split = best_split(POOLS, ["fp32"], line, _load(), rates, targets, 512, 0.7, 20.0, 0.25)
     assert split is not None and split.route.instances == (1,)  # reserving the GPU leaves the CPU too slow
     assert split.bulk.capacity > 20.0 and split.reserved.predicted_p99_ms <= 3.4
-    assert split.bulk_delay_ms == 42.5 * 0.25  # the bulk's window follows its own target
+    assert split.bulk_delay_ms == 42.5 * 0.25  # each side's window follows its own target
+    assert split.route.max_queue_delay_us == round(3.4 * 0.25 * 1e3)
+    capped = best_split(POOLS, ["fp32"], line, _load(), rates, targets, 512, 0.7, 0.5, 0.25)
+    assert capped is not None and capped.route.max_queue_delay_us == 500  # never above the configured window
     # Reserving either CPU pool leaves a GPU and a CPU for the bulk: no single line plans that, so nothing.
     three = (Pool("cpu", (0, 1)), Pool("gpu", (2,)), Pool("cpu", (3,)))
     assert best_split(three, ["fp32"], line, _load(), rates, targets, 512, 0.7, 20.0, 0.25) is None

@@ -8,14 +8,15 @@ import threading
 from dataclasses import replace
 
 import pytest
-from test_scheduling_engine import sched, serving
+from test_scheduling_engine import sched, serving, started
 
+from tidal.clock import FakeClock
 from tidal.errors import InvalidArgument
 from tidal.scheduling import Knobs, SchedulerConfig
 from tidal.scheduling.knobs import LevelRoute
 
 TWO_LEVELS = SchedulerConfig(batching=True, max_batch_size=4, priority_levels=2, default_priority_level=2)
-ROUTED = Knobs(4, 0, instance_count=2, active_variant="bulk", route=LevelRoute(1, (1,), "fast", 1))
+ROUTED = Knobs(4, 0, instance_count=2, active_variant="bulk", route=LevelRoute(1, (1,), "fast", 1, 0))
 
 
 def test_priority_1_runs_on_its_own_instance_and_variant_while_the_bulk_waits_for_the_others(
@@ -43,14 +44,37 @@ def test_priority_1_runs_on_its_own_instance_and_variant_while_the_bulk_waits_fo
     run_async(main())
 
 
+def test_priority_1_batches_with_the_route_s_own_window_not_the_bulk_s(run_async, row_backend, make_request):
+    """The bulk takes no window; the route waits 500 us for company while its other instance is busy."""
+    gate = threading.Event()
+    fast = [row_backend(), row_backend(gate), row_backend(gate)]
+    knobs = Knobs(4, 0, instance_count=3, active_variant="bulk", route=LevelRoute(1, (1, 2), "fast", 4, 500))
+    clock = FakeClock()
+
+    async def main():
+        scheduler = sched({"bulk": [row_backend() for _ in range(3)], "fast": fast}, TWO_LEVELS, knobs, clock)
+        async with serving(scheduler, gate) as s:
+            head = asyncio.create_task(s.infer(make_request(priority=1, arrival_s=clock.now())))
+            await started(fast[1])
+            follower = asyncio.create_task(s.infer(make_request(priority=1, arrival_s=clock.now())))
+            await asyncio.sleep(0)
+            clock.advance(0.0005)
+            await started(fast[2])
+            gate.set()
+            await asyncio.gather(head, follower)
+            assert s.stats().queue.ns == 500_000  # the follower waited the route's window, not the bulk's 0
+
+    run_async(main())
+
+
 @pytest.mark.parametrize(
     ("route", "message"),
     [
-        (LevelRoute(2, (1,), "fast", 1), "it has 2 priority level"),
-        (LevelRoute(1, (0, 1), "fast", 1), r"instances \(0, 1\) are not a part of 0..1"),
-        (LevelRoute(1, (2,), "fast", 1), r"instances \(2,\) are not a part"),
-        (LevelRoute(1, (1,), "nope", 1), "no variant 'nope' is loaded"),
-        (LevelRoute(1, (1,), "fast", 8), "max_batch_size 8 exceeds its limit 4"),
+        (LevelRoute(2, (1,), "fast", 1, 0), "it has 2 priority level"),
+        (LevelRoute(1, (0, 1), "fast", 1, 0), r"instances \(0, 1\) are not a part of 0..1"),
+        (LevelRoute(1, (2,), "fast", 1, 0), r"instances \(2,\) are not a part"),
+        (LevelRoute(1, (1,), "nope", 1, 0), "no variant 'nope' is loaded"),
+        (LevelRoute(1, (1,), "fast", 8, 0), "max_batch_size 8 exceeds its limit 4"),
     ],
 )
 def test_a_route_the_model_cannot_take_is_refused_and_changes_nothing(row_backend, route, message):

@@ -74,13 +74,15 @@ class Pool:
 
 @dataclass(frozen=True)
 class Route:
-    """Levels 1..`levels` run only on `instances`, with `variant` in batches of at most `max_batch_size` rows;
-    the other levels run on the remaining instances under the setpoint's own variant and batch limit."""
+    """Levels 1..`levels` run only on `instances`, with `variant` in batches of at most `max_batch_size` rows
+    waiting at most `max_queue_delay_us` for company (their own window: they were planned at their own target);
+    the other levels run on the remaining instances under the setpoint's own variant, batch limit and window."""
 
     levels: int
     instances: tuple[int, ...]
     variant: str
     max_batch_size: int
+    max_queue_delay_us: int
 
 
 @dataclass(frozen=True)

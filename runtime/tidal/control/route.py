@@ -62,7 +62,8 @@ def best_split(
             for variant in ranked:
                 reserved = _plan(variant, [pool], line, reserved_load, limit)
                 if reserved is not None and reserved.fits(utilisation, reserved_load.target_ms):
-                    route = Route(RESERVED_LEVELS, pool.instances, variant, max(reserved.max_batch, 1))
+                    delay_us = round(reserved_load.delay_ms * 1e3)
+                    route = Route(RESERVED_LEVELS, pool.instances, variant, max(reserved.max_batch, 1), delay_us)
                     return Split(route, bulk, reserved, bulk_load.delay_ms)
     return None
 

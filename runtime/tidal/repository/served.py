@@ -29,10 +29,20 @@ def close_runners(runners: dict[str, list[Backend]]) -> None:
             backend.close()
 
 
+def _route(r: LevelRoute | None) -> Route | None:
+    """The scheduler's route as the controller speaks of it; `_level_route` is the way back."""
+    return None if r is None else Route(r.levels, r.instances, r.variant, r.max_batch_size, r.max_queue_delay_us)
+
+
+def _level_route(r: Route | None) -> LevelRoute | None:
+    return None if r is None else LevelRoute(r.levels, r.instances, r.variant, r.max_batch_size, r.max_queue_delay_us)
+
+
 def _setpoint(knobs: Knobs) -> Setpoint:
-    r = knobs.route
-    route = None if r is None else Route(r.levels, r.instances, r.variant, r.max_batch_size)
-    return Setpoint(knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits, route)
+    return Setpoint(
+        knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits,
+        _route(knobs.route),
+    )
 
 
 def _device_profiles(entry: Variant) -> dict[str, tuple[tuple[int, ...], tuple[float, ...]]]:
@@ -131,8 +141,7 @@ class ServedVersion:
             max_batch_size=setpoint.max_batch_size,
             max_queue_delay_us=setpoint.max_queue_delay_us,
             admission_limits=setpoint.admission_limits,
-            route=None if (r := setpoint.route) is None else LevelRoute(r.levels, r.instances, r.variant,
-                                                                        r.max_batch_size),
+            route=_level_route(setpoint.route),
         ))
 
     def observe(self) -> Observation:

@@ -248,7 +248,8 @@ class ModelScheduler:
         if problem:
             raise InvalidArgument(f"model '{self._name}' cannot route levels 1..{route.levels}: {problem}")
         top = _Lane(range(1, route.levels + 1), route.instances, route.variant, self._runners[route.variant],
-                    BatchLimits.of(self._config, replace(knobs, max_batch_size=route.max_batch_size)))
+                    BatchLimits.of(self._config, replace(knobs, max_batch_size=route.max_batch_size,
+                                                         max_queue_delay_us=route.max_queue_delay_us)))
         return _Active(knobs, (top, lane._replace(levels=range(route.levels + 1, levels + 1), instances=rest)))
 
     def _schedule(self) -> None:

@@ -16,12 +16,14 @@ from tidal.errors import InvalidArgument
 @dataclass(frozen=True)
 class LevelRoute:
     """Levels 1..`levels` run only on the instances `instances`, with `variant`, in batches of at most
-    `max_batch_size` rows; every other level runs on the remaining instances under the knobs' own variant."""
+    `max_batch_size` rows that wait at most `max_queue_delay_us` for company; every other level runs on the
+    remaining instances under the knobs' own variant, batch limit and window."""
 
     levels: int
     instances: tuple[int, ...]
     variant: str
     max_batch_size: int
+    max_queue_delay_us: int
 
 
 @dataclass(frozen=True)
