@@ -11,8 +11,8 @@ import pytest
 from test_scheduling_engine import sched, serving, started
 
 from tidal.clock import FakeClock
-from tidal.errors import InvalidArgument
-from tidal.scheduling import Knobs, SchedulerConfig
+from tidal.errors import InvalidArgument, ResourceExhausted
+from tidal.scheduling import Knobs, QueuePolicy, SchedulerConfig
 from tidal.scheduling.knobs import LevelRoute
 
 TWO_LEVELS = SchedulerConfig(batching=True, max_batch_size=4, priority_levels=2, default_priority_level=2)
@@ -63,6 +63,37 @@ def test_priority_1_batches_with_the_route_s_own_window_not_the_bulk_s(run_async
             gate.set()
             await asyncio.gather(head, follower)
             assert s.stats().queue.ns == 500_000  # the follower waited the route's window, not the bulk's 0
+
+    run_async(main())
+
+
+def test_a_refusal_pushes_back_by_the_pace_of_its_own_lane(run_async, row_backend, make_request):
+    """The bulk's lane drains at 5 ms a request on its one instance; priority 1's faster batch, finished
+    last, says nothing of that pace."""
+    bulk_gate, fast_gate = threading.Event(), threading.Event()
+    bulk, fast = [row_backend(bulk_gate), row_backend()], [row_backend(), row_backend(fast_gate)]
+    config = replace(TWO_LEVELS, default_policy=QueuePolicy(max_queue_size=2))
+    clock = FakeClock()
+
+    async def main():
+        async with serving(sched({"bulk": bulk, "fast": fast}, config, replace(ROUTED, max_batch_size=1), clock),
+                           bulk_gate, fast_gate) as s:
+            for backend, gate, level, ms in ((bulk[0], bulk_gate, 2, 5), (fast[1], fast_gate, 1, 1)):
+                measured = asyncio.create_task(s.infer(make_request(priority=level)))
+                await started(backend)
+                clock.advance(ms / 1e3)
+                gate.set()
+                await measured
+            bulk_gate.clear()
+            head = asyncio.create_task(s.infer(make_request(priority=2)))
+            await started(bulk[0])
+            queued = [asyncio.create_task(s.infer(make_request(priority=2))) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(ResourceExhausted) as refused:
+                await s.infer(make_request(priority=2))
+            assert refused.value.pushback_ms == 10  # two queued ahead at the bulk's 5 ms each
+            bulk_gate.set()
+            await asyncio.gather(head, *queued)
 
     run_async(main())
 

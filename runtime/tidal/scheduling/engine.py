@@ -102,7 +102,9 @@ class ModelScheduler:
         slots = max(len(instances) for instances in self._runners.values())
         self._busy = [False] * slots
         self._running = 0  # requests inside executing batches
-        self._request_s = 0.0  # the last batch's time per request: the pace the queue drains at, per instance
+        # Per lane (keyed by its levels): its last batch's time per request, the pace its queue drains at per
+        # instance. Lanes differ in variant and device, so one lane's pace says nothing of another's.
+        self._request_s: dict[range | None, float] = {}
         self._workers = InstanceWorkers(slots, name)
         self._timer = PreciseTimer(name, self._on_timer, self._clock)
         self._timer_at: float | None = None
@@ -161,8 +163,10 @@ class ModelScheduler:
             for output in request.requested_outputs:
                 if output not in self._declared_set:
                     raise InvalidArgument(f"model '{self._name}' has no output '{output}'")
-            knobs = self._active.knobs
-            entry = self._queue.admit(request, now, knobs.admission_limits, self._request_s / knobs.instance_count)
+            level = self._config.level_of(request.priority)
+            lane = next(lane for lane in self._active.lanes if lane.levels is None or level in lane.levels)
+            pace_s = self._request_s.get(lane.levels, 0.0) / len(lane.instances)
+            entry = self._queue.admit(request, now, self._active.knobs.admission_limits, pace_s)
         except TidalError as exc:
             reason = "REJECTED" if isinstance(exc, ResourceExhausted | DeadlineExceeded) else "OTHER"
             self._stats.failed(request.arrival_s, reason, now)
@@ -304,31 +308,31 @@ class ModelScheduler:
             lane.variant in self._coupled,
         )
         if self._inline is not None and self._inline.inline(sum(entry.rows for entry in entries)):
-            self._complete(index, entries, lane.variant, now, job())
+            self._complete(index, entries, lane, now, job())
             return True
-        done = functools.partial(self._finish, index, entries, lane.variant, now)
+        done = functools.partial(self._finish, index, entries, lane, now)
         self._workers.submit(index, job, done)
         return False
 
-    def _finish(self, index: int, entries: list[Entry], variant: str, started_s: float, outcome: BatchOutcome) -> None:
-        self._complete(index, entries, variant, started_s, outcome)
+    def _finish(self, index: int, entries: list[Entry], lane: _Lane, started_s: float, outcome: BatchOutcome) -> None:
+        self._complete(index, entries, lane, started_s, outcome)
         self._schedule()
 
     def _complete(
-        self, index: int, entries: list[Entry], variant: str, started_s: float, outcome: BatchOutcome
+        self, index: int, entries: list[Entry], lane: _Lane, started_s: float, outcome: BatchOutcome
     ) -> None:
         self._busy[index] = False
         self._running -= len(entries)
         now = self._clock.now()
         if outcome.error is None:
-            self._request_s = (outcome.input_s + outcome.infer_s + outcome.output_s) / len(entries)
+            self._request_s[lane.levels] = (outcome.input_s + outcome.infer_s + outcome.output_s) / len(entries)
             if self._inline is not None:
                 self._inline.ran(sum(entry.rows for entry in entries), outcome.infer_s)
-            self._stats.executed(entries, outcome, started_s, variant, now)
+            self._stats.executed(entries, outcome, started_s, lane.variant, now)
             for entry, outputs in zip(entries, outcome.outputs, strict=True):
                 request = entry.request
                 response = InferResponse(
-                    request.model_name, request.model_version, outputs, request.id, {VARIANT_PARAMETER: variant}
+                    request.model_name, request.model_version, outputs, request.id, {VARIANT_PARAMETER: lane.variant}
                 )
                 self._answer(entry, response)
         else:
