@@ -44,13 +44,13 @@ class Sim:
         self.now = 0.0
         self.arrived = {1: 0, 2: 0}
 
-    def run(self, rps: dict[int, float], seconds: float) -> list:
+    def run(self, rps: dict[int, float], seconds: float, queued: int = 0) -> list:
         changed = []
         for _ in range(round(seconds / PERIOD)):
             self.now += PERIOD
             for level, rate in rps.items():
                 self.arrived[level] += round(rate * PERIOD)
-            obs = Observation(self.now, {1: 0, 2: 0}, 0, dict(self.arrived), 0, 0, (), ())
+            obs = Observation(self.now, {1: 0, 2: queued}, 0, dict(self.arrived), 0, 0, (), ())
             decision = self.controller.step("m:1", obs, self.active)
             if decision.changed:
                 self.active = decision.setpoint
@@ -67,6 +67,15 @@ def test_a_tight_priority_1_gets_the_cpu_pool_and_the_bulk_keeps_big_gpu_batches
     assert 1 <= sim.active.route.max_batch_size <= 8  # priority 1 in small CPU batches, within 4 ms
     last = sim.controller.last("m:1")
     assert last.reason is Reason.ROUTE and "priority 1 on instances 1 with fp32" in last.detail
+
+
+def test_a_split_drains_the_queue_at_the_bulk_s_pace() -> None:
+    """The unrouted first period saw no queue; the split then sees 2,000 rows queued, all on the bulk side (the
+    GPU at batch 256..512: 56..72 rows a ms), so the window restarts once they have drained, not at once."""
+    sim = Sim({1: 4.0, 2: 50.0})
+    assert [d.reason for d in sim.run({1: 200, 2: 20_000}, PERIOD)] != [Reason.ROUTE]
+    assert [d.reason for d in sim.run({1: 200, 2: 20_000}, 1.0, queued=2_000)] == [Reason.ROUTE]
+    assert 2_000 / 72 / 1e3 < sim.controller._model("m:1").drain_s < 2_000 / 56 / 1e3
 
 
 def test_without_the_split_the_same_load_is_out_of_reach() -> None:

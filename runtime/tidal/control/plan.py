@@ -67,6 +67,10 @@ class Plan:
     def fits(self, utilisation: float, target_ms: float) -> bool:
         return self.max_batch > 0 and self.utilisation <= utilisation and self.predicted_p99_ms <= target_ms
 
+    def drain_s(self, queued_rows: float) -> float:
+        """How long `queued_rows` take to serve at this plan's capacity; 0 when it has none."""
+        return queued_rows / self.capacity / 1e3 if self.capacity > 0 else 0.0
+
 
 def largest_batch(line: Line, load: Load, limit: int) -> int:
     """The most rows one execution may take and still meet the target; 0 when not even the smallest request does."""

@@ -256,7 +256,7 @@ class SloController:
         if reason is Reason.SHED:
             self._adapt_scale(model, p)
         setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
-        model.drain_s = p.load.queued_rows / plan.capacity / 1e3 if plan.capacity > 0 else 0.0
+        model.drain_s = plan.drain_s(p.load.queued_rows)
         return self._decision(model, at_s, active, setpoint, reason, describe(why, plan, setpoint, p), p,
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms, plan)
 
@@ -335,6 +335,7 @@ class SloController:
         else:
             model.fit_since = None
         model.shedding, route = False, split.route
+        model.drain_s = split.bulk.drain_s(p.load.queued_rows)  # the bulk side holds the whole queue
         batch = split.bulk.max_batch if info.max_batch_size else 0
         setpoint = Setpoint(split.bulk.variant, batch, round(split.bulk_delay_ms * 1e3), (), route)
         was = active.route
