@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from test_scheduling_engine import sched, serving, started
+from scheduling_support import sched, serving, started
 
 import onnx_models
 from tidal.backends.base import BackendOptions

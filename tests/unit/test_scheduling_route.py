@@ -8,7 +8,7 @@ import threading
 from dataclasses import replace
 
 import pytest
-from test_scheduling_engine import sched, serving, started
+from scheduling_support import sched, serving, started
 
 from tidal.clock import FakeClock
 from tidal.errors import InvalidArgument, ResourceExhausted
@@ -30,7 +30,7 @@ def test_priority_1_runs_on_its_own_instance_and_variant_while_the_bulk_waits_fo
         scheduler = sched({"bulk": bulk, "fast": fast}, TWO_LEVELS, ROUTED)
         async with serving(scheduler, gate) as s:
             held = asyncio.create_task(s.infer(make_request(priority=2, value=1.0)))
-            await asyncio.to_thread(bulk[0].started.acquire)  # instance 0 is busy with the bulk
+            await started(bulk[0])  # instance 0 is busy with the bulk
             waiting = [asyncio.create_task(s.infer(make_request(priority=2, value=2.0))) for _ in range(3)]
             urgent = await asyncio.gather(*(s.infer(make_request(priority=1, value=3.0)) for _ in range(3)))
             assert {r.parameters["tidal_variant"] for r in urgent} == {"fast"}
