@@ -365,16 +365,39 @@ def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
         vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
         cpu = ", ".join(_cpu(m) for m in (echo, floor, off, on, pyt))
         batch = " / ".join(f"{m['batch']:.1f}" if m and "batch" in m else "-" for m in (floor, on, pyt))
+
+        def ratio(other: str, c: int = c) -> str:
+            return _ratio(paired(points, name, c, "on", other))
+
         lines.append(
             f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(floor)} | {_lat(floor)} | {_rate(off)} | {_lat(off)} "
-            f"| {_rate(on)} | {_lat(on)} | {_rate(pyt)} | {_lat(pyt)} | {batch} | {_ratio(on, echo)} "
-            f"| {_ratio(on, floor)} | {_ratio(on, pyt)} | {vs_raw} | {cpu} |"
+            f"| {_rate(on)} | {_lat(on)} | {_rate(pyt)} | {_lat(pyt)} | {batch} | {ratio('echo')} "
+            f"| {ratio('floor')} | {ratio('pytriton')} | {vs_raw} | {cpu} |"
         )
     return lines
 
 
-def _ratio(a: dict | None, b: dict | None) -> str:
-    return f"{a['throughput'] / b['throughput']:.2f}" if a and b else "-"
+def _throughput(point: dict) -> float:
+    return point["throughput"]
+
+
+def _cpu_per_request(point: dict) -> float:
+    return point["server_cpu"] / point["throughput"]
+
+
+def paired(points: list[dict], model: str, concurrency: int, a: str, b: str, value=_throughput) -> list[float]:
+    """`value` of server a over server b within each repeat: the two were measured minutes apart at most, so the
+    ratio keeps what a shared host's load does to both out of the comparison."""
+    at = {(p["repeat"], p["server"]): p for p in points if p["model"] == model and p["concurrency"] == concurrency}
+    repeats = sorted({r for r, _ in at})
+    return [value(at[r, a]) / value(at[r, b]) for r in repeats if (r, a) in at and (r, b) in at]
+
+
+def _ratio(ratios: list[float]) -> str:
+    if not ratios:
+        return "-"
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
 
 
 def targets(points: list[dict], raw: dict) -> list[str]:
@@ -388,13 +411,16 @@ def targets(points: list[dict], raw: dict) -> list[str]:
             f"| {what} | {measured:{fmt}} | {'>=' if at_least else '<='} {goal:{fmt}} | {'yes' if met else 'NO'} |"
         )
 
-    echo, on, pyt = (summarize(points, model="mlp", server=k, concurrency=128) for k in ("echo", "on", "pytriton"))
-    if echo and on:
-        add("mlp c128 batching on: throughput / echo", on["throughput"] / echo["throughput"], 0.7, ".2f", True)
-        per_request = [m["server_cpu"] / m["throughput"] for m in (on, echo)]
-        add("mlp c128: server CPU per request / echo's", per_request[0] / per_request[1], 1.4, ".2f", False)
+    def add_paired(what: str, other: str, goal: float, at_least: bool, value=_throughput) -> None:
+        ratios = paired(points, "mlp", 128, "on", other, value)
+        if ratios:
+            add(what, statistics.median(ratios), goal, ".2f", at_least)
+
+    add_paired("mlp c128 batching on: throughput / echo (median of paired repeats)", "echo", 0.7, True)
+    add_paired("mlp c128: server CPU per request / echo's", "echo", 1.4, False, _cpu_per_request)
+    add_paired("mlp c128 batching on: throughput / PyTriton", "pytriton", 1.2, True)
+    on, pyt = (summarize(points, model="mlp", server=k, concurrency=128) for k in ("on", "pytriton"))
     if on and pyt:
-        add("mlp c128 batching on: throughput / PyTriton", on["throughput"] / pyt["throughput"], 1.2, ".2f", True)
         add("mlp c128 batching on: p99 (ms), below PyTriton's", on["p99_ms"], pyt["p99_ms"], ".1f", False)
     echo = summarize(points, model="mlp", server="echo", concurrency=1)
     for kind in ("off", "on"):
