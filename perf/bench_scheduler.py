@@ -312,7 +312,7 @@ def warm_up(running: dict[str, Server]) -> None:
 
 # -- report ---------------------------------------------------------------------------------------
 BEGIN, END = "<!-- bench_scheduler: generated, do not edit -->", "<!-- bench_scheduler: end -->"
-SECTION = "## Scheduler (issue 3)"
+SECTION = "## Request path: tidal against the echo, the floor and PyTriton (issue 16)"
 
 
 def summarize(points: Iterable[dict], **where) -> dict | None:
