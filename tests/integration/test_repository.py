@@ -16,7 +16,7 @@ from live_server import start_server
 from tidal.errors import Code, TidalError
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
-from tidal.repository import manager as manager_module
+from tidal.repository import config as config_module
 from tidal.repository.manager import ModelManager
 from tidal.repository.poll import RepositoryPoller
 
@@ -145,14 +145,14 @@ def _broken_repository(root: Path) -> Path:
 @pytest.fixture
 def explosive_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug nobody has found yet: building the spec of any model named 'explodes*' raises a plain exception."""
-    real = manager_module.build_spec
+    real = config_module.build_spec
 
     def build_spec(config):
         if config.name.startswith("explodes"):
             raise KeyError("a bug")
         return real(config)
 
-    monkeypatch.setattr(manager_module, "build_spec", build_spec)
+    monkeypatch.setattr(config_module, "build_spec", build_spec)  # what every load builds its spec with
 
 
 def test_start_up_load_survives_any_one_model_failing(tmp_path: Path, explosive_build: None) -> None:
