@@ -1,0 +1,51 @@
+"""EdgeMeter's readings from probes fed by hand: the busy share, lag and rates behind the saturation gauge."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidal.dataplane.edge import BUSY_WINDOW_S, LAG_FULL_MS, PROBE_S, EdgeMeter
+
+
+def feed(edge: EdgeMeter, start_s: float, seconds: float, cpu_share: float, cpu_s: float, lag_ms: float = 0.0) -> float:
+    """Probes every PROBE_S for `seconds` with the loop's thread busy `cpu_share` of the time; the CPU time
+    reached."""
+    steps = round(seconds / PROBE_S)
+    for i in range(1, steps + 1):
+        cpu_s += cpu_share * PROBE_S
+        edge.record(start_s + i * PROBE_S, cpu_s, lag_ms)
+    return cpu_s
+
+
+def test_a_loop_that_fills_up_reads_busy_within_the_busy_window() -> None:
+    edge = EdgeMeter(lambda: 0.0)
+    cpu = feed(edge, 0.0, 2.0, 0.1, 0.0)
+    assert edge.busy() == pytest.approx(0.1)
+    feed(edge, 2.0, BUSY_WINDOW_S, 1.0, cpu)
+    assert edge.busy() == pytest.approx(1.0)  # over the whole second it would still read about 0.3
+
+
+def test_a_starved_loop_with_one_recent_probe_measures_from_the_one_before() -> None:
+    edge = EdgeMeter(lambda: 0.0)
+    cpu = feed(edge, 0.0, 1.0, 0.2, 0.0)
+    edge.record(1.0 + 2 * BUSY_WINDOW_S, cpu + 0.9 * 2 * BUSY_WINDOW_S, 0.0)  # the probe itself ran late
+    assert edge.busy() == pytest.approx(0.9)
+
+
+def test_lag_alone_marks_the_loop_busy() -> None:
+    edge = EdgeMeter(lambda: 0.0)
+    feed(edge, 0.0, 0.5, 0.0, 0.0, lag_ms=LAG_FULL_MS / 2)
+    assert edge.busy() == pytest.approx(0.5)
+    assert edge.lag_ms() == pytest.approx(LAG_FULL_MS / 2)
+
+
+def test_rates_count_what_arrived_over_the_window() -> None:
+    edge = EdgeMeter(lambda: 0.0)
+    edge.gate("m", 1)
+    cpu = feed(edge, 0.0, 0.2, 0.1, 0.0)
+    for step in range(10):
+        for _ in range(50):
+            edge.received("m")
+        cpu = feed(edge, 0.2 + step * 0.1, 0.1, 0.1, cpu)
+    received, _ = edge.rates("m")
+    assert received == pytest.approx(500.0, rel=0.15)
