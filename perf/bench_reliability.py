@@ -1,6 +1,6 @@
 """Reliability: overload at 5x capacity, a soak at 70%, SIGTERM under load, and 20,000 fuzzed messages.
 
-    .venv/bin/python perf/bench_reliability.py [--soak-s 600] [--overload-s 30] [--fuzz 20000]
+    .venv/bin/python perf/bench_reliability.py [--soak-s 600] [--overload-s 30] [--fuzz 20000] [--pin]
         [--out perf/out/reliability] [--results perf/RELIABILITY.md]
 
 One run against a real `tidal serve` of the demo's `digits` (its SLO and controller on), `tidal bench` as the
@@ -16,7 +16,9 @@ load, 1-row requests:
 4. SIGTERM during a closed loop of 32 callers: what each call got (no CANCELLED, no call lost);
 5. --fuzz messages: valid requests with random byte mutations, truncations and random bytes, sent raw to
    ModelInfer: the statuses, and whether the server still serves.
-Figures go to --results between markers, with the command and the host's CPU.
+Figures go to --results between markers, with the command and the host's CPU. With --pin the server runs on
+a core of its own and the load generator on the rest, so what a stalled loop costs is the server's own doing,
+not the generator's competition for its core.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +122,24 @@ def soak(server: ServerProcess, c: float, args: argparse.Namespace) -> dict[str,
                         "growth": end / max(first_minute) - 1.0}}
 
 
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Processes started inside run on `cpus` (children inherit this process's affinity); None: as they are."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def sigterm(repository: Path, args: argparse.Namespace) -> dict[str, Any]:
     """32 closed-loop callers; SIGTERM after 3 s; the bench runs on until the server is gone."""
-    server = start_server(repository, "--load-model", MODEL, "--drain-grace-s", "20")
+    with pinned(args.server_cpus):
+        server = start_server(repository, "--load-model", MODEL, "--drain-grace-s", "20")
     out = args.out / "sigterm"
     cmd = [sys.executable, "-m", "tidal", "bench", "-u", server.url, "-m", MODEL, "--concurrency", "32",
            "--duration-s", "8", "--warmup-s", "0", "--no-progress", "--request-timeout-s", "10", "-o", str(out)]
@@ -200,7 +219,7 @@ def render(r: dict[str, Any], command: str) -> str:
     w = s["loop_wait"]
     return "\n".join([
         BEGIN,
-        f"`{command}` on {r['cpu']}; load generator on the same cores. Capacity C = {r['C']:.0f} 1-row "
+        f"`{command}` on {r['cpu']}; {r['placement']}. Capacity C = {r['C']:.0f} 1-row "
         f"requests/s within the {r['slo_ms']:g} ms SLO (demo `digits`, controller on): the lowest non-zero of "
         f"{', '.join(f'{c:.0f}' for c in r['C_tries'])}.", "",
         "| run | load | statuses | health (50 ms probe) | RSS MiB |", "|---|---|---|---|---|",
@@ -231,11 +250,23 @@ def main() -> int:
     parser.add_argument("--capacity-tries", type=int, default=3, help="capacity searches; C is the lowest non-zero")
     parser.add_argument("--out", type=Path, default=Path("perf/out/reliability"))
     parser.add_argument("--results", type=Path, default=Path("perf/RELIABILITY.md"))
+    parser.add_argument("--pin", action="store_true",
+                        help="the server on the first CPU, the load generator on the others, as a server with a core "
+                             "of its own runs (by default they share every core)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     repository = demo.ensure_demo_repository()
-    r: dict[str, Any] = {"cpu": cpu_description(), "slo_ms": args.slo_ms, "overload_s": args.overload_s}
-    server = start_server(repository, "--load-model", MODEL)
+    cores = sorted(os.sched_getaffinity(0))
+    args.server_cpus = {cores[0]} if args.pin and len(cores) > 1 else None
+    placement = "load generator on the same cores"
+    if args.server_cpus is not None:
+        placement = f"server pinned to CPU {cores[0]}, load generator to CPU(s) {', '.join(map(str, cores[1:]))}"
+    r: dict[str, Any] = {"cpu": cpu_description(), "slo_ms": args.slo_ms, "overload_s": args.overload_s,
+                         "placement": placement}
+    with pinned(args.server_cpus):
+        server = start_server(repository, "--load-model", MODEL)
+    if args.server_cpus is not None:
+        os.sched_setaffinity(0, set(cores[1:]))  # every load process started from here on
     try:
         r["C_tries"] = [
             find_capacity(server.url, MODEL, 1, args.slo_ms, args.out / f"capacity{i}", workers=args.workers,
