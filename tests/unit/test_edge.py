@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.dataplane.edge import BUSY_WINDOW_S, LAG_FULL_MS, PROBE_S, EdgeMeter
+from tidal.dataplane.edge import LAG_FULL_MS, PROBE_S, WINDOW_S, EdgeMeter
 
 
 def feed(edge: EdgeMeter, start_s: float, seconds: float, cpu_share: float, cpu_s: float, lag_ms: float = 0.0) -> float:
@@ -17,18 +17,20 @@ def feed(edge: EdgeMeter, start_s: float, seconds: float, cpu_share: float, cpu_
     return cpu_s
 
 
-def test_a_loop_that_fills_up_reads_busy_within_the_busy_window() -> None:
+def test_a_loop_that_fills_up_reads_busy_once_the_window_has_passed() -> None:
     edge = EdgeMeter(lambda: 0.0)
     cpu = feed(edge, 0.0, 2.0, 0.1, 0.0)
     assert edge.busy() == pytest.approx(0.1)
-    feed(edge, 2.0, BUSY_WINDOW_S, 1.0, cpu)
-    assert edge.busy() == pytest.approx(1.0)  # over the whole second it would still read about 0.3
+    cpu = feed(edge, 2.0, WINDOW_S / 2, 1.0, cpu)
+    assert edge.busy() == pytest.approx(0.55, abs=0.02)  # half the window busy
+    feed(edge, 2.0 + WINDOW_S / 2, WINDOW_S / 2, 1.0, cpu)
+    assert edge.busy() == pytest.approx(1.0, abs=0.02)
 
 
 def test_a_starved_loop_with_one_recent_probe_measures_from_the_one_before() -> None:
     edge = EdgeMeter(lambda: 0.0)
     cpu = feed(edge, 0.0, 1.0, 0.2, 0.0)
-    edge.record(1.0 + 2 * BUSY_WINDOW_S, cpu + 0.9 * 2 * BUSY_WINDOW_S, 0.0)  # the probe itself ran late
+    edge.record(1.0 + 2 * WINDOW_S, cpu + 0.9 * 2 * WINDOW_S, 0.0)  # the probe itself ran late
     assert edge.busy() == pytest.approx(0.9)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import time
 from collections.abc import Callable
 
@@ -26,10 +25,7 @@ from tidal.control.admission import AdmissionGate, saturation
 from tidal.types import EdgeObservation
 
 PROBE_S = 0.01  # how often the loop is probed
-WINDOW_S = 1.0  # rates and lag are reported over this window
-# The busy share over a shorter one: a loop that fills up shows in the saturation gauge within a quarter second
-# (with WINDOW_S it took most of a second), still long enough that one collection pause does not.
-BUSY_WINDOW_S = 0.25
+WINDOW_S = 1.0  # rates, busy share and lag are reported over this window
 RATE_STEP_S = 0.1  # resolution of the request rates
 LAG_FULL_MS = 10.0  # a loop that keeps ready callbacks waiting this long counts as fully busy
 
@@ -102,16 +98,11 @@ class EdgeMeter:
         return max((lag for _, _, lag in self._probes), default=0.0)
 
     def busy(self) -> float:
-        """Share of wall time the loop's thread ran over BUSY_WINDOW_S, raised by lag when it is starved."""
+        """Share of wall time the loop's thread ran over the window, raised by lag when it is starved."""
         probes = self._probes
         if len(probes) < 2:
             return 0.0
-        t1, cpu1, _ = probes[-1]
-        t0, cpu0, _ = probes[-2]  # a starved loop may have probed only once within the window
-        for at, cpu, _ in itertools.islice(reversed(probes), 2, None):
-            if at < t1 - BUSY_WINDOW_S:
-                break
-            t0, cpu0 = at, cpu
+        (t0, cpu0, _), (t1, cpu1, _) = probes[0], probes[-1]
         share = (cpu1 - cpu0) / (t1 - t0) if t1 > t0 else 0.0
         return max(min(share, 1.0), min(self.lag_ms() / LAG_FULL_MS, 1.0))
 
