@@ -68,6 +68,7 @@ class _Active(NamedTuple):
 
     knobs: Knobs
     lanes: tuple[_Lane, ...]
+    by_level: tuple[_Lane, ...]  # the lane serving each priority level (index: level - 1)
 
 
 class ModelScheduler:
@@ -163,8 +164,7 @@ class ModelScheduler:
             for output in request.requested_outputs:
                 if output not in self._declared_set:
                     raise InvalidArgument(f"model '{self._name}' has no output '{output}'")
-            level = self._config.level_of(request.priority)
-            lane = next(lane for lane in self._active.lanes if lane.levels is None or level in lane.levels)
+            lane = self._active.by_level[self._config.level_of(request.priority) - 1]
             pace_s = self._request_s.get(lane.levels, 0.0) / len(lane.instances)
             entry = self._queue.admit(request, now, self._active.knobs.admission_limits, pace_s)
         except TidalError as exc:
@@ -236,10 +236,10 @@ class ModelScheduler:
         everyone = tuple(range(knobs.instance_count))
         lane = _Lane(None, everyone, variant, backends, BatchLimits.of(self._config, knobs))
         route = knobs.route
-        if route is None:
-            return _Active(knobs, (lane,))
-        rest = tuple(i for i in everyone if i not in route.instances)
         levels = self._config.priority_levels
+        if route is None:
+            return _Active(knobs, (lane,), (lane,) * levels)
+        rest = tuple(i for i in everyone if i not in route.instances)
         problem = ""
         if not 1 <= route.levels < levels:
             problem = f"it has {levels} priority level(s)"
@@ -254,7 +254,8 @@ class ModelScheduler:
         top = _Lane(range(1, route.levels + 1), route.instances, route.variant, self._runners[route.variant],
                     BatchLimits.of(self._config, replace(knobs, max_batch_size=route.max_batch_size,
                                                          max_queue_delay_us=route.max_queue_delay_us)))
-        return _Active(knobs, (top, lane._replace(levels=range(route.levels + 1, levels + 1), instances=rest)))
+        bulk = lane._replace(levels=range(route.levels + 1, levels + 1), instances=rest)
+        return _Active(knobs, (top, bulk), (top,) * route.levels + (bulk,) * (levels - route.levels))
 
     def _schedule(self) -> None:
         """Expire, then fill every free instance the batcher allows, lane by lane, then arm the timer."""
