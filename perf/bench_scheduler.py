@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -152,8 +153,6 @@ class Server:
 
 
 def free_ports(count: int) -> list[int]:
-    import socket
-
     socks = [socket.socket() for _ in range(count)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -201,14 +200,14 @@ def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
         tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
         tidal_cmd += ["--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"]
         started["tidal"] = Server(tidal_cmd, r"serving gRPC on .*:(\d+)$", work / "tidal.log")
+        onnx_files = {name: repo / name / "1" / "model.onnx" for name in MODELS}
         for name, model in MODELS.items():
             echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]
             echo_cmd += ["--dims", ",".join(map(str, model.input_dims)), "--max-batch-size", str(MAX_BATCH)]
             started[f"echo:{name}"] = Server(echo_cmd, r"^(\d+)$", work / f"echo-{name}.log")
             floor_cmd = [sys.executable, str(ROOT / "perf" / "floor_server.py"), *echo_cmd[2:]]
-            floor_cmd += ["--onnx", str(repo / name / "1" / "model.onnx")]
+            floor_cmd += ["--onnx", str(onnx_files[name])]
             started[f"floor:{name}"] = Server(floor_cmd, r"^(\d+)$", work / f"floor-{name}.log")
-        onnx_files = {name: repo / name / "1" / "model.onnx" for name in MODELS}
         pytriton = start_pytriton(onnx_files, work, PYTRITON_WINDOW_US)
         if pytriton is not None:
             started["pytriton"] = pytriton[0]

@@ -29,8 +29,6 @@ from echo_server import EchoServicer
 
 from tidal.proto import grpc_service_pb2 as pb
 
-MAX_BATCH = 128
-
 
 class FloorServicer(EchoServicer):
     """One model input and output; every request is one row, so the batch is the queue's length."""
@@ -68,7 +66,8 @@ class FloorServicer(EchoServicer):
     def _start(self) -> None:
         if self._running or not self._queued:
             return
-        job, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        most = max(self._max_batch_size, 1)  # --max-batch-size, as the echo declares it
+        job, self._queued = self._queued[:most], self._queued[most:]
         self._running = True
         state = next(iter(self._models.values()))
         state.success_count += 1  # reported as executions: perf_analyzer and the bench read the batch size
