@@ -4,6 +4,7 @@ statistics for the controller, a real ONNX Runtime session, and the precise time
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -17,7 +18,7 @@ from tidal.backends.onnxruntime import load
 from tidal.clock import FakeClock, SystemClock
 from tidal.errors import InvalidArgument
 from tidal.scheduling import Knobs, ModelScheduler, SchedulerConfig
-from tidal.scheduling.threads import PreciseTimer
+from tidal.scheduling.threads import INSTANCE_NICE, InstanceWorkers, PreciseTimer
 from tidal.types import InferRequest
 
 
@@ -166,6 +167,32 @@ def test_real_onnxruntime_session_batched_equals_unbatched(run_async, tmp_path):
     for (a, b), response in zip(pairs, responses, strict=True):
         assert np.array_equal(response.outputs["OUTPUT0"], a + b)
         assert np.array_equal(response.outputs["OUTPUT1"], a - b)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is a Unix call")
+def test_instance_threads_yield_the_cpu_to_the_loop(run_async):
+    """Batches run at a lower CPU priority than the loop that takes calls, so under load the loop keeps
+    taking them while a batch waits (threads.py says why); the loop thread itself keeps its niceness."""
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        before = nice()
+        workers = InstanceWorkers(2, "nice")
+        workers.start(loop)
+        seen: asyncio.Queue[int] = asyncio.Queue()
+        try:
+            for index in range(2):
+                workers.submit(index, nice, seen.put_nowait)
+            values = [await asyncio.wait_for(seen.get(), 5) for _ in range(2)]
+        finally:
+            workers.close()
+        assert values == [min(19, before + INSTANCE_NICE)] * 2
+        assert nice() == before
+
+    run_async(main())
 
 
 def test_precise_timer_fires_once_not_before_its_target(run_async):
