@@ -222,7 +222,9 @@ class ServerMetrics:
             labels=["model"],
         )
         lag = GaugeMetricFamily("tidal_edge_loop_lag_seconds", "Event-loop lag, worst of the last second")
-        busy = GaugeMetricFamily("tidal_edge_loop_busy", "Share of the event loop's time spent working, last second")
+        busy = GaugeMetricFamily(
+            "tidal_edge_loop_busy", "Share of the event loop's time spent running or waiting for a CPU, last second"
+        )
         seen: dict[str, ModelSnapshot] = {s.model: s for s in snaps if s.edge is not None}
         for name, s in seen.items():
             edge = s.edge

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from tidal.dataplane.edge import LAG_FULL_MS, PROBE_S, WINDOW_S, EdgeMeter
+from tidal.dataplane.edge import LAG_FULL_MS, PROBE_S, WINDOW_S, EdgeMeter, _ThreadDemand
 
 
 def feed(edge: EdgeMeter, start_s: float, seconds: float, cpu_share: float, cpu_s: float, lag_ms: float = 0.0) -> float:
@@ -51,3 +57,30 @@ def test_rates_count_what_arrived_over_the_window() -> None:
         cpu = feed(edge, 0.2 + step * 0.1, 0.1, 0.1, cpu)
     received, _ = edge.rates("m")
     assert received == pytest.approx(500.0, rel=0.15)
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="Linux schedstat only")
+def test_a_thread_kept_off_its_cpu_reads_busy_not_idle() -> None:
+    """A thread that always wants to run, sharing one CPU with a spinning process, gets about half of it:
+    CPU time says half idle, running plus waiting says what it is, fully busy (the starved event loop)."""
+    cpu = min(os.sched_getaffinity(0))
+    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    own = os.sched_getaffinity(0)
+    try:
+        deadline = time.monotonic() + 10
+        while int(Path(f"/proc/{spinner.pid}/schedstat").read_text().split()[0]) < 100_000_000:  # spinning 0.1 s
+            assert time.monotonic() < deadline, "the spinner never ran"
+            time.sleep(0.02)
+        os.sched_setaffinity(0, {cpu})  # this thread only (Linux: pid 0 is the calling thread)
+        with _ThreadDemand() as demand:
+            wall0, cpu0, demand0 = time.monotonic(), time.thread_time(), demand.seconds()
+            while time.monotonic() - wall0 < 0.5:
+                pass
+            wall, used, wanted = time.monotonic() - wall0, time.thread_time() - cpu0, demand.seconds() - demand0
+    finally:
+        os.sched_setaffinity(0, own)
+        spinner.kill()
+        spinner.wait()
+    assert used / wall < 0.8
+    assert wanted / wall > 0.9

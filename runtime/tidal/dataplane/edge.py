@@ -4,7 +4,9 @@ Under many small requests the event loop saturates before any model does, and a 
 there is invisible to the scheduler's queues. The edge makes it visible and acts on it:
 
 - a probe on the event loop measures its lag (how long a ready callback waits for its turn, which is what
-  an arriving RPC waits before its handler runs) and the share of time the loop's thread is busy;
+  an arriving RPC waits before its handler runs) and the share of time the loop's thread is busy: running,
+  or ready to run and waiting for a CPU (Linux schedstat), so a loop kept off its core by other work reads
+  busy, not idle;
 - every inference RPC is counted when its handler starts, before decoding, per model and priority level;
 - one `AdmissionGate` per model decides, before decoding, whether the request may enter; the probe
   drives the gates' adaptation with the measured lag;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -37,7 +40,7 @@ class EdgeMeter:
         self._clock = clock
         self._gates: dict[str, AdmissionGate] = {}
         self._received: collections.Counter[str] = collections.Counter()
-        # (at_s, thread_cpu_s, lag_ms) per probe, over WINDOW_S
+        # (at_s, thread_demand_s, lag_ms) per probe, over WINDOW_S
         self._probes: collections.deque[tuple[float, float, float]] = collections.deque()
         # (at_s, {model: (received, admitted)}) every RATE_STEP_S, over WINDOW_S
         self._counts: collections.deque[tuple[float, dict[str, tuple[int, int]]]] = collections.deque()
@@ -66,20 +69,22 @@ class EdgeMeter:
 
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(PROBE_S)
-            # The time a callback made ready now waits for its turn: the loop's queueing delay.
-            ready = loop.create_future()
-            queued = self._clock()
-            loop.call_soon(ready.set_result, None)
-            await ready
-            now = self._clock()
-            self.record(now, time.thread_time(), (now - queued) * 1e3)
+        with _ThreadDemand() as demand:
+            while True:
+                await asyncio.sleep(PROBE_S)
+                # The time a callback made ready now waits for its turn: the loop's queueing delay.
+                ready = loop.create_future()
+                queued = self._clock()
+                loop.call_soon(ready.set_result, None)
+                await ready
+                now = self._clock()
+                self.record(now, demand.seconds(), (now - queued) * 1e3)
 
-    def record(self, now: float, thread_cpu_s: float, lag_ms: float) -> None:
-        """One probe's reading; drives the gates' adaptation."""
+    def record(self, now: float, thread_demand_s: float, lag_ms: float) -> None:
+        """One probe's reading (`thread_demand_s`: the loop thread's time running or waiting to run so far);
+        drives the gates' adaptation."""
         probes = self._probes
-        probes.append((now, thread_cpu_s, lag_ms))
+        probes.append((now, thread_demand_s, lag_ms))
         while len(probes) > 2 and probes[1][0] <= now - WINDOW_S:
             probes.popleft()
         delay = self.lag_ms()
@@ -98,7 +103,7 @@ class EdgeMeter:
         return max((lag for _, _, lag in self._probes), default=0.0)
 
     def busy(self) -> float:
-        """Share of wall time the loop's thread ran over the window, raised by lag when it is starved."""
+        """Share of wall time the loop's thread ran or waited for a CPU over the window, raised by lag."""
         probes = self._probes
         if len(probes) < 2:
             return 0.0
@@ -131,3 +136,28 @@ class EdgeMeter:
     def saturation(self, model: str, utilisation: float) -> float:
         """The model's saturation gauge, given its backend utilisation (see control.admission.saturation)."""
         return saturation(self.busy(), *self.rates(model), utilisation)
+
+
+class _ThreadDemand:
+    """The calling thread's time running plus waiting in the run queue, from /proc/thread-self/schedstat.
+
+    CPU time alone reads a starved loop as idle: measured under overload with the load generator on the same
+    two cores, the loop's CPU share swung between 0.5 and 0.9 while every call waited (perf/RESULTS.md, issue
+    14). Where schedstat is missing (not Linux, or a kernel without it) CPU time is the fallback."""
+
+    def __enter__(self) -> _ThreadDemand:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def seconds(self) -> float:
+        if self._fd is None:
+            return time.thread_time()
+        run_ns, wait_ns, _ = os.pread(self._fd, 64, 0).split()
+        return (int(run_ns) + int(wait_ns)) / 1e9
