@@ -47,23 +47,22 @@ inline void store_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
 // The row steps are inline asm so that every accumulator stays in its own register. Written as intrinsics,
 // GCC 12 copied each accumulator through a temporary every K group and spilled several to the stack (the
 // 8-bit path's 12): 10-30% slower on the 8-bit path, a few percent on the 7-bit one (measured on an emulated
-// AVX2-only host, perf/RESULTS.md). 6 rows for the 7-bit path became possible once the products stopped
-// needing a register each.
+// AVX2-only host, perf/RESULTS.md).
 
-// u8 x s8 pairs -> int16 (vpmaddubsw) -> int32 (vpmaddwd with ones), added into a0 (w[0..31]) and a1
-// (w[32..63]). The weights are memory operands: L1 feeds them, and the registers go to accumulators.
-inline void step_bytes(__m256i& a0, __m256i& a1, const uint8_t* x, const int8_t* w, __m256i ones) {
+// u8 x s8 pairs -> int16 (vpmaddubsw) -> int32 (vpmaddwd with ones), added into a0 (w0) and a1 (w1). The
+// second product overwrites the broadcast, which it is the last to read, so a row step needs two scratch
+// registers.
+inline void step_bytes(__m256i& a0, __m256i& a1, const uint8_t* x, __m256i w0, __m256i w1, __m256i ones) {
     __m256i b, t;
     __asm__("vpbroadcastd %[x], %[b]\n\t"
             "vpmaddubsw %[w0], %[b], %[t]\n\t"
             "vpmaddwd %[ones], %[t], %[t]\n\t"
             "vpaddd %[t], %[a0], %[a0]\n\t"
-            "vpmaddubsw %[w1], %[b], %[t]\n\t"
-            "vpmaddwd %[ones], %[t], %[t]\n\t"
-            "vpaddd %[t], %[a1], %[a1]"
+            "vpmaddubsw %[w1], %[b], %[b]\n\t"
+            "vpmaddwd %[ones], %[b], %[b]\n\t"
+            "vpaddd %[b], %[a1], %[a1]"
             : [a0] "+x"(a0), [a1] "+x"(a1), [b] "=&x"(b), [t] "=&x"(t)
-            : [x] "m"(*reinterpret_cast<const int32_t*>(x)), [w0] "m"(*reinterpret_cast<const __m256i*>(w)),
-              [w1] "m"(*reinterpret_cast<const __m256i*>(w + 32)), [ones] "x"(ones));
+            : [x] "m"(*reinterpret_cast<const int32_t*>(x)), [w0] "x"(w0), [w1] "x"(w1), [ones] "x"(ones));
 }
 
 // int16 pairs x int16 pairs -> int32 (vpmaddwd), added into a0 (w0) and a1 (w1).
@@ -79,8 +78,11 @@ inline void step_words(__m256i& a0, __m256i& a1, const uint8_t* x, __m256i w0, _
 }
 
 struct Avx2Bytes {
-    // 6 rows x 2 ymm = 12 accumulators + ones, the broadcast and the product: 15 of 16 registers.
-    static constexpr int kMR = 6, kNV = 1;
+    // 5 rows x 2 ymm = 10 accumulators + ones, both weight vectors, the broadcast and the product: 15 of 16
+    // registers. Loading the weights once per K group, rather than as a memory operand of every row's
+    // vpmaddubsw (which left room for 6 rows), measured 4-7% faster at every M >= 16 shape of the bench, and
+    // no longer swung by a few percent with where the linker placed the loop.
+    static constexpr int kMR = 5, kNV = 1;
 
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
@@ -92,8 +94,9 @@ struct Avx2Bytes {
         const uint8_t* a = k.a;
         for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 4) {
             prefetch(b + kPrefetchBytes);  // one 64-byte line per K group
+            const __m256i w0 = load(b), w1 = load(b + 32);
 #pragma GCC unroll 8
-            for (int r = 0; r < MR; ++r) step_bytes(acc[r][0], acc[r][1], a + r * k.lda, b, ones);
+            for (int r = 0; r < MR; ++r) step_bytes(acc[r][0], acc[r][1], a + r * k.lda, w0, w1, ones);
         }
         store_acc<MR>(k, acc);
     }
