@@ -28,8 +28,10 @@ Isa best_isa();
 // Weights packed once: panels of 16 columns, K in groups of 4 bytes, so one 64-byte block feeds one
 // 512-bit vpdpbusd (or two 256-bit ones). AVX2 has no exact u8 x s8 dot product: vpmaddubsw adds each
 // pair of products in saturating int16, exact only while every weight lies in [-64, 64] (7-bit weights,
-// 2 * 255 * 64 < 2^15). Wider weights are stored widened: int16, 128 bytes per block (K pairs 0-1 then
-// 2-3, each as lanes 0-7 then 8-15), multiplied with vpmaddwd by activations widened the same way.
+// 2 * 255 * 64 < 2^15). Wider weights are multiplied as int16 (vpmaddwd) by activations widened the same
+// way, in the order K pairs 0-1 then 2-3, each as lanes 0-7 then 8-15: stored widened (int16, 128 bytes per
+// block), or, for matrices of kWidenAtRunTime weights or more, as int8 in that order (64 bytes per block)
+// and sign-extended by the micro-kernel.
 // Panels are interleaved in groups of as many as the ISA's micro-kernel reads at once, so its weights
 // arrive as one sequential stream: group g (the last may be narrower) holds, for each K group in turn,
 // the blocks of its panels side by side.
@@ -38,15 +40,20 @@ struct PackedWeights {
     int64_t k = 0, n = 0;        // logical shape of B (K x N)
     int64_t k_groups = 0;        // ceil(K / 4)
     int64_t panels = 0;          // ceil(N / 16)
-    int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when widened
+    int64_t block_bytes = 64;    // bytes per (panel, k group): 64, or 128 when stored widened
     int64_t group = 1;           // panels interleaved per K group (panel_group(isa))
     std::vector<int8_t> data;    // [panels][k_groups][block_bytes], zero padded
     std::vector<int32_t> col_sums;     // [panels * 16] sum over k of B, for the activation zero point
     std::vector<int32_t> zero_points;  // [panels * 16] weight zero points (zeros when symmetric)
     bool has_zero_points = false;
-    bool widened = false;        // AVX2 only: int16 weights, activations widened at run time
+    bool widened = false;        // AVX2 only: int16 products, activations widened at run time
 
 };
+
+// From this many weights (K x N) on, widened weights stay int8 in memory: an int16 copy of 16 MiB or more no
+// longer fits the last-level cache, and at small M (4096 x 4096, M = 16: +13-15%) the GEMM waited on streaming
+// it, while widening in the micro-kernel costs 2-5% where the weights stay in cache.
+constexpr int64_t kWidenAtRunTime = int64_t{1} << 23;
 
 // Panels each ISA's micro-kernel reads per K group (its tile width / 16).
 constexpr int64_t panel_group(Isa isa) { return isa == Isa::avx512_vnni ? 4 : 1; }

@@ -102,10 +102,19 @@ struct Avx2Bytes {
     }
 };
 
+// 16 int8 weights sign-extended to int16.
+inline __m256i widen(const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Int8Weights: the weights are stored as int8 (64 bytes per K group, see kWidenAtRunTime) and sign-extended
+// here, else as int16 (128 bytes).
+template <bool Int8Weights>
 struct Avx2Widened {
     // 6 rows x 2 ymm = 12 accumulators; each K group in two halves (K pairs 0-1, then 2-3), so only two
     // weight vectors are live beside the broadcast and the product: 16 of 16 registers.
     static constexpr int kMR = 6, kNV = 1;
+    static constexpr int64_t kHalfBytes = Int8Weights ? 32 : 64;
 
     template <int MR, int NV>
     static void kernel(const MicroCall& k) {
@@ -115,11 +124,13 @@ struct Avx2Widened {
         const int8_t* b = k.b;
         const uint8_t* a = k.a;  // int16 activations, 8 bytes per K group
         for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 8) {
-            prefetch(b + kPrefetchBytes);  // two 64-byte lines per K group
-            prefetch(b + kPrefetchBytes + 64);
+            prefetch(b + kPrefetchBytes);  // the K group's one or two 64-byte lines
+            if constexpr (!Int8Weights) prefetch(b + kPrefetchBytes + 64);
 #pragma GCC unroll 2
             for (int half = 0; half < 2; ++half) {
-                const __m256i w0 = load(b + 64 * half), w1 = load(b + 64 * half + 32);
+                const int8_t* w = b + kHalfBytes * half;
+                const __m256i w0 = Int8Weights ? widen(w) : load(w);
+                const __m256i w1 = Int8Weights ? widen(w + 16) : load(w + 32);
 #pragma GCC unroll 8
                 for (int r = 0; r < MR; ++r) step_words(acc[r][0], acc[r][1], a + r * k.lda + 4 * half, w0, w1);
             }
@@ -131,8 +142,11 @@ struct Avx2Widened {
 }  // namespace
 
 void tile_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
-    if (g.a_group_bytes == 8) {
-        run_tile<Avx2Widened>(g, m0, m1, p0, p1, scratch);
+    if (g.a_group_bytes == 8 && g.block_bytes == 64) {
+        // Int8 weights: a 16 KiB B micro-panel at 256 K groups, as on the 7-bit path.
+        run_tile<Avx2Widened<true>, 256>(g, m0, m1, p0, p1, scratch);
+    } else if (g.a_group_bytes == 8) {
+        run_tile<Avx2Widened<false>>(g, m0, m1, p0, p1, scratch);
     } else {
         // 256 K groups per cache block: the 7-bit path's one-panel B micro-panel is then 16 KiB, still in L1,
         // and each tile's accumulators go through memory half as often (+2-5% at K >= 1024, A/B measured).

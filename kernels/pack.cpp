@@ -27,7 +27,8 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
     w.k_groups = (k + 3) / 4;
     w.panels = (n + 15) / 16;
     w.widened = isa == Isa::avx2 && !fits_half_range(b, k * n);
-    w.block_bytes = w.widened ? 128 : 64;
+    const bool stored_wide = w.widened && k * n < kWidenAtRunTime;
+    w.block_bytes = stored_wide ? 128 : 64;
     w.group = panel_group(isa);
     w.data.assign(static_cast<std::size_t>(w.panels * w.k_groups * w.block_bytes), 0);
     w.col_sums.assign(static_cast<std::size_t>(w.panels * 16), 0);
@@ -40,10 +41,14 @@ PackedWeights pack_weights(const int8_t* b, int64_t k, int64_t n, bool transpose
             const int64_t first = panel / w.group * w.group, width = std::min(w.group, w.panels - first);
             int8_t* block = w.data.data() + first * w.k_groups * w.block_bytes +
                             (kgroup * width + panel - first) * w.block_bytes;
-            if (w.widened) {
-                const int16_t wide = value;
+            if (w.widened) {  // in the order of the int16 lanes they are multiplied in
                 const int64_t slot = (byte / 2) * 32 + (lane / 8) * 16 + (lane % 8) * 2 + byte % 2;
-                std::memcpy(block + 2 * slot, &wide, sizeof wide);
+                if (stored_wide) {
+                    const int16_t wide = value;
+                    std::memcpy(block + 2 * slot, &wide, sizeof wide);
+                } else {
+                    block[slot] = value;
+                }
             } else {
                 block[lane * 4 + byte] = value;
             }

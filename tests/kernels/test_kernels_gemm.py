@@ -105,6 +105,26 @@ def test_avx2_takes_its_fast_path_only_for_seven_bit_weights(m: int, k: int, n: 
     np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 7), _reference_s32(a, b, 7, np.zeros(n, np.int32)))
 
 
+def test_avx2_large_eight_bit_weights_stay_int8_in_memory() -> None:
+    # From 2^23 weights on, the widened path keeps them int8 (half the bytes to stream) and sign-extends them
+    # in the micro-kernel; K crosses its 256-group blocks unevenly, N ends in a partial panel, M in short
+    # row blocks, with bright activations, extreme weights and weight zero points.
+    if "avx2" not in _kernels.isas():
+        pytest.skip("this CPU lacks avx2")
+    rng = np.random.default_rng(5)
+    k, n = 2050, 4097
+    a = rng.integers(192, 256, (7, k), dtype=np.uint8)
+    b = rng.choice(np.array([-128, -127, -1, 0, 1, 126, 127], np.int8), (k, n))
+    zb = rng.integers(-128, 128, n, dtype=np.int32)
+    w = _kernels.PackedWeights(b, zb, isa="avx2")
+    small = _kernels.PackedWeights(np.ascontiguousarray(b[:, :1024]), zb[:1024], isa="avx2")
+    assert w.widened and small.widened
+    assert w.nbytes == 64 * ((k + 3) // 4) * ((n + 15) // 16) and small.nbytes == 128 * ((k + 3) // 4) * 64
+    ref = _reference_s32(a, b, 200, zb)
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 200, threads=1), ref)
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 200, threads=0), ref)
+
+
 @each_isa
 def test_transposed_packing_matches(isa: str) -> None:
     a, b, _ = _operands(9, 70, 45, 3, False)
