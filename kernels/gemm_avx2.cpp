@@ -36,12 +36,22 @@ inline void load_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
 }
 
 template <int MR>
-inline void store_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
+inline void store_rows(int32_t* to, int64_t ld, __m256i (&acc)[MR][2]) {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(k.c + r * kTileCols + h * 8), acc[r][h]);
+        for (int h = 0; h < 2; ++h) _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + r * ld + h * 8), acc[r][h]);
+}
+
+// Two stores behind a branch: selecting the pointer and stride first made GCC 12 keep the accumulators on
+// the stack through the whole K loop (20-30% slower).
+template <int MR>
+inline void store_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
+    if (k.out != nullptr) {
+        store_rows<MR>(k.out, k.ldo, acc);
+    } else {
+        store_rows<MR>(k.c, kTileCols, acc);
+    }
 }
 
 // The row steps are inline asm so that every accumulator stays in its own register. Written as intrinsics,
@@ -142,15 +152,17 @@ struct Avx2Widened {
 }  // namespace
 
 void tile_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
+    // Every path stores int32 output itself (StoresOutput): +4% at K = 256, 1-3% at K >= 1024 (7-bit, A/B
+    // measured), where the scratch round trip was a fixed cost per tile.
     if (g.a_group_bytes == 8 && g.block_bytes == 64) {
         // Int8 weights: a 16 KiB B micro-panel at 256 K groups, as on the 7-bit path.
-        run_tile<Avx2Widened<true>, 256>(g, m0, m1, p0, p1, scratch);
+        run_tile<Avx2Widened<true>, 256, true>(g, m0, m1, p0, p1, scratch);
     } else if (g.a_group_bytes == 8) {
-        run_tile<Avx2Widened<false>>(g, m0, m1, p0, p1, scratch);
+        run_tile<Avx2Widened<false>, kKcGroups, true>(g, m0, m1, p0, p1, scratch);
     } else {
         // 256 K groups per cache block: the 7-bit path's one-panel B micro-panel is then 16 KiB, still in L1,
         // and each tile's accumulators go through memory half as often (+2-5% at K >= 1024, A/B measured).
-        run_tile<Avx2Bytes, 256>(g, m0, m1, p0, p1, scratch);
+        run_tile<Avx2Bytes, 256, true>(g, m0, m1, p0, p1, scratch);
     }
 }
 

@@ -150,6 +150,10 @@ struct MicroCall {
     int32_t* c;            // scratch, row stride kTileCols
     const int32_t* init;   // starting value of every row (the column zero-point terms) when !accumulate
     bool accumulate;
+    // Where the finished rows go instead of c (row stride ldo), when the tile needs no epilogue; only set
+    // for micro-kernels run with run_tile<..., StoresOutput = true>.
+    int32_t* out = nullptr;
+    int64_t ldo = 0;
 };
 
 template <class Micro, int MR, int NV = Micro::kNV>
@@ -172,9 +176,12 @@ void call_micro(int mr, int nv, const MicroCall& k) {
 // The int32 tile lives in `scratch` across K blocks; each row block is finished by the epilogue right
 // after its last K block, while its tile is still in L1.
 // Kc: K groups per cache block (kKcGroups unless the micro-kernel's B micro-panel is narrow enough for more).
-template <class Micro, int64_t Kc = kKcGroups>
+// StoresOutput: the micro-kernel honours MicroCall::out, so an int32 output with symmetric weights is stored
+// by it directly from its last K block, without the round trip through scratch and the epilogue's copy.
+template <class Micro, int64_t Kc = kKcGroups, bool StoresOutput = false>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
     static_assert(Micro::kNV <= kTileCols / 16);
+    const bool raw = StoresOutput && g.ep.kind == OutKind::s32 && g.row_sums == nullptr;
     for (int64_t p = p0; p < p1; p += Micro::kNV) {
         // Tasks split at whole panel groups, so [p, p + nv) is exactly one packed group.
         const int nv = static_cast<int>(min64(Micro::kNV, p1 - p));
@@ -191,10 +198,15 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
             for (int64_t i = 0, m = m0; i < blocks; ++i) {
                 const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
                 int32_t* tile = scratch + (m - m0) * kTileCols;
-                const MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
-                                  group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
+                MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
+                            group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
+                const bool stored = raw && last && cols == nv * 16;
+                if (stored) {
+                    k.out = static_cast<int32_t*>(g.out) + m * g.ldo + col0;
+                    k.ldo = g.ldo;
+                }
                 call_micro<Micro>(mr, nv, k);
-                if (last) epilogue(g, m, m + mr, col0, cols, tile);
+                if (last && !stored) epilogue(g, m, m + mr, col0, cols, tile);
                 m += mr;
             }
         }
