@@ -178,35 +178,52 @@ void call_micro(int mr, int nv, const MicroCall& k) {
 // Kc: K groups per cache block (kKcGroups unless the micro-kernel's B micro-panel is narrow enough for more).
 // StoresOutput: the micro-kernel honours MicroCall::out, so an int32 output with symmetric weights is stored
 // by it directly from its last K block, without the round trip through scratch and the epilogue's copy.
-template <class Micro, int64_t Kc = kKcGroups, bool StoresOutput = false>
+// RowsFirst: when K is one block and the task's weights fit in kRowsFirstBytes, row blocks go outermost
+// instead: each row block of A stays in L1 across every panel while the weights stream from L2, and output
+// rows are written in order.
+constexpr int64_t kRowsFirstBytes = 512 * 1024;
+
+template <class Micro, int64_t Kc = kKcGroups, bool StoresOutput = false, bool RowsFirst = false>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int32_t* scratch) {
     static_assert(Micro::kNV <= kTileCols / 16);
     const bool raw = StoresOutput && g.ep.kind == OutKind::s32 && g.row_sums == nullptr;
-    for (int64_t p = p0; p < p1; p += Micro::kNV) {
-        // Tasks split at whole panel groups, so [p, p + nv) is exactly one packed group.
+    // Row blocks of near-equal height (8 rows: 4 + 4, not 6 + 2), so no block is starved of accumulators
+    // while the B micro-panel it shares with the others sits in L1.
+    const int64_t blocks = (m1 - m0 + Micro::kMR - 1) / Micro::kMR;
+    const int64_t base = blocks > 0 ? (m1 - m0) / blocks : 0, taller = blocks > 0 ? (m1 - m0) % blocks : 0;
+    // Rows [m, m + mr) of the panel group at p (tasks split at whole groups, so [p, p + nv) is exactly one
+    // packed group), K groups [k0, k0 + Kc).
+    auto step = [&](int64_t p, int64_t k0, int64_t m, int mr) {
         const int nv = static_cast<int>(min64(Micro::kNV, p1 - p));
         const int64_t group_bytes = nv * g.block_bytes;
         const int8_t* bp = g.b + p * g.k_groups * g.block_bytes;
         const int64_t col0 = p * 16, cols = min64(g.n - col0, nv * 16);
+        const int64_t kc = min64(Kc, g.k_groups - k0);
+        const bool last = k0 + kc == g.k_groups;
+        int32_t* tile = scratch + (m - m0) * kTileCols;
+        MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
+                    group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
+        const bool stored = raw && last && cols == nv * 16;
+        if (stored) {
+            k.out = static_cast<int32_t*>(g.out) + m * g.ldo + col0;
+            k.ldo = g.ldo;
+        }
+        call_micro<Micro>(mr, nv, k);
+        if (last && !stored) epilogue(g, m, m + mr, col0, cols, tile);
+    };
+    if (RowsFirst && g.k_groups <= Kc && (p1 - p0) * g.k_groups * g.block_bytes <= kRowsFirstBytes) {
+        for (int64_t i = 0, m = m0; i < blocks; ++i) {
+            const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
+            for (int64_t p = p0; p < p1; p += Micro::kNV) step(p, 0, m, mr);
+            m += mr;
+        }
+        return;
+    }
+    for (int64_t p = p0; p < p1; p += Micro::kNV) {
         for (int64_t k0 = 0; k0 < g.k_groups; k0 += Kc) {
-            const int64_t kc = min64(Kc, g.k_groups - k0);
-            const bool last = k0 + kc == g.k_groups;
-            // Row blocks of near-equal height (8 rows: 4 + 4, not 6 + 2), so no block is starved of
-            // accumulators while the B micro-panel it shares with the others sits in L1.
-            const int64_t blocks = (m1 - m0 + Micro::kMR - 1) / Micro::kMR;
-            const int64_t base = blocks > 0 ? (m1 - m0) / blocks : 0, taller = blocks > 0 ? (m1 - m0) % blocks : 0;
             for (int64_t i = 0, m = m0; i < blocks; ++i) {
                 const int mr = static_cast<int>(base + (i < taller ? 1 : 0));
-                int32_t* tile = scratch + (m - m0) * kTileCols;
-                MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
-                            group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
-                const bool stored = raw && last && cols == nv * 16;
-                if (stored) {
-                    k.out = static_cast<int32_t*>(g.out) + m * g.ldo + col0;
-                    k.ldo = g.ldo;
-                }
-                call_micro<Micro>(mr, nv, k);
-                if (last && !stored) epilogue(g, m, m + mr, col0, cols, tile);
+                step(p, k0, m, mr);
                 m += mr;
             }
         }
