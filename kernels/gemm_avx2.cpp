@@ -104,6 +104,9 @@ struct Avx2Bytes {
         const uint8_t* a = k.a;
         for (int64_t g = 0; g < k.kg; ++g, b += k.group_bytes, a += 4) {
             prefetch(b + kPrefetchBytes);  // one 64-byte line per K group
+            // Into L2 only: the block in L1 still has row blocks to serve. At 4096 x 4096, M = 16, where the
+            // first row block otherwise fetches each block alone: +1.8% (in-process A/B; into L1, -2% at M = 64).
+            if (k.next_block != 0) _mm_prefetch(reinterpret_cast<const char*>(b + k.next_block), _MM_HINT_T1);
             const __m256i w0 = load(b), w1 = load(b + 32);
 #pragma GCC unroll 8
             for (int r = 0; r < MR; ++r) step_bytes(acc[r][0], acc[r][1], a + r * k.lda, w0, w1, ones);

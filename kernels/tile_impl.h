@@ -154,6 +154,10 @@ struct MicroCall {
     // for micro-kernels run with run_tile<..., StoresOutput = true>.
     int32_t* out = nullptr;
     int64_t ldo = 0;
+    // From b to the same K group of the panel group's next K block, set for every row block but the first
+    // (which streams this block in): a micro-kernel may prefetch the next block while this one is in L1.
+    // 0 when there is none.
+    int64_t next_block = 0;
 };
 
 template <class Micro, int MR, int NV = Micro::kNV>
@@ -203,6 +207,7 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
         int32_t* tile = scratch + (m - m0) * kTileCols;
         MicroCall k{g.a + m * g.lda + g.a_group_bytes * k0, g.lda, bp + k0 * group_bytes,
                     group_bytes, kc, tile, g.col_terms + col0, k0 > 0};
+        if (m != m0 && !last) k.next_block = kc * group_bytes;
         const bool stored = raw && last && cols == nv * 16;
         if (stored) {
             k.out = static_cast<int32_t*>(g.out) + m * g.ldo + col0;
