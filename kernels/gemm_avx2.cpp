@@ -54,6 +54,9 @@ inline void store_acc(const MicroCall& k, __m256i (&acc)[MR][2]) {
     }
 }
 
+// The micro-kernels are not inlined into run_tile: inlined there (once its loops became a lambda), GCC 12 ran
+// out of general registers in the 8-bit path's 6-row loop and reloaded a pointer and the loop bound from the
+// stack on every K group.
 // The row steps are inline asm so that every accumulator stays in its own register. Written as intrinsics,
 // GCC 12 copied each accumulator through a temporary every K group and spilled several to the stack (the
 // 8-bit path's 12): 10-30% slower on the 8-bit path, a few percent on the 7-bit one (measured on an emulated
@@ -95,7 +98,7 @@ struct Avx2Bytes {
     static constexpr int kMR = 5, kNV = 1;
 
     template <int MR, int NV>
-    static void kernel(const MicroCall& k) {
+    __attribute__((noinline)) static void kernel(const MicroCall& k) {
         static_assert(NV == 1);
         const __m256i ones = _mm256_set1_epi16(1);
         __m256i acc[MR][2];
@@ -130,7 +133,7 @@ struct Avx2Widened {
     static constexpr int64_t kHalfBytes = Int8Weights ? 32 : 64;
 
     template <int MR, int NV>
-    static void kernel(const MicroCall& k) {
+    __attribute__((noinline)) static void kernel(const MicroCall& k) {
         static_assert(NV == 1);
         __m256i acc[MR][2];
         load_acc<MR>(k, acc);
