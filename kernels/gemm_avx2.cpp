@@ -12,8 +12,8 @@
 namespace tidal {
 namespace {
 
-// Weights are prefetched this far ahead of the K group being multiplied (32 K groups of the 7-bit path, 16 of
-// the widened one). Without it the first row block of each K block waits on L2/L3 for every new line of the
+// Weights are prefetched this far ahead of the K group being multiplied (32 K groups at 64 bytes per group, 16
+// on the 8-bit path's int16 copy). Without it the first row block of each K block waits on L2/L3 for every new line of the
 // B micro-panel: wide layers whose weights outgrow L2 (4096 x 4096: 16 MiB) ran at 0.71x MLAS at M = 16.
 // 2 KiB measured best of 0.5, 1, 2, 4 and 8 KiB; the hardware prefetchers alone fall behind. Panels, K blocks and the
 // next panel follow one another in memory, so the line 2 KiB ahead is always the next one to be read
