@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tidal.dataplane import edge as edge_module
 from tidal.dataplane.edge import LAG_FULL_MS, PROBE_S, WINDOW_S, EdgeMeter, _ThreadDemand
 
 
@@ -59,7 +60,7 @@ def test_rates_count_what_arrived_over_the_window() -> None:
     assert received == pytest.approx(500.0, rel=0.15)
 
 
-@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="Linux schedstat only")
+@pytest.mark.skipif(not Path(edge_module.SCHEDSTAT).exists(), reason="Linux schedstat only")
 def test_a_thread_kept_off_its_cpu_reads_busy_not_idle() -> None:
     """A thread that always wants to run, sharing one CPU with a spinning process, gets about half of it:
     CPU time says half idle, running plus waiting says what it is, fully busy (the starved event loop)."""
@@ -84,3 +85,14 @@ def test_a_thread_kept_off_its_cpu_reads_busy_not_idle() -> None:
         spinner.wait()
     assert used / wall < 0.8
     assert wanted / wall > 0.9
+
+
+@pytest.mark.parametrize("contents", [None, "0 0 0\n", "not a schedstat line\n"])
+def test_without_usable_schedstat_the_demand_is_cpu_time(tmp_path, monkeypatch, contents) -> None:
+    """A missing file, a kernel that keeps no counters (zeros) or a format never seen: CPU time instead."""
+    path = tmp_path / "schedstat"
+    if contents is not None:
+        path.write_text(contents)
+    monkeypatch.setattr(edge_module, "SCHEDSTAT", str(path))
+    with _ThreadDemand() as demand:
+        assert demand.seconds() == pytest.approx(time.thread_time(), abs=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 
@@ -169,7 +170,10 @@ def test_real_onnxruntime_session_batched_equals_unbatched(run_async, tmp_path):
         assert np.array_equal(response.outputs["OUTPUT1"], a - b)
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread niceness is a Unix call")
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.getpriority(os.PRIO_PROCESS, 0) > 18,
+    reason="per-thread niceness is Linux's; at nice 19 there is no lower priority to show",
+)
 def test_instance_threads_yield_the_cpu_to_the_loop(run_async):
     """Batches run at a lower CPU priority than the loop that takes calls, so under load the loop keeps
     taking them while a batch waits (threads.py says why); the loop thread itself keeps its niceness."""
@@ -189,7 +193,7 @@ def test_instance_threads_yield_the_cpu_to_the_loop(run_async):
             values = [await asyncio.wait_for(seen.get(), 5) for _ in range(2)]
         finally:
             workers.close()
-        assert values == [min(19, before + INSTANCE_NICE)] * 2
+        assert values == [min(19, before + INSTANCE_NICE)] * 2 and values[0] > before
         assert nice() == before
 
     run_async(main())

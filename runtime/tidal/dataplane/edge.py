@@ -31,6 +31,7 @@ PROBE_S = 0.01  # how often the loop is probed
 WINDOW_S = 1.0  # rates, busy share and lag are reported over this window
 RATE_STEP_S = 0.1  # resolution of the request rates
 LAG_FULL_MS = 10.0  # a loop that keeps ready callbacks waiting this long counts as fully busy
+SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
 class EdgeMeter:
@@ -139,17 +140,24 @@ class EdgeMeter:
 
 
 class _ThreadDemand:
-    """The calling thread's time running plus waiting in the run queue, from /proc/thread-self/schedstat.
+    """The calling thread's time running plus waiting in the run queue, from Linux's schedstat.
 
     CPU time alone reads a starved loop as idle: measured under overload with the load generator on the same
     two cores, the loop's CPU share swung between 0.5 and 0.9 while every call waited (perf/RESULTS.md, issue
     14). Where schedstat is missing (not Linux, or a kernel without it) CPU time is the fallback."""
 
     def __enter__(self) -> _ThreadDemand:
-        try:
-            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            self._fd = None
+        self._fd: int | None = None
+        with contextlib.suppress(OSError):
+            fd = os.open(SCHEDSTAT, os.O_RDONLY)
+            try:
+                if _schedstat_s(fd) > 0:  # zeros: a kernel that does not keep the counters
+                    self._fd, fd = fd, -1
+            except ValueError:
+                pass
+            finally:
+                if fd >= 0:
+                    os.close(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,7 +165,18 @@ class _ThreadDemand:
             os.close(self._fd)
 
     def seconds(self) -> float:
-        if self._fd is None:
-            return time.thread_time()
-        run_ns, wait_ns, _ = os.pread(self._fd, 64, 0).split()
-        return (int(run_ns) + int(wait_ns)) / 1e9
+        if self._fd is not None:
+            try:
+                return _schedstat_s(self._fd)
+            except (OSError, ValueError):  # counters gone: CPU time from here on (one window reads off)
+                os.close(self._fd)
+                self._fd = None
+        return time.thread_time()
+
+
+def _schedstat_s(fd: int) -> float:
+    """Run plus run-queue wait, in seconds, from a schedstat file ("run_ns wait_ns slices")."""
+    fields = os.pread(fd, 64, 0).split()
+    if len(fields) < 2:
+        raise ValueError(f"unexpected schedstat line {fields!r}")
+    return (int(fields[0]) + int(fields[1])) / 1e9

@@ -11,10 +11,10 @@ takes the next calls from gRPC late, and batches stay at one or two requests
 that each pay the whole hand-off. If the loop wins, calls keep being taken
 while a batch waits for its core, so the next batch holds what arrived
 meanwhile. Measured with perf_analyzer on the 256-1024-1024-10 MLP at
-concurrency 128 on 2 cores (perf/RESULTS.md, issue 16): nice 10 formed
-batches of 17-44 instead of 1-5, +57% requests/s, -30% CPU per request, with
-no change at concurrency 1 (where batches run inline). Within a container or
-an autogroup the niceness only orders tidal's own threads.
+concurrency 128 on 2 cores, one intra-op thread (perf/RESULTS.md, issue 16):
+larger batches, more requests/s and less CPU per request, with no change at
+concurrency 1 (where batches run inline). Niceness orders the threads of one
+scheduling group (a container's CPU cgroup, an autogroup, else the host).
 
 Why a timer thread: the batching window is often below a millisecond, and
 event-loop timers are not. uvloop keeps timers in whole milliseconds and
@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +43,11 @@ INSTANCE_NICE = 10  # added to the loop's niceness for instance threads (Linux p
 
 
 def lower_priority() -> None:
-    """Raise the calling thread's niceness by INSTANCE_NICE (the thread's only: Linux applies it per thread id)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux/Unix, or a sandbox that forbids it
+    """Raise the calling thread's niceness by INSTANCE_NICE (the thread's only: Linux applies it per thread id;
+    elsewhere a thread id is no process id, so nothing is changed)."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError):  # a sandbox that forbids it
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + INSTANCE_NICE))
 
