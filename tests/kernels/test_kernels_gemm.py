@@ -105,24 +105,45 @@ def test_avx2_takes_its_fast_path_only_for_seven_bit_weights(m: int, k: int, n: 
     np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 7), _reference_s32(a, b, 7, np.zeros(n, np.int32)))
 
 
-def test_avx2_large_eight_bit_weights_stay_int8_in_memory() -> None:
+@pytest.mark.parametrize("weight_zp, za", [(True, 200), (False, 200), (False, 0)])
+def test_avx2_large_eight_bit_weights_stay_int8_in_memory(weight_zp: bool, za: int) -> None:
     # From 2^23 weights on, the widened path keeps them int8 (half the bytes to stream) and sign-extends them
     # in the micro-kernel; K crosses its 256-group blocks unevenly, N ends in a partial panel, M in short
-    # row blocks, with bright activations, extreme weights and weight zero points.
+    # row blocks, with bright activations and extreme weights. Symmetric weights with za = 0 take the
+    # micro-kernel's direct int32 store; zero points go through the epilogue.
     if "avx2" not in _kernels.isas():
         pytest.skip("this CPU lacks avx2")
     rng = np.random.default_rng(5)
     k, n = 2050, 4097
     a = rng.integers(192, 256, (7, k), dtype=np.uint8)
     b = rng.choice(np.array([-128, -127, -1, 0, 1, 126, 127], np.int8), (k, n))
-    zb = rng.integers(-128, 128, n, dtype=np.int32)
-    w = _kernels.PackedWeights(b, zb, isa="avx2")
+    zb = rng.integers(-128, 128, n, dtype=np.int32) if weight_zp else np.zeros(n, np.int32)
+    w = _kernels.PackedWeights(b, zb if weight_zp else None, isa="avx2")
     small = _kernels.PackedWeights(np.ascontiguousarray(b[:, :1024]), zb[:1024], isa="avx2")
     assert w.widened and small.widened
     assert w.nbytes == 64 * ((k + 3) // 4) * ((n + 15) // 16) and small.nbytes == 128 * ((k + 3) // 4) * 64
-    ref = _reference_s32(a, b, 200, zb)
-    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 200, threads=1), ref)
-    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, 200, threads=0), ref)
+    ref = _reference_s32(a, b, za, zb)
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, za, threads=1), ref)
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, za, threads=0), ref)
+
+
+@pytest.mark.parametrize("m", [7, 16])
+@pytest.mark.parametrize("k, n", [(1000, 500), (2050, 1040)])
+@pytest.mark.parametrize("za", [0, 131])
+def test_avx2_seven_bit_path_across_blocks_and_loop_orders(m: int, k: int, n: int, za: int) -> None:
+    # 1000 x 500: one K block of weights within 512 KiB, so row blocks go outermost; 2050 x 1040: several K
+    # blocks (the last one short), weights beyond 512 KiB, later row blocks prefetching the next K block, and
+    # (za = 0) the int32 store from the last K block. Extreme 7-bit weights against bright activations.
+    if "avx2" not in _kernels.isas():
+        pytest.skip("this CPU lacks avx2")
+    rng = np.random.default_rng(m * k + za)
+    a = rng.integers(192, 256, (m, k), dtype=np.uint8)
+    b = rng.choice(np.array([-64, -63, -1, 0, 1, 63, 64], np.int8), (k, n))
+    w = _kernels.PackedWeights(b, isa="avx2")
+    assert not w.widened
+    ref = _reference_s32(a, b, za, np.zeros(n, np.int32))
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, za, threads=1), ref)
+    np.testing.assert_array_equal(_kernels.gemm_s32(a, w, za, threads=0), ref)
 
 
 @each_isa
