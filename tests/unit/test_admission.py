@@ -127,6 +127,23 @@ def test_pushback_follows_the_latest_p99() -> None:
     assert refusal is not None and refusal.pushback_ms == 30
 
 
+def test_a_jump_in_the_prediction_lifts_the_limit_at_once_and_drift_does_not() -> None:
+    """A faster variant under a step of load: the gate admits what it can now serve in the next period, not
+    after seconds of growing by a tenth; small moves of the prediction leave the measured limit alone."""
+    gate = AdmissionGate(levels=1)
+    gate.configure(target_ms=50, predicted=24)
+    now = 0.0
+    gate.adapt(now, 0.0)
+    for _ in range(3):
+        now = run_period(gate, now, latency_ms=200)  # over budget: cut to 24 x 0.8^3
+    assert gate.limit == 12
+    gate.configure(target_ms=50, predicted=30)  # drift: the measurement stands
+    assert gate.limit == 12
+    gate.configure(target_ms=50, predicted=120)  # the controller switched variant
+    assert gate.limit == 120
+    assert fill(gate, 1, 200) == 120
+
+
 def test_a_new_target_restarts_from_the_prediction() -> None:
     gate = AdmissionGate(levels=1)
     gate.configure(target_ms=50, predicted=30)

@@ -38,6 +38,7 @@ class GateTuning:
     increase: float = 0.1  # growth per period, as a share of the limit, when it binds and latency fits
     comfort: float = 0.6  # "fits comfortably": p99 under this share of the budget
     reserve_decay: float = 0.8  # how much of a level's reserve survives a period in which it used less
+    jump: float = 1.5  # a prediction this many times the last one is a new operating point, not drift
     min_limit: int = 2
     default_limit: int = 64  # before any prediction or measurement
 
@@ -86,9 +87,15 @@ class AdmissionGate:
     # -- knobs the controller sets ---------------------------------------------------------
     def configure(self, target_ms: float, predicted: int = 0) -> None:
         """`target_ms`: the p99 the model must hold (0: no target, admit all); `predicted`: the controller's
-        estimate of the in-flight requests that fit the target (0: none)."""
+        estimate of the in-flight requests that fit the target (0: none).
+
+        A prediction that jumps (the controller moved to a faster variant or more instances under a step of
+        load) lifts the limit to it at once: growing there by `increase` a period would keep refusing, for a
+        second or more, the load the switch was made to serve (measured: most of the losses of a 3x step)."""
         if target_ms != self._target_ms or (predicted and not self._predicted):
             self._limit = float(predicted or max(self._limit, self.tuning.default_limit))
+        elif predicted >= self.tuning.jump * self._predicted > 0:
+            self._limit = max(self._limit, float(predicted))
         self._target_ms = max(target_ms, 0.0)
         self._predicted = max(predicted, 0)
 
