@@ -197,6 +197,19 @@ def test_a_measured_breach_moves_to_a_faster_variant_even_when_the_estimate_is_c
     assert sim.active.variant in ("int8", "pruned")
 
 
+def test_a_breach_under_a_step_goes_to_the_variant_that_fits_the_new_rate_at_once() -> None:
+    """The rate spans lag a step; with the SLO measured broken, the latest period's rate chooses, so the move
+    lands on the variant that serves the step instead of walking there one variant per period."""
+    sim = Sim()
+    fp32, int8, pruned = capacity_rps("fp32"), capacity_rps("int8"), capacity_rps("pruned")
+    step = 1.3 * int8
+    assert step < 0.7 * pruned
+    sim.run(0.3 * fp32, 3, latencies_ms=5.0)
+    assert sim.active.variant == "fp32"
+    changed = sim.run(step, PERIOD, latencies_ms=3 * SLO_MS)  # the step's first period, answered late
+    assert changed and sim.variants_seen() == ["fp32", "pruned"]
+
+
 def test_a_variant_that_broke_the_slo_is_not_trusted_again_at_that_load_for_a_while() -> None:
     sim = Sim()
     fp32 = capacity_rps("fp32")

@@ -142,10 +142,12 @@ class SloController:
         t, slo = self.tuning, model.slo
         rows = model.rows.value or 1.0
         levels = range(1, model.info.priority_levels + 1)
-        rps = {
-            lv: max(model.offered.rate(span, lv, t.rate_min_events) for span in (t.fast_rate_s, t.window_s))
-            for lv in levels
-        }
+        breach = self._over(model, 1.0)
+        # A measured breach under a step of load is when the rate spans lag most (0.3 s in, the fast one holds
+        # a third of the new rate), and a move chosen on them lands on one variant per period instead of the
+        # one that fits; the latest period's rate says where the load is now.
+        spans = (t.fast_rate_s, t.window_s, *((t.breach_rate_s,) if breach else ()))
+        rps = {lv: max(model.offered.rate(span, lv, t.rate_min_events) for span in spans) for lv in levels}
         busy = [lv for lv in levels if rps[lv] > 0] or list(levels)
         slo_ms = min(slo.target_ms(lv) for lv in busy) if slo.p99_ms > 0 else 0.0
         target = slo_ms * t.latency_margin
@@ -164,7 +166,7 @@ class SloController:
             {lv: r * rows / 1e3 for lv, r in rps.items()},
             sum(rps.values()),
             slo_ms,
-            self._over(model, 1.0),
+            breach,
             self._over(model, t.latency_margin),
             model.window.percentile(50),
             model.window.percentile(99),
