@@ -210,21 +210,6 @@ def test_a_breach_under_a_step_goes_to_the_variant_that_fits_the_new_rate_at_onc
     assert changed and sim.variants_seen() == ["fp32", "pruned"]
 
 
-@pytest.mark.parametrize(("room", "lands_on"), [(Tuning().breach_settle_utilisation, "pruned"), (0.7, "int8")])
-def test_a_breach_lands_on_a_variant_with_room_for_the_profiles_error(room: float, lands_on: str) -> None:
-    """A slower int8 that fits this load with the usual room (utilisation <= 0.7) but not with the room kept
-    after a breach: the move goes past it to pruned instead of trying int8 and breaking again a period later
-    (with the usual room as the breach room, int8 it is: the test can tell the two apart)."""
-    a, c = 0.3, 0.14
-    int8 = VariantInfo("int8", *ACCURACY["int8"], SIZES, tuple(a + c * b for b in SIZES))
-    sim = Sim(variants=(variant("fp32"), int8, variant("pruned")), tuning=Tuning(breach_settle_utilisation=room))
-    rate = 0.6 * capacity_rps("fp32")
-    sim.run(rate, 3, latencies_ms=5.0)
-    assert sim.active.variant == "fp32"
-    changed = sim.run(rate, PERIOD, latencies_ms=3 * SLO_MS)
-    assert changed and changed[0].reason is Reason.DOWN_OBSERVED and sim.active.variant == lands_on
-
-
 def test_a_variant_that_broke_the_slo_is_not_trusted_again_at_that_load_for_a_while() -> None:
     sim = Sim()
     fp32 = capacity_rps("fp32")

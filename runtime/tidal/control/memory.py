@@ -31,7 +31,6 @@ class Tuning:
     up_utilisation: float = 0.6  # a more accurate variant must run at most this loaded ...
     up_hold_s: float = 2.0  # ... for this long before the controller moves up
     settle_utilisation: float = 0.7  # where a move down lands
-    breach_settle_utilisation: float = 0.35  # where a move down for a measured breach lands: profiles erred
     leave_utilisation: float = 0.85  # above this the active variant is left at once
     min_samples: int = 100  # latencies needed before a measured p99 is judged
     half_life_s: float = 5.0  # of measured batch times in the latency models

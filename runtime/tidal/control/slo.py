@@ -296,21 +296,16 @@ class SloController:
                 return better[0], Reason.UP, f"{better[0].variant} is more accurate and holds the SLO with margin"
             return current, Reason.HOLD, f"{better[0].variant} fits; holding until it has for {t.up_hold_s:g} s"
         model.fit_since = None
-        pool, rooms = ranked, (t.settle_utilisation,)
+        pool = ranked
         if breach and current is not None:
-            # The measured breach says the profiles promised more than this load gets; a variant chosen with the
-            # usual room tends to break too one period later (measured under a 3x step: int8 planned at 0.67,
-            # measured 1.16), so the move first looks for one with room for that error.
             pool = [plan for plan in ranked if plan.capacity > 1.1 * current.capacity]
-            rooms = (t.breach_settle_utilisation, t.settle_utilisation)
-        for room in rooms:
-            for plan in pool:
-                if plan.fits(room, target):
-                    if breach:
-                        if current is not None:
-                            model.ceilings[current.variant] = (p.load.rate, at_s)
-                        return plan, Reason.DOWN_OBSERVED, breach
-                    return plan, Reason.DOWN_PREDICTED, why_down(active.variant, current)
+        for plan in pool:
+            if plan.fits(t.settle_utilisation, target):
+                if breach:
+                    if current is not None:
+                        model.ceilings[current.variant] = (p.load.rate, at_s)
+                    return plan, Reason.DOWN_OBSERVED, breach
+                return plan, Reason.DOWN_PREDICTED, why_down(active.variant, current)
         model.shedding, model.scale = True, 1.0
         return fastest, Reason.SHED, breach or "no variant holds the SLO at the offered load"
 
