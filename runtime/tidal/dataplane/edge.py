@@ -148,16 +148,17 @@ class _ThreadDemand:
 
     def __enter__(self) -> _ThreadDemand:
         self._fd: int | None = None
-        with contextlib.suppress(OSError):
+        try:
             fd = os.open(SCHEDSTAT, os.O_RDONLY)
-            try:
-                if _schedstat_s(fd) > 0:  # zeros: a kernel that does not keep the counters
-                    self._fd, fd = fd, -1
-            except ValueError:
-                pass
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+        except OSError:
+            return self
+        try:
+            if _schedstat_s(fd) > 0:  # zeros: a kernel that does not keep the counters
+                self._fd = fd
+                return self
+        except (OSError, ValueError):
+            pass
+        os.close(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
