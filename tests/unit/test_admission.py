@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.control.admission import MAX_DEMAND, AdmissionGate, saturation
+from tidal.control.admission import MAX_DEMAND, AdmissionGate, GateTuning, saturation
+
+STRICT = GateTuning(burst=1.0)  # no burst window: the rules below are about the limit itself
 
 
-def fill(gate: AdmissionGate, level: int, count: int) -> int:
-    """Admit up to `count` requests of `level`; how many got in."""
-    return sum(gate.admit(level) is None for _ in range(count))
+def fill(gate: AdmissionGate, level: int, count: int, now: float = 0.0) -> int:
+    """Admit up to `count` requests of `level` at `now`; how many got in."""
+    return sum(gate.admit(level, now) is None for _ in range(count))
 
 
 def run_period(gate: AdmissionGate, now: float, latency_ms: float, delay_ms: float = 0.0, count: int = 20) -> float:
     """`count` requests admitted and answered after `latency_ms`, then the period closes; returns the new now."""
     for _ in range(count):
-        if gate.admit(1) is None:
+        if gate.admit(1, now) is None:
             gate.release(1, latency_ms / 1e3)
     now += gate.tuning.period_s
     gate.adapt(now, delay_ms)
@@ -23,16 +25,16 @@ def run_period(gate: AdmissionGate, now: float, latency_ms: float, delay_ms: flo
 
 
 def test_without_a_target_everything_is_admitted() -> None:
-    gate = AdmissionGate(levels=2)
+    gate = AdmissionGate(levels=2, tuning=STRICT)
     assert fill(gate, 2, 10_000) == 10_000
     assert gate.state().refused == {1: 0, 2: 0}
 
 
 def test_lower_priorities_are_refused_first_and_higher_ones_keep_what_they_use() -> None:
-    gate = AdmissionGate(levels=3)
+    gate = AdmissionGate(levels=3, tuning=STRICT)
     gate.configure(target_ms=50, predicted=40)
     assert fill(gate, 3, 100) == 40  # alone, the lowest level may fill the whole limit
-    assert gate.admit(1) is not None  # ...and level 1 has to wait for a slot
+    assert gate.admit(1, 0.0) is not None  # ...and level 1 has to wait for a slot
     for _ in range(40):
         gate.release(3, 0.01)
     assert fill(gate, 1, 5) == 5  # level 1 in use: 5 in flight at its peak
@@ -43,31 +45,31 @@ def test_lower_priorities_are_refused_first_and_higher_ones_keep_what_they_use()
     assert fill(gate, 3, 100) == limit - 11  # what level 1's reserve leaves, minus its 5 in flight
     assert fill(gate, 2, 100) == 0
     assert fill(gate, 1, 100) == 6  # level 1 still finds room up to the whole limit
-    refusal = gate.admit(1)
+    refusal = gate.admit(1, 0.0)
     assert refusal is not None and refusal.level == 1 and refusal.inflight == limit
     gate.release(1, 0.01)
-    assert gate.admit(1) is None and gate.admit(3) is not None  # a freed slot goes to the top level
+    assert gate.admit(1, 0.0) is None and gate.admit(3, 0.0) is not None  # a freed slot goes to the top level
 
 
 def test_a_refused_level_takes_the_next_free_slots_even_without_a_reserve() -> None:
     """Level 1 sent nothing for a while (its calls were dropped before the gate, say): its reserve is gone and
     level 2 filled the limit. Its refusal reserves room at once, so level 2, arriving first each time a slot
     frees, is refused until level 1 has what it asked for: level 1 is not locked out period after period."""
-    gate = AdmissionGate(levels=2)
+    gate = AdmissionGate(levels=2, tuning=STRICT)
     gate.configure(target_ms=50, predicted=10)
     now = 0.0
     gate.adapt(now, 0.0)
-    assert fill(gate, 2, 100) == 10 and gate.admit(1) is not None  # the limit is full
+    assert fill(gate, 2, 100) == 10 and gate.admit(1, 0.0) is not None  # the limit is full
     for _ in range(3):  # each time a slot frees, level 2 arrives first, then level 1; periods pass
         gate.release(2, 0.01)
-        assert gate.admit(2) is not None and gate.admit(1) is None
+        assert gate.admit(2, now) is not None and gate.admit(1, now) is None
         now += gate.tuning.period_s
         gate.adapt(now, 0.0)
     assert gate.state().refused == {1: 1, 2: 90 + 3}
 
 
 def test_an_idle_level_gives_its_reserve_back() -> None:
-    gate = AdmissionGate(levels=2)
+    gate = AdmissionGate(levels=2, tuning=STRICT)
     gate.configure(target_ms=50, predicted=20)
     fill(gate, 1, 4)
     for _ in range(4):
@@ -81,7 +83,7 @@ def test_an_idle_level_gives_its_reserve_back() -> None:
 
 
 def test_the_limit_shrinks_while_latency_breaks_the_budget_left_by_the_transport() -> None:
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=100)
     now = 0.0
     gate.adapt(now, 0.0)
@@ -95,7 +97,7 @@ def test_the_limit_shrinks_while_latency_breaks_the_budget_left_by_the_transport
 
 
 def test_the_limit_grows_only_while_it_binds_and_never_past_twice_the_prediction() -> None:
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=10)
     now = 0.0
     gate.adapt(now, 0.0)
@@ -110,7 +112,7 @@ def test_the_limit_grows_only_while_it_binds_and_never_past_twice_the_prediction
 
 
 def test_too_few_answers_in_a_period_change_nothing() -> None:
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=30)
     gate.adapt(0.0, 0.0)
     run_period(gate, 0.0, latency_ms=500, count=3)
@@ -118,19 +120,19 @@ def test_too_few_answers_in_a_period_change_nothing() -> None:
 
 
 def test_pushback_follows_the_latest_p99() -> None:
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=20)
     gate.adapt(0.0, 0.0)
     run_period(gate, 0.0, latency_ms=30)
     fill(gate, 1, 20)
-    refusal = gate.admit(1)
+    refusal = gate.admit(1, 0.0)
     assert refusal is not None and refusal.pushback_ms == 30
 
 
 def test_a_jump_in_the_prediction_lifts_the_limit_at_once_and_drift_does_not() -> None:
     """A faster variant under a step of load: the gate admits what it can now serve in the next period, not
     after seconds of growing by a tenth; small moves of the prediction leave the measured limit alone."""
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=24)
     now = 0.0
     gate.adapt(now, 0.0)
@@ -145,13 +147,47 @@ def test_a_jump_in_the_prediction_lifts_the_limit_at_once_and_drift_does_not() -
 
 
 def test_a_new_target_restarts_from_the_prediction() -> None:
-    gate = AdmissionGate(levels=1)
+    gate = AdmissionGate(levels=1, tuning=STRICT)
     gate.configure(target_ms=50, predicted=30)
     gate.configure(target_ms=20, predicted=12)
     assert gate.limit == 12
     gate.configure(target_ms=0)
     assert not gate.active and fill(gate, 1, 500) == 500
 
+
+
+def test_a_burst_after_a_quiet_spell_is_let_in_up_to_twice_the_limit_within_one_target() -> None:
+    """A stall of the host makes calls arrive in a clump at moderate load: they are answered late, not refused."""
+    gate = AdmissionGate(levels=1)
+    gate.configure(target_ms=50, predicted=10)
+    assert fill(gate, 1, 100, now=5.0) == 20 and gate.state().refused == {1: 80}
+    for _ in range(20):
+        gate.release(1, 0.01)
+    assert fill(gate, 1, 100, now=5.02) == 10  # a refusal ends the quiet: the limit alone holds
+    for _ in range(10):
+        gate.release(1, 0.01)
+    assert fill(gate, 1, 100, now=6.1) == 20  # quiet for a second again: the next burst gets its window
+
+
+def test_a_queue_that_stands_past_the_window_is_refused() -> None:
+    gate = AdmissionGate(levels=1)
+    gate.configure(target_ms=50, predicted=10)
+    assert fill(gate, 1, 15, now=5.0) == 15  # the burst's first 5 over the limit get in
+    assert fill(gate, 1, 1, now=5.03) == 1  # still within 50 ms of the first
+    assert gate.admit(1, 5.06) is not None  # 60 ms on, 16 in flight: a standing queue, not a burst
+    assert fill(gate, 1, 1, now=6.0) == 0  # and no new window until a quiet second has passed
+
+
+def test_bursts_keep_priority_order() -> None:
+    """A lower level's burst window is bounded by its own share: the reserve of the level above stays free."""
+    gate = AdmissionGate(levels=2)
+    gate.configure(target_ms=50, predicted=20)
+    fill(gate, 1, 5, now=0.0)
+    gate.adapt(0.0, 0.0)
+    gate.adapt(gate.tuning.period_s, 0.0)  # level 1 keeps 5 + 1 in reserve
+    limit = gate.limit
+    assert fill(gate, 2, 1000, now=5.0) == 2 * limit - 6 - 5  # twice the limit, less level 1's reserve
+    assert fill(gate, 1, 10, now=5.0) == 6  # level 1 keeps the room of its reserve above the burst of level 2
 
 @pytest.mark.parametrize(
     ("busy", "received", "admitted", "utilisation", "expected"),

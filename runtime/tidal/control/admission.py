@@ -15,10 +15,17 @@ in the manner of latency-gradient limiters (Netflix's Gradient2, Envoy's adaptiv
   at once, falling slowly) plus one. Excess is refused lowest priority first, and a level's own traffic never
   has to squeeze past a flood of lower-priority requests: a refusal reserves the room its level asked for at
   once, so the next free slots go to it even when it had nothing in flight before (its reserve had decayed)
-  and lower levels arrive first.
+  and lower levels arrive first;
+- a burst is not a standing queue (CoDel's distinction): when a level has had nothing refused for `quiet_s`,
+  its requests that push past its cap within one SLO target of the first are still admitted, up to `burst`
+  times the limit less the reserves of the levels above. A stall of the host or the event loop (tens of ms)
+  makes calls arrive in a clump at moderate load; refusing them turns a late answer into an error (measured:
+  a 10-minute soak at 70% of capacity, all of its errors in such seconds, perf/RELIABILITY.md). A real
+  overload refuses from the end of that window on, and has no window again until it has been quiet for
+  `quiet_s`.
 
-Pure: `adapt` takes `now`; nothing here reads a clock, sleeps or does I/O; one gate per served model, driven from
-the event loop only (not thread-safe).
+Pure: `admit` and `adapt` take `now`; nothing here reads a clock, sleeps or does I/O; one gate per served
+model, driven from the event loop only (not thread-safe).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class GateTuning:
     comfort: float = 0.6  # "fits comfortably": p99 under this share of the budget
     reserve_decay: float = 0.8  # how much of a level's reserve survives a period in which it used less
     jump: float = 1.5  # a prediction this many times the last one is a new operating point, not drift
+    burst: float = 2.0  # a burst after a quiet spell may fill this many times the limit (1: no bursts)
+    quiet_s: float = 1.0  # no refusal for this long before a burst is let in
     min_limit: int = 2
     default_limit: int = 64  # before any prediction or measurement
 
@@ -82,6 +91,8 @@ class AdmissionGate:
         self._period_start: float | None = None
         self._samples: list[float] = []
         self._bound = False  # the limit refused someone (or was reached) in this period
+        self._refused_at = [-math.inf] * levels  # per level: the latest refusal
+        self._burst_from = [-math.inf] * levels  # per level: when its latest burst first went past its cap
         self._p99_ms: float | None = None
 
     # -- knobs the controller sets ---------------------------------------------------------
@@ -109,16 +120,20 @@ class AdmissionGate:
 
     def cap(self, level: int) -> int:
         """In-flight requests (of every level) below which a request of `level` is admitted."""
+        return self._cap(level, self.limit)
+
+    def _cap(self, level: int, limit: int) -> int:
         reserved = sum(math.ceil(r) + 1 for r in self._reserve[: level - 1] if r > 0)
-        return max(self.limit - reserved, 1 if level == 1 else 0)
+        return max(limit - reserved, 1 if level == 1 else 0)
 
     # -- per request -----------------------------------------------------------------------
-    def admit(self, level: int) -> Refusal | None:
+    def admit(self, level: int, now: float) -> Refusal | None:
         """None: admitted (call `release` when it is answered). A Refusal: answer at once, do no work."""
         if self.active:
             cap = self.cap(level)
-            if self._inflight >= cap:
+            if self._inflight >= cap and not self._absorbs(level, now):
                 self._bound = True
+                self._refused_at[level - 1] = now
                 self._refused[level - 1] += 1
                 self._reserve[level - 1] = max(self._reserve[level - 1], self._by_level[level - 1] + 1.0)
                 return Refusal(level, cap, self._inflight, self._pushback_ms())
@@ -129,6 +144,18 @@ class AdmissionGate:
         count = self._by_level[level - 1] = self._by_level[level - 1] + 1
         self._peak[level - 1] = max(self._peak[level - 1], count)
         return None
+
+    def _absorbs(self, level: int, now: float) -> bool:
+        """Whether a request of `level` past its cap belongs to a burst the gate lets in (see the module's
+        docstring). The burst's room is the limit scaled by `burst` less the same reserves, so a lower level's
+        burst never takes what the levels above it keep."""
+        t, i = self.tuning, level - 1
+        if now - self._refused_at[i] < t.quiet_s or self._inflight >= self._cap(level, int(t.burst * self.limit)):
+            return False
+        window = self._target_ms / 1e3
+        if now - self._burst_from[i] > window + t.period_s:
+            self._burst_from[i] = now  # a new burst
+        return now - self._burst_from[i] <= window
 
     def release(self, level: int, latency_s: float) -> None:
         """An admitted request of `level` was answered after `latency_s` inside the server (failures count

@@ -175,7 +175,7 @@ class DataPlane:
             self._observe(served, level, now, ok=False)
             raise DeadlineExceeded("the request deadline passed before the server could start on it")
         gate = self.edge.gate(served.name, served.priority_levels)
-        refusal = gate.admit(level)
+        refusal = gate.admit(level, now)
         if refusal is not None:
             self._observe(served, level, now, ok=False)
             raise ResourceExhausted(
