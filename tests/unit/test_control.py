@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from tidal.clock import FakeClock
@@ -64,15 +65,15 @@ class Sim:
         self.decisions = []
 
     def run(self, rps: float | dict[int, float], seconds: float, latencies_ms: float | None = None,
-            slowdown: float | None = None, queued: int = 0) -> list:
+            slowdown: float | None = None, queued: int = 0, rng: np.random.Generator | None = None) -> list:
         """`rps` per level (a float goes to level 1); optional synthetic latencies, and batches of 8 rows
-        that take `slowdown` times what the active variant's profile says."""
+        that take `slowdown` times what the active variant's profile says; Poisson arrivals with `rng`."""
         rates = rps if isinstance(rps, dict) else {1: rps}
         changed = []
         for _ in range(round(seconds / PERIOD)):
             self.now += PERIOD
             for level, rate in rates.items():
-                self.arrived[level] += round(rate * PERIOD)
+                self.arrived[level] += int(rng.poisson(rate * PERIOD)) if rng is not None else round(rate * PERIOD)
             count = round(sum(rates.values()) * PERIOD)
             lats = () if latencies_ms is None else tuple(
                 LatencySample(1, latencies_ms / 1e3, 0.0) for _ in range(count)
@@ -208,6 +209,37 @@ def test_a_breach_under_a_step_goes_to_the_variant_that_fits_the_new_rate_at_onc
     assert sim.active.variant == "fp32"
     changed = sim.run(step, PERIOD, latencies_ms=3 * SLO_MS)  # the step's first period, answered late
     assert changed and sim.variants_seen() == ["fp32", "pruned"]
+
+
+def test_a_step_lands_on_the_variant_that_fits_it_before_any_answer_is_late() -> None:
+    """The latest period's arrivals, far beyond what the long span's rate gives as noise, are the load now."""
+    sim = Sim()
+    fp32, int8, pruned = capacity_rps("fp32"), capacity_rps("int8"), capacity_rps("pruned")
+    step = 1.3 * int8
+    assert step < 0.7 * pruned
+    sim.run(0.3 * fp32, 3, latencies_ms=5.0)
+    changed = sim.run(step, PERIOD, latencies_ms=5.0)  # the step's first period, nothing late yet
+    assert changed and changed[0].reason is Reason.DOWN_PREDICTED and sim.variants_seen() == ["fp32", "pruned"]
+
+
+def test_a_slowed_host_does_not_send_the_fastest_variant_to_a_slower_one() -> None:
+    """Under load the fastest variant's batches run 6x its profile; int8 has not run since the host was quiet.
+    Nothing is faster than pruned, so it stays and sheds: int8, slowed as much, would serve even less."""
+    sim = Sim()
+    fp32, int8 = capacity_rps("fp32"), capacity_rps("int8")
+    sim.run(0.3 * fp32, 3, latencies_ms=5.0)
+    sim.run(1.3 * int8, 2, latencies_ms=5.0)
+    assert sim.active.variant == "pruned"
+    sim.run(1.3 * int8, 1, latencies_ms=5.0, slowdown=6.0)
+    sim.run(1.3 * int8, 1, latencies_ms=3 * SLO_MS, slowdown=6.0)
+    assert sim.variants_seen() == ["fp32", "pruned"] and sim.active.admission_limits
+
+
+def test_poisson_noise_is_not_taken_for_a_step() -> None:
+    fp32 = capacity_rps("fp32")
+    sim = Sim()
+    sim.run(0.75 * fp32, 60, latencies_ms=5.0, rng=np.random.default_rng(7))  # 0.85 leaves: 13% above, 2.5 sigma
+    assert sim.variants_seen() == ["fp32"]
 
 
 def test_a_variant_that_broke_the_slo_is_not_trusted_again_at_that_load_for_a_while() -> None:

@@ -24,7 +24,8 @@ class Tuning:
 
     window_s: float = 2.0  # latency percentiles and the long rate span
     fast_rate_s: float = 0.3  # short rate span: a step up shows within a few periods
-    breach_rate_s: float = 0.1  # while the SLO is measured broken, the rate over this span counts too
+    breach_rate_s: float = 0.1  # while the SLO is measured broken, or arrivals surge, this span's rate counts too
+    surge_sigmas: float = 4.0  # a surge: this many Poisson standard deviations above the long span's rate
     tail_factor: float = 2.0  # p99 ~ window + tail * L(batch) + offset
     latency_margin: float = 0.85  # plans aim at this fraction of the SLO
     max_delay_share: float = 0.25  # the batching window keeps at most this share of the target

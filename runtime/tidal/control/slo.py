@@ -143,11 +143,17 @@ class SloController:
         rows = model.rows.value or 1.0
         levels = range(1, model.info.priority_levels + 1)
         breach = self._over(model, 1.0)
-        # A measured breach under a step of load is when the rate spans lag most (0.3 s in, the fast one holds
-        # a third of the new rate), and a move chosen on them lands on one variant per period instead of the
-        # one that fits; the latest period's rate says where the load is now.
-        spans = (t.fast_rate_s, t.window_s, *((t.breach_rate_s,) if breach else ()))
-        rps = {lv: max(model.offered.rate(span, lv, t.rate_min_events) for span in spans) for lv in levels}
+        # Under a step of load the rate spans lag (0.3 s in, the fast one holds a third of the new rate), and a
+        # move chosen on them lands on one variant per period instead of the one that fits. The latest period's
+        # rate says where the load is now; it counts while the SLO is measured broken, or when it is too far
+        # above the long span's rate to be Poisson noise (a step seen before any answer came back late).
+        rps = {}
+        for lv in levels:
+            spans = [model.offered.rate(span, lv, t.rate_min_events) for span in (t.fast_rate_s, t.window_s)]
+            latest = model.offered.rate(t.breach_rate_s, lv, t.rate_min_events)
+            if breach or _surge(latest, spans[1], t.breach_rate_s, t.surge_sigmas):
+                spans.append(latest)
+            rps[lv] = max(spans)
         busy = [lv for lv in levels if rps[lv] > 0] or list(levels)
         slo_ms = min(slo.target_ms(lv) for lv in busy) if slo.p99_ms > 0 else 0.0
         target = slo_ms * t.latency_margin
@@ -249,12 +255,13 @@ class SloController:
         routed = self._route(model, at_s, active, plans, candidates, p, drift)
         if routed is not None:
             return routed
+        slowed = self._slowed(model, at_s, active.variant, plans, loads, drift)
         if not any(plan.max_batch for plan in plans.values()):
             fastest = min(plans.values(), key=lambda plan: plan.batch_ms)
             setpoint = self._setpoint(model, fastest, active, p, loads[fastest.variant], shedding=False)
             detail = f"{fastest.variant} needs {fastest.batch_ms:.2f} ms a batch; p99 {p.slo_ms:g} ms is out of reach"
             return self._decision(model, at_s, active, setpoint, Reason.UNATTAINABLE, detail, p)
-        plan, reason, why = self._choose(model, at_s, active, plans, p)
+        plan, reason, why = self._choose(model, at_s, active, plans, slowed, p)
         if reason is Reason.SHED:
             self._adapt_scale(model, p)
         setpoint = self._setpoint(model, plan, active, p, loads[plan.variant], shedding=reason is Reason.SHED)
@@ -263,14 +270,17 @@ class SloController:
                               None if math.isinf(plan.predicted_p99_ms) else plan.predicted_p99_ms, plan)
 
     def _choose(
-        self, model: ModelMemory, at_s: float, active: Setpoint, plans: dict[str, Plan], p: Period
+        self, model: ModelMemory, at_s: float, active: Setpoint, plans: dict[str, Plan], slowed: dict[str, Plan],
+        p: Period,
     ) -> tuple[Plan, Reason, str]:
+        """`plans` for holding and moving up; `slowed` (see `_slowed`) for moving down and shedding."""
         t, target = self.tuning, p.load.target_ms
         ranked = [plans[v] for v in plans]  # most accurate first
+        down = [slowed[v] for v in plans]
         current = plans.get(active.variant)
-        fastest = max(ranked, key=lambda plan: plan.capacity)
+        fastest = max(down, key=lambda plan: plan.capacity)
         if model.shedding:
-            fits = [plan for plan in ranked if plan.fits(t.settle_utilisation, target)]
+            fits = [plan for plan in down if plan.fits(t.settle_utilisation, target)]
             if not fits or p.breach:
                 model.fit_since = None
                 return fastest, Reason.SHED, p.breach or "no variant holds the SLO at the offered load"
@@ -296,9 +306,9 @@ class SloController:
                 return better[0], Reason.UP, f"{better[0].variant} is more accurate and holds the SLO with margin"
             return current, Reason.HOLD, f"{better[0].variant} fits; holding until it has for {t.up_hold_s:g} s"
         model.fit_since = None
-        pool = ranked
+        pool = down
         if breach and current is not None:
-            pool = [plan for plan in ranked if plan.capacity > 1.1 * current.capacity]
+            pool = [plan for plan in down if plan.capacity > 1.1 * current.capacity]
         for plan in pool:
             if plan.fits(t.settle_utilisation, target):
                 if breach:
@@ -349,6 +359,33 @@ class SloController:
                   f"levels on the rest with {split.bulk.variant} (batch <= {split.bulk.max_batch})")
         return self._decision(model, at_s, active, setpoint, Reason.ROUTE, detail, p, split.bulk.predicted_p99_ms,
                               split.bulk)
+
+    def _slowed(
+        self, model: ModelMemory, at_s: float, active: str, plans: dict[str, Plan], loads: dict[str, Load],
+        drift: float,
+    ) -> dict[str, Plan]:
+        """The candidates as a move down sees them: slowed against their profiles at least as much as the active
+        variant is now. What slows the active variant under load (cores taken by the transport, by the load's own
+        clients, by a neighbour) slows any other the same way, while a candidate's own scale dates from when it
+        last ran, maybe on a quieter machine. Measured under a 3x step: the fastest variant's batches ran at 3x its
+        profile, and a move "down" for a measured breach went to a variant whose older scale made it look faster,
+        broke the SLO there, and walked on for seconds."""
+        current = model.latency.get(active)
+        if current is None or current.profiled_ms(1) is None:
+            return plans
+        floor = current.scale(drift)
+        out = {}
+        for name, plan in plans.items():
+            latency = model.latency[name]
+            own = latency.scale(drift)
+            if latency.profiled_ms(1) is None or own >= floor or own <= 0:
+                out[name] = plan
+                continue
+            intercept, slope = latency.line(drift)
+            line = Line(intercept * floor / own, slope * floor / own)
+            planned = plan_variant(name, line, loads[name], model.info.instances, max(model.info.max_batch_size, 1))
+            out[name] = self._ceiled(model, at_s, name, planned, loads[name].rate)
+        return out
 
     def _ceiled(self, model: ModelMemory, at_s: float, variant: str, plan: Plan, rate: float) -> Plan:
         """A variant left because its measured p99 broke the SLO at some load is not trusted above that load
@@ -442,6 +479,13 @@ class SloController:
             self._restart_window(model, model.last_at or 0.0)  # judge the new limits on their own latencies
         elif p.p99 is not None and model.window.count() >= self.tuning.min_samples and p.p99 < 0.7 * p.slo_ms:
             model.scale = min(model.scale * 1.1, 1.0)
+
+
+def _surge(rate: float, base: float, span_s: float, sigmas: float) -> bool:
+    """Whether `rate` over the last `span_s` is more arrivals than a Poisson stream at `base` gives, beyond
+    `sigmas` standard deviations (with at least one arrival expected: a start from idle is a surge too)."""
+    expected = max(base * span_s, 1.0)
+    return rate * span_s > expected + sigmas * math.sqrt(expected)
 
 
 def _close(new: tuple[tuple[int, int], ...], old: tuple[tuple[int, int], ...], tolerance: float) -> bool:
