@@ -26,6 +26,8 @@ import uvloop
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.proto import model_config_pb2 as mc
+from tidal.transport.server import INFERENCE_METHODS
+from tidal.transport.unreadable import Registrar
 
 SERVER_NAME = "echo"
 
@@ -156,7 +158,10 @@ async def serve(args: argparse.Namespace, servicer_type: Callable[..., EchoServi
     servicer = servicer_type(
         args.model or ["echo"], args.datatype, args.dims, args.max_batch_size, args.service_ms / 1e3
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    # The cheapest dispatch grpc.aio offers, as tidal's (one backlog of its own for inference, see Registrar).
+    inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    requests = {method.name: method.input_type.full_name for method in inference.methods}
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Registrar(server, requests, INFERENCE_METHODS))
     address = f"{args.host}:{args.port}"
     if args.tls_cert:
         with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:

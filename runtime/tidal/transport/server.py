@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from tidal.proto import POOL
 from tidal.proto import control_pb2 as cpb
@@ -33,6 +33,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_MAX_PENDING_RPCS = 20_000
 # A health service that stays SERVING while the process can answer, drain included: the liveness probe's.
 LIVENESS_SERVICE = "liveness"
+INFERENCE_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})  # registered with core: backlogs of their own
 
 
 def unix_socket_path(address: str) -> str | None:
@@ -98,17 +99,22 @@ class GrpcServer:
         self._credentials = credentials  # None: plaintext
         inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Registrar(self._server, _request_types(inference)))
+        # Inference has its own backlogs in core; the rest shares the generic one (see Registrar).
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            servicer, Registrar(self._server, _request_types(inference), INFERENCE_METHODS)
+        )
         cpb_grpc.add_TidalControlServicer_to_server(control, Registrar(self._server, _request_types(tidal_control)))
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        names = (
-            inference.full_name,
-            tidal_control.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+        health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        health_pb2_grpc.add_HealthServicer_to_server(
+            self.health, Registrar(self._server, _request_types(health_service))
         )
-        reflection.enable_server_reflection(names, self._server, pool=_reflection_pool())
+        names = (inference.full_name, tidal_control.full_name, health_service.full_name, reflection.SERVICE_NAME)
+        reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names, pool=_reflection_pool()),
+            Registrar(self._server, _request_types(reflection_service)),
+        )
         self.unix_path = unix_socket_path(address)
         self._socket_mode = socket_mode
         if self.unix_path is not None:
