@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -112,16 +113,22 @@ def _ticks(stat: Path) -> tuple[int, int]:
 class Server:
     """A server child process on a free loopback port; its CPU time is read from /proc."""
 
-    def __init__(self, cmd: list[str], port_pattern: str, log_path: Path) -> None:
+    def __init__(self, cmd: list[str], port_pattern: str, log_path: Path, start_timeout_s: float = 180.0) -> None:
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            match = re.search(port_pattern, line.strip())
-            if match:
-                self.port = int(match.group(1))
-                return
-        raise RuntimeError(f"{cmd[:4]} exited with {self.proc.wait()}; see {log_path}")
+        # A server that hangs before printing its port (seen once with PyTriton) is killed, not waited on forever.
+        watchdog = threading.Timer(start_timeout_s, self.proc.kill)
+        watchdog.start()
+        try:
+            for line in self.proc.stdout:
+                match = re.search(port_pattern, line.strip())
+                if match:
+                    self.port = int(match.group(1))
+                    return
+        finally:
+            watchdog.cancel()
+        raise RuntimeError(f"{cmd[:4]} exited with {self.proc.wait()} before printing its port; see {log_path}")
 
     @property
     def url(self) -> str:
