@@ -106,6 +106,7 @@ class Watch:
     health_ms: list[float] = field(default_factory=list)
     health_failures: int = 0
     saturation: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, value)
+    received: list[tuple[float, float]] = field(default_factory=list)  # inference RPCs the server has seen, all models
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -143,6 +144,20 @@ class Watch:
                     value = re.search(r'^tidal_saturation\{model=""\} (\S+)$', text, re.MULTILINE)
                     if value:
                         self.saturation.append((at, float(value.group(1))))
+                    seen = re.findall(r"^tidal_edge_received_total\{[^}]*\} (\S+)$", text, re.MULTILINE)
+                    self.received.append((at, sum(map(float, seen))))
+
+    def reached(self, level: float) -> float | None:
+        """Seconds from the load's arrival to the first gauge sample at or above `level`. The arrival is the last
+        sample before the server's received counter moved, so the figure errs long by up to one sample period
+        (250 ms), never short; the load generator's own start-up is not counted."""
+        if not self.received:
+            return None
+        first = self.received[0][1]
+        start = next((self.received[i - 1][0] for i, (_, n) in enumerate(self.received) if i and n > first), None)
+        if start is None:
+            return None
+        return next((round(at - start, 2) for at, v in self.saturation if at >= start and v >= level), None)
 
     def health(self) -> dict[str, Any]:
         ms = sorted(self.health_ms)
