@@ -160,8 +160,7 @@ async def serve(args: argparse.Namespace, servicer_type: Callable[..., EchoServi
     )
     # The cheapest dispatch grpc.aio offers, as tidal's (one backlog of its own for inference, see Registrar).
     inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    requests = {method.name: method.input_type.full_name for method in inference.methods}
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Registrar(server, requests, INFERENCE_METHODS))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Registrar(server, inference, INFERENCE_METHODS))
     address = f"{args.host}:{args.port}"
     if args.tls_cert:
         with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
@@ -43,10 +42,6 @@ def unix_socket_path(address: str) -> str | None:
     if address.startswith("unix:"):
         return address.removeprefix("unix:")
     return None
-
-
-def _request_types(service: ServiceDescriptor) -> dict[str, str]:
-    return {method.name: method.input_type.full_name for method in service.methods}
 
 
 @functools.cache
@@ -100,20 +95,17 @@ class GrpcServer:
         inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
         # Inference has its own backlogs in core; the rest shares the generic one (see Registrar).
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            servicer, Registrar(self._server, _request_types(inference), INFERENCE_METHODS)
-        )
-        cpb_grpc.add_TidalControlServicer_to_server(control, Registrar(self._server, _request_types(tidal_control)))
+        registrar = Registrar(self._server, inference, INFERENCE_METHODS)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+        cpb_grpc.add_TidalControlServicer_to_server(control, Registrar(self._server, tidal_control))
         self.health = health.aio.HealthServicer()
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
-        health_pb2_grpc.add_HealthServicer_to_server(
-            self.health, Registrar(self._server, _request_types(health_service))
-        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, Registrar(self._server, health_service))
         names = (inference.full_name, tidal_control.full_name, health_service.full_name, reflection.SERVICE_NAME)
         reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(names, pool=_reflection_pool()),
-            Registrar(self._server, _request_types(reflection_service)),
+            Registrar(self._server, reflection_service),
         )
         self.unix_path = unix_socket_path(address)
         self._socket_mode = socket_mode

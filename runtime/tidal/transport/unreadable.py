@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from tidal.errors import InvalidArgument
@@ -95,10 +96,10 @@ class Registrar:
     methods registered, everything else generic."""
 
     def __init__(
-        self, server: grpc.aio.Server, request_types: Mapping[str, str], own_backlog: frozenset[str] = frozenset()
+        self, server: grpc.aio.Server, service: ServiceDescriptor, own_backlog: frozenset[str] = frozenset()
     ) -> None:
         self._server = server
-        self._types = request_types
+        self._types = {method.name: method.input_type.full_name for method in service.methods}
         self._own_backlog = own_backlog
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
