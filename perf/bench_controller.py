@@ -56,6 +56,7 @@ from live_server import ServerProcess, start_server
 DECISION = re.compile(r"^(\S+ \S+) INFO tidal\.control\.loop: controller (\S+):\d+: (\w+): .*?; (\S+) max batch (\d+)")
 PRIORITY = 'dynamic_batching { priority_levels: 2 default_priority_level: 2 }'
 CONTROL = "\nslo {{ p99_ms: {slo} }}\ncontroller {{ mode: FULL period_ms: 100 }}\n"
+OWN_CONTROL = re.compile(r"\b(?:slo|controller)\s*\{(?:[^{}]|\{[^{}]*\})*\}")  # what the source ships, replaced
 THREADS = '\nparameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
 
 
@@ -70,14 +71,15 @@ class Model:
 
 
 def _stage(source: Path, name: str, root: Path, slo_ms: float, threads: int, rows: int) -> Model:
-    """A copy of one model folder with two priority levels, the SLO, the backend threads and room for
-    requests of `rows` rows in its config."""
+    """A copy of one model folder with two priority levels, the SLO (in place of any the model ships), the
+    backend threads and room for requests of `rows` rows in its config."""
     target = root / name
     shutil.copytree(source, target)
     config = (target / "config.pbtxt").read_text()
     limit = int(re.search(r"max_batch_size:\s*(\d+)", config).group(1))
     config = re.sub(r"max_batch_size:\s*\d+", f"max_batch_size: {max(limit, rows)}", config)
     config = re.sub(r"dynamic_batching\s*\{[^}]*\}", PRIORITY, config)
+    config = OWN_CONTROL.sub("", config)
     if "intra_op_thread_count" not in config:
         config += THREADS.format(threads=threads)
     (target / "config.pbtxt").write_text(config + CONTROL.format(slo=slo_ms))
