@@ -18,7 +18,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_scheduler import MAX_BATCH, Server, perf_analyzer_binary, run_perf_analyzer, start_pytriton
+from bench_scheduler import (
+    MAX_BATCH,
+    Server,
+    perf_analyzer_binary,
+    perf_analyzer_trials,
+    run_perf_analyzer,
+    start_pytriton,
+)
 from loadgen import environment, log, write_section
 from models import MODELS, model_config, write_model_dir
 
@@ -32,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--interval-ms", type=int, default=2000, help="perf_analyzer --measurement-interval")
-    parser.add_argument("--max-trials", type=int, default=4, help="perf_analyzer --max-trials")
+    parser.add_argument("--max-trials", type=perf_analyzer_trials, default=4, help="perf_analyzer --max-trials")
     parser.add_argument("--stability", type=int, default=100, help="perf_analyzer -s (percent)")
     parser.add_argument("--write", type=Path, help="update the generated part of this RESULTS.md")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
     .venv/bin/python perf/bench_scheduler.py [--repeats 3] [--write perf/RESULTS.md] [--json out.json]
 
-On the three reference models of perf/models.py (mlp, cnn, wide_mlp), each point measured by
+On the reference models of perf/models.py (`--models`), each point measured by
 perf_analyzer with batch-1 requests and no `-x` (the same flags work against Triton):
 - tidal, batching off (`max_batch_size: 1`, one request per execution) and on (`max_batch_size: 128`,
   dynamic batching without a window); one ONNX Runtime instance, intra_op_thread_count 1, no spinning;
@@ -113,7 +113,13 @@ def _ticks(stat: Path) -> tuple[int, int]:
 class Server:
     """A server child process on a free loopback port; its CPU time is read from /proc."""
 
-    def __init__(self, cmd: list[str], port_pattern: str, log_path: Path, start_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self, cmd: list[str], port_pattern: str, log_path: Path, start_timeout_s: float = 180.0,
+        loop_in_main_thread: bool = True,
+    ) -> None:
+        """`loop_in_main_thread`: the process's main thread is its event loop (tidal, the echo, the floor), so
+        its CPU is the loop's share; PyTriton's main thread only launches Triton."""
+        self.loop_in_main_thread = loop_in_main_thread
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -178,7 +184,7 @@ def start_pytriton(models: dict[str, Path], work: Path, window_us: int) -> tuple
     http, grpc, metrics = free_ports(3)
     cmd = [str(PYTRITON), str(ROOT / "perf" / "pytriton_server.py"), str(http), str(grpc), str(metrics)]
     cmd += [f"{name}={path}" for name, path in models.items()] + ["--window-us", str(window_us)]
-    server = Server(cmd, r"^(\d+)$", work / "pytriton.log")  # the gRPC port
+    server = Server(cmd, r"^(\d+)$", work / "pytriton.log", loop_in_main_thread=False)  # the gRPC port
     urls = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}"}
     client = tc.InferenceServerClient(urls["grpc"])
     deadline = time.monotonic() + 120
@@ -234,6 +240,15 @@ def perf_analyzer_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def perf_analyzer_trials(text: str) -> int:
+    """--max-trials as perf_analyzer can use it: it calls a measurement stable by comparing its last 3 windows,
+    so fewer trials never stabilize and every point would come back empty."""
+    trials = int(text)
+    if trials < 3:
+        raise argparse.ArgumentTypeError(f"{trials}: at least 3 (perf_analyzer compares 3 windows for stability)")
+    return trials
+
+
 def run_perf_analyzer(
     args: argparse.Namespace, url: str, model: str, concurrency: int, protocol: str = "grpc"
 ) -> dict | None:
@@ -269,7 +284,8 @@ def measure_point(args, server: Server, model: str, concurrency: int, stats_clie
         return None
     elapsed = time.monotonic() - wall0
     result["server_cpu"] = (server.cpu_s() - cpu0) / elapsed
-    result["loop_cpu"] = (server.cpu_s(loop_thread_only=True) - loop0) / elapsed
+    if server.loop_in_main_thread:
+        result["loop_cpu"] = (server.cpu_s(loop_thread_only=True) - loop0) / elapsed
     if stats_client is not None:
         after = stats_client.get_inference_statistics(model).model_stats[0]
         executions = after.execution_count - before.execution_count
@@ -482,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of every point (median reported)")
     parser.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer --measurement-interval")
-    parser.add_argument("--max-trials", type=int, default=4, help="perf_analyzer --max-trials")
+    parser.add_argument("--max-trials", type=perf_analyzer_trials, default=4, help="perf_analyzer --max-trials")
     parser.add_argument("--stability", type=int, default=100, help="perf_analyzer -s (percent)")
     parser.add_argument("--raw-seconds", type=float, default=0.5, help="time per batch size of the raw backend")
     parser.add_argument("--window-us", type=int, default=0, help="max_queue_delay_microseconds with batching on")
