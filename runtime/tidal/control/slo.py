@@ -259,7 +259,9 @@ class SloController:
         if not any(plan.max_batch for plan in plans.values()):
             fastest = min(plans.values(), key=lambda plan: plan.batch_ms)
             setpoint = self._setpoint(model, fastest, active, p, loads[fastest.variant], shedding=False)
-            detail = f"{fastest.variant} needs {fastest.batch_ms:.2f} ms a batch; p99 {p.slo_ms:g} ms is out of reach"
+            offset = loads[fastest.variant].offset_ms  # the time outside the batch: transport, host, queueing
+            detail = (f"{fastest.variant} needs {fastest.batch_ms:.2f} ms a batch and {offset:.1f} ms measured beyond "
+                      f"it (transport, host); p99 {p.slo_ms:g} ms is out of reach")
             return self._decision(model, at_s, active, setpoint, Reason.UNATTAINABLE, detail, p)
         plan, reason, why = self._choose(model, at_s, active, plans, slowed, p)
         if reason is Reason.SHED:

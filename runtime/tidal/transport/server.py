@@ -91,6 +91,7 @@ class GrpcServer:
             ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_rpcs),
         ]
         self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
+        self._max_pending_rpcs = max_pending_rpcs
         self._credentials = credentials  # None: plaintext
         inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
@@ -136,6 +137,9 @@ class GrpcServer:
             self.port = bound
         await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Said at start-up: a closed-loop load test with more calls outstanding than this sees CANCELLED.
+        log.info("gRPC core holds up to %d calls per method that the event loop has not taken (%d at most); "
+                 "beyond, it drops them (--max-pending-rpcs)", self._max_pending_rpcs, 2 * self._max_pending_rpcs)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:
