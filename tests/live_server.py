@@ -96,3 +96,8 @@ def metric(values: dict[str, float], name: str, **labels: str) -> float:
         if base == name and want <= set(re.findall(r'\w+="[^"]*"', rest)):
             total += value
     return total
+
+
+def tidal_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`tidal ARGS` as a user runs it against a live server (control, health, bench)."""
+    return subprocess.run([sys.executable, "-m", "tidal", *args], capture_output=True, text=True, timeout=120, env=env)

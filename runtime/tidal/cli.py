@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tidal import __version__, logs
+from tidal.access import access_from, add_access_arguments
 from tidal.app import ModelControlMode, ServeOptions, run
 from tidal.argtypes import NON_NEGATIVE, PORT, bounded
 from tidal.bench.cli import add_bench_parser
@@ -130,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("control", help="read and steer the SLO controller of a running server")
     p.add_argument("-u", "--url", default="127.0.0.1:8001", help="server host:port (default %(default)s)")
+    add_access_arguments(p)
     commands = p.add_subparsers(dest="control_command", required=True)
     status = commands.add_parser("status", help="per model: SLO, observed latency, rate, variant, knobs, decisions")
     status.add_argument("model", nargs="?", default="", help="one model (default: all)")
@@ -153,8 +155,9 @@ def _control(args: argparse.Namespace) -> int:
     from tidal.transport.control import control_set_slo, control_status, format_status
 
     try:
+        access = access_from(args)
         if args.control_command == "status":
-            models = control_status(args.url, args.model)
+            models = control_status(args.url, args.model, access=access)
         else:
             priority = {} if args.clear_priority_p99 else None
             for item in args.priority_p99_ms or []:
@@ -164,7 +167,8 @@ def _control(args: argparse.Namespace) -> int:
                 except ValueError:
                     raise InvalidArgument(f"--priority-p99-ms '{item}': expected LEVEL=MS") from None
             models = control_set_slo(
-                args.url, args.model, args.version, args.p99_ms, args.min_accuracy, args.mode, args.period_ms, priority
+                args.url, args.model, args.version, args.p99_ms, args.min_accuracy, args.mode, args.period_ms, priority,
+                access=access,
             )
     except TidalError as exc:
         print(f"tidal control: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from live_server import ServerProcess, start_server
+from live_server import ServerProcess, start_server, tidal_command
 from onnx_models import SIMPLE_CONFIG, add_sub, write_config
 from tidal.proto import control_pb2 as cpb
 from tidal.proto import control_pb2_grpc as cpb_grpc
@@ -156,3 +156,19 @@ def test_a_bad_token_file_stops_start_up(tmp_path: Path) -> None:
         start_server(tmp_path, "--no-metrics", "--auth-tokens", str(bad))
     assert "expected 'infer TOKEN' or 'admin TOKEN'" in str(err.value)
 
+
+
+def test_tidal_control_sends_the_token_it_is_given(srv: ServerProcess, tokens: Path, tmp_path: Path) -> None:
+    reader = tmp_path / "reader"  # the infer token in force (another test rotates it)
+    reader.write_text(next(line.split()[1] for line in tokens.read_text().splitlines() if line.startswith("infer ")))
+    env = {k: v for k, v in os.environ.items() if k != "TIDAL_TOKEN"}
+    none = tidal_command("control", "-u", srv.url, "status", env=env)
+    assert none.returncode == 1 and "UNAUTHENTICATED" in none.stderr
+    status = tidal_command("control", "-u", srv.url, "--token-file", str(reader), "status", env=env)
+    assert status.returncode == 0 and "simple:1" in status.stdout, status.stderr
+    denied = tidal_command("control", "-u", srv.url, "--token-file", str(reader), "set", "simple", "--mode", "off",
+                           env=env)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    changed = tidal_command("control", "-u", srv.url, "set", "simple", "--mode", "off",
+                            env={**env, "TIDAL_TOKEN": "admin-81d0e4"})
+    assert changed.returncode == 0, changed.stderr

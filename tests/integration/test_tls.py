@@ -12,7 +12,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from certs import CA, Issued
-from live_server import ServerProcess, start_server
+from live_server import ServerProcess, start_server, tidal_command
 from onnx_models import SIMPLE_CONFIG, add_sub, write_config
 
 
@@ -140,3 +140,14 @@ def test_http_is_https_with_the_same_files_and_client_certificates(repo: Path, p
             urllib.request.urlopen(url, context=context, timeout=10)
         context.load_cert_chain(pki["client"].cert, pki["client"].key)
         assert urllib.request.urlopen(url, context=context, timeout=10).status == 200
+
+
+def test_tidal_health_and_control_reach_a_mutual_tls_port(repo: Path, pki: dict) -> None:
+    mine = ["--tls-ca", str(pki["ca"].path), "--tls-cert", str(pki["client"].cert), "--tls-key", str(pki["client"].key)]
+    for srv in _serve(repo, pki["server"], "--tls-client-ca", str(pki["ca"].path)):
+        health = tidal_command("health", "-u", srv.url, *mine)
+        assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
+        status = tidal_command("control", "-u", srv.url, *mine, "status")
+        assert status.returncode == 0 and "simple:1" in status.stdout, status.stderr
+        plaintext = tidal_command("health", "-u", srv.url, "--timeout-s", "5")
+        assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from tidal.access import PLAINTEXT, Access
 from tidal.control.api import Decision, Mode, model_key
 from tidal.control.slo import SloController
 from tidal.dataplane.edge import EdgeMeter
@@ -183,19 +184,22 @@ _CLIENT_ERRORS = {
 }
 
 
-def _call(url: str, method: str, request, timeout_s: float) -> list[cpb.ModelStatus]:
+def _call(url: str, method: str, request, timeout_s: float, access: Access) -> list[cpb.ModelStatus]:
     """One TidalControl RPC against a running server; failures come back as TidalError."""
-    with grpc.insecure_channel(url) as channel:
+    with access.channel(url) as channel:
         try:
-            reply = getattr(cpb_grpc.TidalControlStub(channel), method)(request, timeout=timeout_s)
+            stub = cpb_grpc.TidalControlStub(channel)
+            reply = getattr(stub, method)(request, timeout=timeout_s, metadata=access.metadata())
         except grpc.RpcError as exc:
             error = _CLIENT_ERRORS.get(exc.code(), TidalError)
             raise error(f"{url}: {exc.code().name}: {exc.details()}") from None
     return list(reply.models)
 
 
-def control_status(url: str, model: str = "", timeout_s: float = 10.0) -> list[cpb.ModelStatus]:
-    return _call(url, "Status", cpb.StatusRequest(model=model), timeout_s)
+def control_status(
+    url: str, model: str = "", timeout_s: float = 10.0, access: Access = PLAINTEXT
+) -> list[cpb.ModelStatus]:
+    return _call(url, "Status", cpb.StatusRequest(model=model), timeout_s, access)
 
 
 def control_set_slo(
@@ -208,6 +212,7 @@ def control_set_slo(
     period_ms: int | None = None,
     priority_p99_ms: dict[int, float] | None = None,
     timeout_s: float = 10.0,
+    access: Access = PLAINTEXT,
 ) -> list[cpb.ModelStatus]:
     """Fields left None keep their value; `priority_p99_ms={}` clears the per-priority targets."""
     request = cpb.SetSloRequest(model=model, version=version)
@@ -217,7 +222,7 @@ def control_set_slo(
     if priority_p99_ms is not None:
         request.set_priority_p99_ms = True
         request.priority_p99_ms.update(priority_p99_ms)
-    return _call(url, "SetSlo", request, timeout_s)
+    return _call(url, "SetSlo", request, timeout_s, access)
 
 
 def _ms(value: float) -> str:
