@@ -136,6 +136,8 @@ def _broken_repository(root: Path) -> Path:
     }.items():
         models.write_config(root / name, text)
         models.scale(root / name / "1" / "model.onnx", 2.0)
+    models.write_config(root / "partial", 'max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 } ]')
+    models.add_sub(root / "partial" / "1" / "model.onnx")  # also needs INPUT1
     (root / "binary").mkdir()
     (root / "binary" / "config.pbtxt").write_bytes(b"\xf2\xff\x00 max_batch_size")
     models.scale(root / "binary" / "1" / "model.onnx", 2.0)
@@ -169,6 +171,7 @@ def test_start_up_load_survives_any_one_model_failing(tmp_path: Path, explosive_
                 "priority": "default_priority_level",
                 "slo": "slo",
                 "dims": "dims [7]",
+                "partial": "INPUT1 missing",
             }.items():
                 state, reason = states[name]
                 assert state == "UNAVAILABLE" and "config.pbtxt" in reason and named in reason, (name, reason)

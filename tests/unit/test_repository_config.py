@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import numpy_helper
 
 import onnx_models as models
 from tidal.errors import ConfigError, InvalidArgument, NotFound
+from tidal.optimize.graph import save_graph
 from tidal.proto import model_config_pb2 as mc
 from tidal.repository import layout
 from tidal.repository.config import (
@@ -270,8 +273,27 @@ def test_negative_dims_are_rejected_even_where_the_graph_has_none(tmp_path: Path
 )
 def test_dims_agreeing_with_the_graph_are_kept(tmp_path: Path, text: str) -> None:
     path = models.add_sub(tmp_path / "model.onnx")
-    config = _declared(path, text)
+    config = _declared(path, text + ' input [ { name: "INPUT1" data_type: TYPE_FP32 } ]')
     assert list(config.input[0].dims) == list(parse_model_config_text(text, "c").config.input[0].dims)
+
+
+def test_config_leaving_out_a_required_input_is_an_error(tmp_path: Path) -> None:
+    """Triton refuses it at load; served, every request would fail whichever inputs it sends."""
+    path = models.add_sub(tmp_path / "model.onnx")
+    text = 'name: "simple" max_batch_size: 4 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]'
+    with pytest.raises(ConfigError) as err:
+        _declared(path, text)
+    assert "model 'simple'" in str(err.value) and "requires INPUT0, INPUT1: INPUT1 missing" in str(err.value)
+
+
+def test_graph_input_with_an_initializer_may_be_left_out(tmp_path: Path) -> None:
+    """ONNX takes an initializer's value for a graph input the feed leaves out."""
+    graph = read_graph(models.add_sub(tmp_path / "add_sub.onnx"))
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1, 16), np.float32), "INPUT1"))
+    path = save_graph(graph, tmp_path / "model.onnx")
+    config = _declared(path, 'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, 16 ] } ]')
+    assert [entry.name for entry in config.input] == ["INPUT0"]
+    assert [entry.name for entry in _declared(path, "").input] == ["INPUT0"]
 
 
 def test_dynamic_quantization_couples_the_rows_of_a_batch(tmp_path: Path) -> None:

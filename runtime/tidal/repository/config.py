@@ -192,8 +192,22 @@ def autocomplete(
                 entry.dims.extend(dims[skip:])
             else:
                 _check_dims(f"{kind} '{entry.name}'", list(entry.dims), dims[skip:], batched=skip == 1)
+    _check_required_inputs(config, [name for name, _, _ in inputs])
     if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
         config.dynamic_batching.SetInParent()
+
+
+def _check_required_inputs(config: mc.ModelConfig, required: list[str]) -> None:
+    """A config that leaves out a graph input would load READY and fail every request, as Triton refuses it at
+    load. `required`: the graph's inputs without an initializer (those with one are optional in ONNX)."""
+    declared = [entry.name for entry in config.input]
+    missing = [name for name in required if name not in declared]
+    if missing:
+        raise ConfigError(
+            f"model '{config.name}' declares input(s) {', '.join(declared)} but its ONNX graph requires "
+            f"{', '.join(required)}: {', '.join(missing)} missing (only a graph input with an initializer may be "
+            "left out)"
+        )
 
 
 def _check_dims(tensor: str, declared: list[int], graph: list[int], batched: bool) -> None:
