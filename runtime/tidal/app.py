@@ -209,10 +209,11 @@ class App:
             return False
         return all(self.manager.ready(name) for name in self.options.strict_readiness)
 
-    async def _model_changed(self, name: str, state: ModelState, reason: str) -> None:
-        """Health follows every model state change; failed loads are counted."""
+    async def _model_changed(self, name: str, state: ModelState, reason: str, failed: bool) -> None:
+        """Health follows every model state change; failed loads are counted, a reload that keeps the old
+        version READY included."""
         await self.server.set_serving(name, state is ModelState.READY)
-        if state is ModelState.UNAVAILABLE and reason and reason != "unloaded":
+        if failed:
             self.metrics.load_failures.labels(name).inc()
 
     def _decided(self, plant: _Plant, decision: Decision) -> None:

@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
 from live_server import start_server
+from tidal.app import App, ModelControlMode, ServeOptions
 from tidal.errors import Code, TidalError
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
@@ -204,6 +205,41 @@ def test_poll_keeps_going_after_a_model_fails_unexpectedly(tmp_path: Path, explo
             assert manager.ready("later") and manager.ready("good")
         finally:
             await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_every_failed_load_is_counted_a_failed_reload_too(tmp_path: Path) -> None:
+    """A failed reload keeps the old version READY; counting only UNAVAILABLE models missed it."""
+
+    async def scenario() -> None:
+        models.write_config(tmp_path / "good", "max_batch_size: 4")
+        models.scale(tmp_path / "good" / "1" / "model.onnx", 2.0)
+        (tmp_path / "broken" / "1").mkdir(parents=True)
+        (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+        options = ServeOptions(
+            tmp_path, grpc_port=0, metrics_port=None, http_port=None, model_control_mode=ModelControlMode.POLL
+        )
+        app = App(options)
+        assert app.poller is not None
+
+        def failures(model: str) -> float | None:
+            return app.metrics.registry.get_sample_value("tidal_model_load_failures_total", {"model": model})
+
+        await app.manager.load_all()
+        app.poller.snapshot()
+        try:
+            assert (failures("good"), failures("broken")) == (None, 1)
+            with (tmp_path / "good" / "config.pbtxt").open("a") as config:
+                config.write("\nbogus_field: 3\n")
+            await app.poller.poll_once()
+            assert _states(app.manager)["good"][0] == "READY" and "bogus_field" in _states(app.manager)["good"][1]
+            assert failures("good") == 1
+            models.write_config(tmp_path / "good", "max_batch_size: 2")
+            await app.poller.poll_once()
+            assert _states(app.manager)["good"] == ("READY", "") and failures("good") == 1
+        finally:
+            await app.manager.close()
 
     asyncio.run(scenario())
 

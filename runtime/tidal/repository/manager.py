@@ -228,13 +228,14 @@ def _read_model(name: str, path: Path) -> tuple[ParsedConfig, list[int]]:
     return parsed, versions
 
 
-StateListener = Callable[[str, ModelState, str], Awaitable[None]]
+StateListener = Callable[[str, ModelState, str, bool], Awaitable[None]]
 
 
 class ModelManager:
     """Owns every model's state; the only writer of it. Call from the event loop.
 
-    `on_change(name, state, reason)` is awaited after every transition (health, metrics and logs follow it).
+    `on_change(name, state, reason, failed)` is awaited after every transition (health, metrics and logs follow
+    it); `failed` marks a load that failed, which leaves a reloaded model READY on its old versions.
     """
 
     def __init__(self, root: Path, clock: Clock | None = None, on_change: StateListener | None = None) -> None:
@@ -243,9 +244,9 @@ class ModelManager:
         self._entries: dict[str, ModelEntry] = {}
         self._on_change = on_change
 
-    async def _changed(self, entry: ModelEntry) -> None:
+    async def _changed(self, entry: ModelEntry, failed: bool = False) -> None:
         if self._on_change is not None:
-            await self._on_change(entry.name, entry.state, entry.reason)
+            await self._on_change(entry.name, entry.state, entry.reason, failed)
 
     def _entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)
@@ -290,7 +291,7 @@ class ModelManager:
         entry.reason = reason
         if not entry.versions:
             entry.state = ModelState.UNAVAILABLE
-        await self._changed(entry)
+        await self._changed(entry, failed=True)
 
     async def _load_versions(self, name: str, path: Path) -> dict[int, ServedVersion]:
         """Every selected version built and its scheduler started; on failure nothing is left open."""
