@@ -22,13 +22,18 @@ def bounded(
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
         if not (math.isfinite(value) and (low < value if above else low <= value) and value <= high):
-            lower = f"above {low:g}" if above else f"at least {low:g}"
-            upper = "" if math.isinf(high) else f" and at most {high:g}"
+            lower = f"above {_shown(low)}" if above else f"at least {_shown(low)}"
+            upper = "" if math.isinf(high) else f" and at most {_shown(high)}"
             raise argparse.ArgumentTypeError(f"must be {lower}{upper}, got '{text}'")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
+
+
+def _shown(bound: float) -> str:
+    """Whole bounds in full (4294967295, not 4.29497e+09)."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 PORT = bounded(int, 0, 65535)

@@ -132,14 +132,15 @@ def read_model(repository: Path, name: str) -> tuple[list[Candidate], object]:
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="size a fleet: variant, batch limit, instances, replicas and cost for a rate")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a model of the repository, with its variants.json")
     p.add_argument("--rate", type=bounded(float, 1e-3), required=True, help="offered requests per second")
     p.add_argument("--slo-ms", type=bounded(float, 1e-3), help="p99 target (default: the model's slo)")
-    p.add_argument("--min-accuracy", type=bounded(float, 0.0, 1.0), help="(default: the model's slo)")
+    p.add_argument("--min-accuracy", type=bounded(float, 0.0, 1.0),
+                   help="lowest variant accuracy, 0..1 (default: the model's slo)")
     p.add_argument("--cost-per-core-hour", type=bounded(float, 0.0), default=0.0, help="price of one core-hour")
     p.add_argument("--cores-per-replica", type=bounded(int, 1, 1024), default=2, help="one runs the request path")
     p.add_argument("--batch-size", type=bounded(int, 1), default=1, help="rows per request")
-    p.add_argument("--model-repository", type=Path, help="(default: the demo)")
+    p.add_argument("--model-repository", type=Path, help="where the model is (default: the demo)")
     p.add_argument("--path-rps", type=bounded(float, 1.0), help="a replica's request-path capacity, not measured")
     p.add_argument("--recalibrate", action="store_true", help="measure the request path again")
     p.add_argument("--json", action="store_true", help="print the sized variants as JSON")

@@ -39,7 +39,7 @@ def test_queued_requests_form_full_batches_and_outputs_split_back(run_async, row
             want = backend.reference(request.inputs["x"])
             assert set(response.outputs) == {"y", "s"}
             assert all(np.array_equal(response.outputs[k], want[k]) for k in want)
-            assert response.parameters["tidal_variant"] == ""
+            assert "tidal_variant" not in response.parameters  # the model has no variants to name
 
     run_async(main())
 

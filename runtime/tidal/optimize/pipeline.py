@@ -230,7 +230,7 @@ def _profile(
         raise ConfigError(f"{path}: no backend on this host can run variant {name}")
     usable, choice = choose.choose(path, profiles, check_rows)
     if len(profiles) > 1:
-        log(f"{name}: serves on {choice.reason}")
+        log(f"{name}: backend chosen: {choice.reason}")
     return usable, profiles, choice
 
 

@@ -330,11 +330,10 @@ class ModelScheduler:
             if self._inline is not None:
                 self._inline.ran(sum(entry.rows for entry in entries), outcome.infer_s)
             self._stats.executed(entries, outcome, started_s, lane.variant, now)
+            named = {VARIANT_PARAMETER: lane.variant} if lane.variant else {}  # a model without variants: none
             for entry, outputs in zip(entries, outcome.outputs, strict=True):
                 request = entry.request
-                response = InferResponse(
-                    request.model_name, request.model_version, outputs, request.id, {VARIANT_PARAMETER: lane.variant}
-                )
+                response = InferResponse(request.model_name, request.model_version, outputs, request.id, named)
                 self._answer(entry, response)
         else:
             for entry in entries:
