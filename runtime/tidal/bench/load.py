@@ -14,6 +14,7 @@ recorded separately as send lag, the client's own health signal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import math
 import random
@@ -101,7 +102,9 @@ class WorkerWindow:
     classes: dict[str, ClassWindow]
     loop_lag: bytes
     inflight: int
-    finished: bool
+    # When the run ran out (schedule over, last answer in), on perf_counter_ns: one clock for every
+    # process of the machine. None while it runs.
+    finished_ns: int | None
     capped: int = 0  # sends held back by the in-flight cap
     stragglers: int = 0
 
@@ -111,6 +114,7 @@ class _Run:
     tasks: set[asyncio.Task] = field(default_factory=set)
     driver: asyncio.Task | None = None
     stopping: bool = False
+    ended_ns: int = 0  # the later of the schedule's end and the last answer so far
 
 
 class LoadWorker:
@@ -162,20 +166,23 @@ class LoadWorker:
             self._run.driver = loop.create_task(self._closed(load.concurrency))
         elif isinstance(load, OpenLoad):
             offsets = arrival_offsets(load, self._rng)
-            self._run.driver = loop.create_task(self._open((t, self._pick(), 0) for t in offsets))
+            end_s = sum(s.duration_s for s in load.stages)
+            self._run.driver = loop.create_task(self._open(((t, self._pick(), 0) for t in offsets), end_s))
         else:
             self._run.driver = loop.create_task(
-                self._open((r.send_s, r.class_index, r.deadline_us) for r in load.requests)
+                self._open(((r.send_s, r.class_index, r.deadline_us) for r in load.requests), 0.0)
             )
 
     def window(self) -> WorkerWindow:
         """Counts since the previous window; resets them."""
+        run = self._run
+        finished = run.driver is not None and run.driver.done() and not run.tasks
         out = WorkerWindow(
             t_ns=time.perf_counter_ns(),
             classes={k: r.window() for k, r in self._rec.items()},
             loop_lag=self._loop_lag.encode(),
             inflight=self._inflight,
-            finished=self._run.driver is not None and self._run.driver.done() and not self._run.tasks,
+            finished_ns=run.ended_ns if finished else None,
             capped=self._capped,
         )
         self._reset()
@@ -195,8 +202,7 @@ class LoadWorker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        last = self.window()
-        return WorkerWindow(last.t_ns, last.classes, last.loop_lag, 0, True, last.capped, stragglers)
+        return dataclasses.replace(self.window(), inflight=0, finished_ns=run.ended_ns, stragglers=stragglers)
 
     def _pick(self) -> int:
         if len(self._classes) == 1:
@@ -223,7 +229,8 @@ class LoadWorker:
             await self._one(self._pick(), 0, freed, from_schedule=False)
             freed = time.perf_counter_ns()
 
-    async def _open(self, schedule: Iterator[tuple[float, int, int]]) -> None:
+    async def _open(self, schedule: Iterator[tuple[float, int, int]], end_s: float) -> None:
+        """Sends on schedule, then waits out `end_s`: a profile lasts its stages, not up to its last arrival."""
         start = time.perf_counter_ns()
         for offset_s, index, deadline_us in schedule:
             due = start + int(offset_s * _NS)
@@ -236,6 +243,10 @@ class LoadWorker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             self._spawn(self._one(index, deadline_us, due, from_schedule=True))
+        delay_s = end_s - (time.perf_counter_ns() - start) / _NS
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        self._run.ended_ns = time.perf_counter_ns()
 
     async def _one(self, index: int, deadline_us: int, intended_ns: int, from_schedule: bool) -> None:
         """Sends one request and records its single outcome, whatever happens to it."""
@@ -254,7 +265,7 @@ class LoadWorker:
             code, details = grpc.StatusCode.CANCELLED.name, "cancelled by tidal bench at the end of the drain"
         finally:
             self._inflight -= 1
-        done = time.perf_counter_ns()
+        done = self._run.ended_ns = time.perf_counter_ns()
         origin = intended_ns if from_schedule else sent
         # Looked up again: the window may have turned while the request was in flight.
         self._rec[key].record(code, done - origin, done - sent, sent - intended_ns, slo_ns, details)

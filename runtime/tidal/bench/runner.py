@@ -59,15 +59,21 @@ class _Tick:
     stragglers: int = 0
 
     @classmethod
-    def of(cls, windows: list[WorkerWindow], duration_s: float) -> _Tick:
+    def of(cls, windows: list[WorkerWindow], last: float, now: float) -> tuple[_Tick, float]:
+        """The tick since `last` and where it ends: `now`, or once every process has run out, when the
+        last one did, so a finite load is measured up to its end and not up to the tick that notices it."""
         classes: dict[str, ClassStats] = {}
         lag = new_histogram()
         for w in windows:
             for key, cw in w.classes.items():
                 classes.setdefault(key, ClassStats()).add_window(cw)
             lag.decode_and_add(w.loop_lag)
-        return cls(duration_s, classes, lag, sum(w.inflight for w in windows), all(w.finished for w in windows),
+        ended = [w.finished_ns for w in windows if w.finished_ns is not None]
+        finished = len(ended) == len(windows)
+        end = max(last, max(ended) / 1e9) if finished else now
+        tick = cls(end - last, classes, lag, sum(w.inflight for w in windows), finished,
                    sum(w.capped for w in windows), sum(w.stragglers for w in windows))
+        return tick, end
 
 
 @dataclass
@@ -122,9 +128,9 @@ class Coordinator:
         started = last = time.perf_counter()
         try:
             last = await self._warm_up(point, all_ticks, last)
-            is_stable = await self._measure(point, all_ticks, windows, last)
+            is_stable, last = await self._measure(point, all_ticks, windows, last)
         finally:
-            final = _Tick.of(await self._pool.stop(self._timing.drain_timeout_s), time.perf_counter() - last)
+            final, _ = _Tick.of(await self._pool.stop(self._timing.drain_timeout_s), last, time.perf_counter())
         all_ticks.append(final)
         if point.finite:
             windows[-1].ticks.append(final)
@@ -141,7 +147,9 @@ class Coordinator:
             ticks.append(tick)
         return last
 
-    async def _measure(self, point: Point, ticks: list[_Tick], windows: list[_Window], last: float) -> bool:
+    async def _measure(self, point: Point, ticks: list[_Tick], windows: list[_Window],
+                       last: float) -> tuple[bool, float]:
+        """Whether the windows came out stable, and where the last tick ended."""
         timing = self._timing
         span = timing.duration_s or timing.window_s
         while True:
@@ -153,25 +161,21 @@ class Coordinator:
                 ticks.append(tick)
                 window.ticks.append(tick)
                 if tick.finished:
-                    return True
+                    return True, last
             window.server = await self._server_delta(window.server)
-            if timing.duration_s:
-                return True
-            if stable(windows, timing.stability_pct):
-                return True
+            if timing.duration_s or stable(windows, timing.stability_pct):
+                return True, last
             if len(windows) >= timing.max_windows:
-                return False
+                return False, last
 
     async def _tick(self, point: Point, last: float) -> tuple[_Tick, float]:
         await asyncio.sleep(max(0.0, last + self._timing.tick_s - time.perf_counter()))
-        windows = await self._pool.window()
-        now = time.perf_counter()
-        tick = _Tick.of(windows, now - last)
+        tick, end = _Tick.of(await self._pool.window(), last, time.perf_counter())
         sample = await self._scraper.sample() if self._scraper else None
-        entry = _tick_entry(point.label, now - self._t0, tick, sample)
+        entry = _tick_entry(point.label, end - self._t0, tick, sample)
         self.timeseries.append(entry)
         self._progress(entry)
-        return tick, now
+        return tick, end
 
     async def _server_delta(self, before: dict[str, ServerCounters] | None) -> dict[str, ServerCounters] | None:
         after = await self._view.statistics(self._models)
