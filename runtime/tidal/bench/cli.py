@@ -61,7 +61,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     client.add_argument("--tls-key", help="PEM client key (mutual TLS)")
     client.add_argument("--seed", type=int, default=0, help="for arrivals, class mix and random inputs")
     out = p.add_argument_group("output")
-    out.add_argument("--metrics-url", help="tidal Prometheus endpoint (default: port 8002 when the server is tidal)")
+    out.add_argument("--metrics-url", help="tidal Prometheus endpoint (default: port 8002 when the server is tidal "
+                     "on gRPC port 8001 or a Unix socket; elsewhere none is read without this flag)")
     out.add_argument("-o", "--out", metavar="PREFIX",
                      help="write PREFIX.json, .csv, -timeseries.csv; a directory (or a path ending in /) gets "
                           f"{DEFAULT_STEM}.json and so on inside it")

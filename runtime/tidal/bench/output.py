@@ -81,7 +81,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
                          " try --workers")
     metrics = result.get("metrics")
     if metrics and not metrics["samples"]:
-        notes.append(f"server metrics unavailable at {metrics['url']}: {metrics['error']}")
+        where = f"unavailable at {metrics['url']}" if metrics["url"] else "not read"
+        notes.append(f"server metrics {where}: {metrics['error']}")
     return notes
 
 

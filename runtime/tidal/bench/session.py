@@ -23,6 +23,7 @@ from tidal.bench.spec import TraceRow, TrafficClass
 from tidal.bench.workers import WorkerPool, WorkerSetup
 
 RESULT_FORMAT = 1
+TIDAL_GRPC_PORT = 8001
 TIDAL_METRICS_PORT = 8002
 
 
@@ -76,13 +77,23 @@ async def _payloads(cfg: BenchConfig, view: ServerView) -> dict[tuple[int, int],
     return bodies
 
 
-def _metrics_url(cfg: BenchConfig, server: dict[str, Any]) -> str | None:
-    if cfg.metrics_url or server.get("name") != "tidal":
-        return cfg.metrics_url
+def metrics_url(target: str, server_name: str | None, given: str | None) -> tuple[str | None, str | None]:
+    """Where to read tidal's server-side series, else why not.
+
+    Only tidal's default pair (gRPC 8001, /metrics 8002) says where /metrics is: beside any other gRPC
+    port, 8002 may well be another server's, whose figures would pass for this one's.
+    """
+    if given or server_name != "tidal":
+        return given, None
     # Beside a Unix socket tidal serves /metrics on loopback TCP.
-    unix = cfg.target.url.startswith("unix:")
-    host = "127.0.0.1" if unix else urlsplit(f"//{cfg.target.url}").hostname or "127.0.0.1"
-    return f"http://{host}:{TIDAL_METRICS_PORT}/metrics"
+    if target.startswith("unix:"):
+        return f"http://127.0.0.1:{TIDAL_METRICS_PORT}/metrics", None
+    address = urlsplit(f"//{target}")
+    if address.port != TIDAL_GRPC_PORT:
+        return None, (f"{target} is not on tidal's default gRPC port {TIDAL_GRPC_PORT}, so its /metrics port is "
+                      "unknown; pass --metrics-url for batch size, queue depth, active variant and saturation")
+    host = address.netloc.removesuffix(f":{TIDAL_GRPC_PORT}") or "127.0.0.1"
+    return f"http://{host}:{TIDAL_METRICS_PORT}/metrics", None
 
 
 async def run_bench(cfg: BenchConfig, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -94,7 +105,7 @@ async def run_bench(cfg: BenchConfig, progress: Callable[[dict[str, Any]], None]
         server = await view.server_metadata()
         setup = WorkerSetup(cfg.target, cfg.classes, await _payloads(cfg, view), cfg.request_timeout_s,
                             cfg.max_inflight, cfg.seed)
-        url = _metrics_url(cfg, server)
+        url, unread = metrics_url(cfg.target.url, server.get("name"), cfg.metrics_url)
         models = sorted({c.model for c in cfg.classes})
         scraper = MetricsScraper(url, models) if url else None
         pool = WorkerPool(setup, cfg.workers)
@@ -116,7 +127,8 @@ async def run_bench(cfg: BenchConfig, progress: Callable[[dict[str, Any]], None]
         "workers": cfg.workers,
         "timing": dataclasses.asdict(cfg.timing),
         "classes": [dataclasses.asdict(c) | {"key": c.key} for c in cfg.classes],
-        "metrics": {"url": url, "samples": scraper.samples, "error": scraper.error} if scraper else None,
+        "metrics": ({"url": url, "samples": scraper.samples, "error": scraper.error} if scraper
+                    else {"url": None, "samples": 0, "error": unread} if unread else None),
         "points": points,
         "timeseries": coordinator.timeseries,
     }
