@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -158,9 +159,15 @@ def test_a_bad_token_file_stops_start_up(tmp_path: Path) -> None:
 
 
 
-def test_tidal_control_sends_the_token_it_is_given(srv: ServerProcess, tokens: Path, tmp_path: Path) -> None:
-    reader = tmp_path / "reader"  # the infer token in force (another test rotates it)
+def _reader(tokens: Path, folder: Path) -> Path:
+    """A client's token file holding the infer token in force (another test rotates it)."""
+    reader = folder / "reader"
     reader.write_text(next(line.split()[1] for line in tokens.read_text().splitlines() if line.startswith("infer ")))
+    return reader
+
+
+def test_tidal_control_sends_the_token_it_is_given(srv: ServerProcess, tokens: Path, tmp_path: Path) -> None:
+    reader = _reader(tokens, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TIDAL_TOKEN"}
     none = tidal_command("control", "-u", srv.url, "status", env=env)
     assert none.returncode == 1 and "UNAUTHENTICATED" in none.stderr
@@ -172,3 +179,12 @@ def test_tidal_control_sends_the_token_it_is_given(srv: ServerProcess, tokens: P
     changed = tidal_command("control", "-u", srv.url, "set", "simple", "--mode", "off",
                             env={**env, "TIDAL_TOKEN": "admin-81d0e4"})
     assert changed.returncode == 0, changed.stderr
+
+
+def test_tidal_bench_sends_the_token_it_is_given(srv: ServerProcess, tokens: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = tidal_command("bench", "-u", srv.url, "-m", "simple", "--concurrency", "2", "--duration-s", "1",
+                         "--no-progress", "--token-file", str(_reader(tokens, tmp_path)), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(out.with_suffix(".json").read_text())["points"][0]["measurement"]["all"]
+    assert measured["ok"] > 0 and not measured["errors"]

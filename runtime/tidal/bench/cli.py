@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvloop
 
+from tidal.access import access_from, add_access_arguments
 from tidal.argtypes import NON_NEGATIVE, POSITIVE
 from tidal.bench.client import Target
 from tidal.bench.load import ClosedLoad, OpenLoad
@@ -55,11 +56,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     client.add_argument("--drain-timeout-s", type=NON_NEGATIVE, default=10.0, help="wait for stragglers, then cancel")
     client.add_argument("--lag-threshold-ms", type=POSITIVE, default=5.0,
                         help="p99 send or event-loop lag above this flags the client as the bottleneck")
-    client.add_argument("--tls", action="store_true", help="use TLS (system roots unless --tls-ca)")
-    client.add_argument("--tls-ca", help="PEM root certificates")
-    client.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    client.add_argument("--tls-key", help="PEM client key (mutual TLS)")
     client.add_argument("--seed", type=int, default=0, help="for arrivals, class mix and random inputs")
+    add_access_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--metrics-url", help="tidal Prometheus endpoint (default: port 8002 when the server is tidal "
                      "on gRPC port 8001 or a Unix socket; elsewhere none is read without this flag)")
@@ -114,7 +112,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         mode, points = _points(args)
     timing = Timing(args.window_s, args.stability_pct, args.max_windows, args.duration_s, args.warmup_s,
                     args.drain_timeout_s, args.lag_threshold_ms)
-    target = Target(args.url, args.tls or bool(args.tls_ca or args.tls_cert), args.tls_ca, args.tls_cert, args.tls_key)
+    target = Target(args.url, access_from(args))
     return BenchConfig(target, classes, points, mode, timing, args.input_data, _shapes(args.shape), args.workers,
                        args.request_timeout_s, args.max_inflight, args.metrics_url, args.seed)
 

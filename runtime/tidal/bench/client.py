@@ -8,12 +8,12 @@ other RPC uses the generated stub. Any KServe v2 gRPC server will do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from tidal.access import PLAINTEXT, Access
 from tidal.errors import InvalidArgument, Unavailable
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
@@ -27,20 +27,30 @@ class Target:
     """Where to send load and how to reach it; picklable for load processes."""
 
     url: str = "127.0.0.1:8001"
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    access: Access = field(default=PLAINTEXT)
 
     def channel(self) -> grpc.aio.Channel:
-        if not self.tls:
-            return grpc.aio.insecure_channel(self.url, options=_OPTIONS)
-        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
-        try:
-            creds = grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read TLS file: {exc}") from None
-        return grpc.aio.secure_channel(self.url, creds, options=_OPTIONS)
+        # Without a token no interceptor runs: the load's calls cost what they cost before.
+        interceptors = [_Token(self.access.metadata())] if self.access.token else None
+        credentials = self.access.credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.url, options=_OPTIONS, interceptors=interceptors)
+        return grpc.aio.secure_channel(self.url, credentials, options=_OPTIONS, interceptors=interceptors)
+
+
+class _Token(grpc.aio.UnaryUnaryClientInterceptor):
+    """The bearer token on every call; the harness makes unary calls only."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_unary(self, continuation, details: grpc.aio.ClientCallDetails, request):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return await continuation(
+            grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                       details.wait_for_ready),
+            request,
+        )
 
 
 def raw_infer(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
