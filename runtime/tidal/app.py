@@ -187,12 +187,12 @@ class App:
             InferenceServicer(self.plane), control, options.grpc_address, options.grpc_port, options.max_message_bytes,
             options.socket_mode,
             credentials=_credentials(options),
-            interceptors=[TokenAuth(tokens)] if (tokens := _tokens(options)) else [],
+            interceptors=[TokenAuth(tokens)] if (tokens := _tokens(options)) else [],  # read once for both ports
             max_pending_rpcs=options.max_pending_rpcs or pending_rpcs_for(options),
         )
         self.metrics_port: int | None = None
         self.http = None if options.http_port is None else HttpServer(
-            HttpFrontEnd(self.plane, options.max_message_bytes, control.snapshot, _tokens(options)),
+            HttpFrontEnd(self.plane, options.max_message_bytes, control.snapshot, tokens),
             self._side_address(options.http_address), options.http_port,
             None if options.tls is None else server_ssl_context(options.tls), options.socket_mode,
         )

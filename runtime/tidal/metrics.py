@@ -17,13 +17,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tidal.types import EdgeObservation
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # Triton exports no `_created` series: one sample per counter, as dashboards expect
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 GOODPUT_WINDOW_S = 10.0
@@ -185,7 +193,11 @@ class ServerMetrics:
 
     def serve_http(self, address: str, port: int) -> int:
         """Start the /metrics endpoint on its own thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            server, _ = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:  # named like the gRPC and HTTP ports' failures: which port, which flag
+            flags = "--metrics-port, --no-metrics"
+            raise OSError(f"cannot bind metrics to {address}:{port}: {exc.strerror} ({flags})") from None
         return server.server_port
 
     def snapshots(self) -> list[ModelSnapshot]:
