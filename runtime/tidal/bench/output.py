@@ -71,9 +71,11 @@ def _notes(result: dict[str, Any]) -> list[str]:
     for point in result["points"]:
         t = point["totals"]
         details = t["error_details"]
-        errors = ", ".join(f"{k} {v}" + (f" ({details[k]})" if details.get(k) else "") for k, v in t["errors"].items())
+        # The details only where they say more than the status's own name.
+        errors = ", ".join(f"{k} {v}" + (f" ({details[k]})" if details.get(k, k) != k else "")
+                           for k, v in t["errors"].items())
         if errors:
-            notes.append(f"{point['label']}: errors {errors}")
+            notes.append(f"{point['label']}: errors over the whole point, warm-up and drain included: {errors}")
         if t["stragglers"]:
             notes.append(f"{point['label']}: {t['stragglers']} requests still in flight at the end were cancelled")
         if point["client"]["bottleneck"]:
