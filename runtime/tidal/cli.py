@@ -148,16 +148,31 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
                         help="per-priority target (repeat); replaces all of them")
     change.add_argument("--clear-priority-p99", action="store_true", help="drop the per-priority targets")
     change.set_defaults(decisions=8)
+    knobs = commands.add_parser("knobs", help="change a model's scheduling knobs or active variant live")
+    knobs.add_argument("model")
+    knobs.add_argument("--version", default="", help="one version (default: every served one)")
+    knobs.add_argument("--max-batch-size", type=bounded(int, 1, 2**32 - 1), help="up to the config's")
+    knobs.add_argument("--max-queue-delay-us", type=bounded(int, 0, 2**64 - 1), help="batching window")
+    knobs.add_argument("--preferred-batch-sizes", metavar="N,N,...",
+                       help="replaces them; an empty string clears them")
+    knobs.add_argument("--instances", type=bounded(int, 1, 2**32 - 1), help="up to the instances loaded")
+    knobs.add_argument("--variant", help="the variant that answers (one the model loaded)")
+    knobs.set_defaults(decisions=8)
     p.set_defaults(func=_control)
 
 
 def _control(args: argparse.Namespace) -> int:
-    from tidal.transport.control import control_set_slo, control_status, format_status
+    from tidal.transport.control import control_set_knobs, control_set_slo, control_status, format_status
 
     try:
         access = access_from(args)
         if args.control_command == "status":
             models = control_status(args.url, args.model, access=access)
+        elif args.control_command == "knobs":
+            models = control_set_knobs(
+                args.url, args.model, args.version, args.max_batch_size, args.max_queue_delay_us,
+                _sizes(args.preferred_batch_sizes), args.instances, args.variant, access=access,
+            )
         else:
             priority = {} if args.clear_priority_p99 else None
             for item in args.priority_p99_ms or []:
@@ -175,6 +190,16 @@ def _control(args: argparse.Namespace) -> int:
         return 1
     print(format_status(models, args.decisions))
     return 0
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    """`--preferred-batch-sizes`: None keeps them, '' clears them."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--preferred-batch-sizes '{text}': expected N,N,...") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from live_server import ServerProcess, metric, scrape, start_server
+from live_server import ServerProcess, metric, scrape, start_server, tidal_command
 from onnx_models import SIMPLE_CONFIG
 from tidal.proto import control_pb2 as cpb
 from tidal.proto import control_pb2_grpc as cpb_grpc
@@ -184,6 +184,17 @@ def test_control_rpc_reads_and_sets_knobs(small_repo: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.Status(cpb.StatusRequest(model="nope"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # The same from the command line: `tidal control knobs`
+        done = tidal_command("control", "-u", srv.url, "knobs", "simple", "--max-batch-size", "4",
+                             "--instances", "2", "--preferred-batch-sizes", "2,4")
+        assert done.returncode == 0, done.stderr
+        assert "max batch 4" in done.stdout and "preferred [2, 4]" in done.stdout and "instances 2" in done.stdout
+        knobs = stub.Status(cpb.StatusRequest(model="simple")).models[0].knobs
+        assert (knobs.max_batch_size, list(knobs.preferred_batch_sizes), knobs.instance_count) == (4, [2, 4], 2)
+        cleared = tidal_command("control", "-u", srv.url, "knobs", "simple", "--preferred-batch-sizes", "")
+        assert cleared.returncode == 0 and "preferred -" in cleared.stdout, cleared.stderr
+        refused = tidal_command("control", "-u", srv.url, "knobs", "simple", "--max-batch-size", "64")
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "64" in refused.stderr
     finally:
         assert srv.stop() == 0
 

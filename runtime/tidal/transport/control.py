@@ -225,6 +225,30 @@ def control_set_slo(
     return _call(url, "SetSlo", request, timeout_s, access)
 
 
+def control_set_knobs(
+    url: str,
+    model: str,
+    version: str = "",
+    max_batch_size: int | None = None,
+    max_queue_delay_us: int | None = None,
+    preferred_batch_sizes: list[int] | None = None,
+    instance_count: int | None = None,
+    active_variant: str | None = None,
+    timeout_s: float = 10.0,
+    access: Access = PLAINTEXT,
+) -> list[cpb.ModelStatus]:
+    """Fields left None keep their value; `preferred_batch_sizes=[]` clears them."""
+    update = cpb.KnobsUpdate()
+    for name, value in (("max_batch_size", max_batch_size), ("max_queue_delay_us", max_queue_delay_us),
+                        ("instance_count", instance_count), ("active_variant", active_variant)):
+        if value is not None:
+            setattr(update, name, value)
+    if preferred_batch_sizes is not None:
+        update.set_preferred_batch_sizes = True
+        update.preferred_batch_sizes.extend(preferred_batch_sizes)
+    return _call(url, "SetKnobs", cpb.SetKnobsRequest(model=model, version=version, knobs=update), timeout_s, access)
+
+
 def _ms(value: float) -> str:
     return f"{value:.1f} ms" if value > 0 else "-"
 
