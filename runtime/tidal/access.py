@@ -57,7 +57,7 @@ def add_access_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def access_from(args: argparse.Namespace) -> Access:
-    """Any TLS file implies TLS; a token file's first non-empty line is the token."""
+    """Any TLS file implies TLS; the token is a token file's first word (a trailing newline is no part of it)."""
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
         try:

@@ -196,6 +196,15 @@ def _call(url: str, method: str, request, timeout_s: float, access: Access) -> l
     return list(reply.models)
 
 
+def _given(message, **fields):
+    """`message` with the optional fields that are not None set: the others stay unset, which the server reads
+    as "keep"."""
+    for name, value in fields.items():
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
 def control_status(
     url: str, model: str = "", timeout_s: float = 10.0, access: Access = PLAINTEXT
 ) -> list[cpb.ModelStatus]:
@@ -215,10 +224,8 @@ def control_set_slo(
     access: Access = PLAINTEXT,
 ) -> list[cpb.ModelStatus]:
     """Fields left None keep their value; `priority_p99_ms={}` clears the per-priority targets."""
-    request = cpb.SetSloRequest(model=model, version=version)
-    for name, value in (("p99_ms", p99_ms), ("min_accuracy", min_accuracy), ("mode", mode), ("period_ms", period_ms)):
-        if value is not None:
-            setattr(request, name, value)
+    request = _given(cpb.SetSloRequest(model=model, version=version), p99_ms=p99_ms, min_accuracy=min_accuracy,
+                     mode=mode, period_ms=period_ms)
     if priority_p99_ms is not None:
         request.set_priority_p99_ms = True
         request.priority_p99_ms.update(priority_p99_ms)
@@ -238,11 +245,8 @@ def control_set_knobs(
     access: Access = PLAINTEXT,
 ) -> list[cpb.ModelStatus]:
     """Fields left None keep their value; `preferred_batch_sizes=[]` clears them."""
-    update = cpb.KnobsUpdate()
-    for name, value in (("max_batch_size", max_batch_size), ("max_queue_delay_us", max_queue_delay_us),
-                        ("instance_count", instance_count), ("active_variant", active_variant)):
-        if value is not None:
-            setattr(update, name, value)
+    update = _given(cpb.KnobsUpdate(), max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                    instance_count=instance_count, active_variant=active_variant)
     if preferred_batch_sizes is not None:
         update.set_preferred_batch_sizes = True
         update.preferred_batch_sizes.extend(preferred_batch_sizes)

@@ -88,10 +88,10 @@ class GrpcServer:
             # method. Beyond the soft limit core drops new calls at random, beyond twice it drops them all,
             # in C, before they cost the saturated loop anything (README, "Overload").
             ("grpc.server.max_pending_requests", max_pending_rpcs),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", hard_limit := 2 * max_pending_rpcs),
         ]
         self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
-        self._max_pending_rpcs = max_pending_rpcs
+        self._backlog = (max_pending_rpcs, hard_limit)
         self._credentials = credentials  # None: plaintext
         inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
@@ -138,8 +138,8 @@ class GrpcServer:
         await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         # Said at start-up: a closed-loop load test with more calls outstanding than this sees CANCELLED.
-        log.info("gRPC core holds up to %d calls per method that the event loop has not taken (%d at most); "
-                 "beyond, it drops them (--max-pending-rpcs)", self._max_pending_rpcs, 2 * self._max_pending_rpcs)
+        log.info("gRPC core holds the calls the event loop has not taken, per method: beyond %d it drops new ones "
+                 "at random, beyond %d all of them (--max-pending-rpcs)", *self._backlog)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:
