@@ -19,10 +19,10 @@ def test_without_an_slo_gRPC_keeps_its_ceiling(tmp_path: Path) -> None:
 
 def test_the_tightest_target_sets_the_backlog(tmp_path: Path) -> None:
     _model(tmp_path, "slow", "slo { p99_ms: 400 }\n")
-    assert pending_rpcs_for(ServeOptions(tmp_path)) == 256  # 400 ms x 0.5 x 1 call/ms -> 200 -> 256
+    assert pending_rpcs_for(ServeOptions(tmp_path)) == 512  # 400 ms x 0.5 x 2 calls/ms -> 400 -> 512
     _model(tmp_path, "fast", "slo { p99_ms: 200 priority_p99_ms { key: 1 value: 50 } }\n")
-    assert pending_rpcs_for(ServeOptions(tmp_path)) == 32  # priority 1's 50 ms binds
-    assert pending_rpcs_for(ServeOptions(tmp_path, load_models=("slow",))) == 256  # only what is loaded counts
+    assert pending_rpcs_for(ServeOptions(tmp_path)) == 64  # priority 1's 50 ms binds
+    assert pending_rpcs_for(ServeOptions(tmp_path, load_models=("slow",))) == 512  # only what is loaded counts
 
 
 def test_a_tiny_target_keeps_a_floor_and_a_broken_config_is_left_to_its_load(tmp_path: Path) -> None:

@@ -85,13 +85,14 @@ class GrpcServer:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             # The backlog below Python: calls gRPC core received but the event loop has not taken yet, per
-            # method. Beyond the soft limit core drops new calls at random, beyond twice it drops them all,
-            # in C, before they cost the saturated loop anything (README, "Overload").
+            # method. Beyond it core drops every new call, in C, before it costs the saturated loop anything
+            # (README, "Overload"). Soft limit = hard limit: a burst that a stall of the loop piles up passes
+            # whole up to the limit, where core's random drops between the two would start at the soft one.
             ("grpc.server.max_pending_requests", max_pending_rpcs),
-            ("grpc.server.max_pending_requests_hard_limit", hard_limit := 2 * max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", max_pending_rpcs),
         ]
         self._server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
-        self._backlog = (max_pending_rpcs, hard_limit)
+        self._backlog = max_pending_rpcs
         self._credentials = credentials  # None: plaintext
         inference = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         tidal_control = cpb.DESCRIPTOR.services_by_name["TidalControl"]
@@ -138,8 +139,8 @@ class GrpcServer:
         await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         # Said at start-up: a closed-loop load test with more calls outstanding than this sees CANCELLED.
-        log.info("gRPC core holds the calls the event loop has not taken, per method: beyond %d it drops new ones "
-                 "at random, beyond %d all of them (--max-pending-rpcs)", *self._backlog)
+        log.info("gRPC core holds up to %d calls per method that the event loop has not taken, and drops new ones "
+                 "beyond that (--max-pending-rpcs)", self._backlog)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:
