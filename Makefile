@@ -8,6 +8,11 @@ BIN := $(VENV)/bin
 $(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+# The test extra on top (the second editable install reuses the first one's CMake build folder).
+$(VENV)/.test-extra: $(BIN)/tidal
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
@@ -25,11 +30,11 @@ chromium:
 	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  { echo "the status page test needs Debian's chromium: run 'sudo apt-get install chromium'" >&2; exit 1; }
 
-lint: install
+lint: $(VENV)/.test-extra
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install perf-analyzer chromium lint
+test: $(VENV)/.test-extra perf-analyzer chromium lint
 	$(BIN)/pytest
 
 # Coverage-guided fuzzing with atheris, beside the bounded hypothesis fuzzing that `make test` runs.
