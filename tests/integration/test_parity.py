@@ -133,3 +133,30 @@ def test_a_priority_beyond_the_levels_is_served_at_the_default_level(ranked: Ser
     client = tc.InferenceServerClient(ranked.url)
     result = client.infer("ranked", _inputs(), priority=priority)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, np.float32))
+
+
+# Triton serves a graph input that has an initializer as an input where the config declares it; where the
+# config leaves it out, ONNX Runtime takes the initializer.
+def test_a_declared_input_overrides_its_initializer(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from tidal.optimize.graph import save_graph
+    from tidal.repository.config import read_graph
+
+    graph = read_graph(add_sub(tmp_path / "add_sub.onnx"))
+    graph.initializer.append(numpy_helper.from_array(np.full((1, 16), 5, np.float32), "INPUT1"))
+    for name, inputs in (("declared", "INPUT0, INPUT1"), ("default", "INPUT0")):
+        declared = ", ".join(f'{{ name: "{i}" data_type: TYPE_FP32 dims: [ -1, 16 ] }}' for i in inputs.split(", "))
+        write_config(tmp_path / "repo" / name, f'name: "{name}" input [ {declared} ]')
+        save_graph(graph, tmp_path / "repo" / name / "1" / "model.onnx")
+    server = start_server(tmp_path / "repo")
+    try:
+        client = tc.InferenceServerClient(server.url)
+        result = client.infer("declared", _inputs())  # INPUT1 = ones from the request
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, np.float32))
+        only = tc.InferInput("INPUT0", [1, 16], "FP32")
+        only.set_data_from_numpy(np.ones((1, 16), np.float32))
+        result = client.infer("default", [only])  # INPUT1 = the initializer's fives
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 6, np.float32))
+    finally:
+        assert server.stop() == 0, server.log()

@@ -296,6 +296,16 @@ def test_graph_input_with_an_initializer_may_be_left_out(tmp_path: Path) -> None
     assert [entry.name for entry in _declared(path, "").input] == ["INPUT0"]
 
 
+def test_graph_input_with_an_initializer_may_be_declared_to_override_it(tmp_path: Path) -> None:
+    """As Triton serves it: the initializer is then a default every request replaces."""
+    graph = read_graph(models.add_sub(tmp_path / "add_sub.onnx"))
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1, 16), np.float32), "INPUT1"))
+    path = save_graph(graph, tmp_path / "model.onnx")
+    config = _declared(path, 'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, 16 ] }, '
+                             '{ name: "INPUT1" data_type: TYPE_FP32 } ]')
+    assert [(entry.name, list(entry.dims)) for entry in config.input] == [("INPUT0", [-1, 16]), ("INPUT1", [-1, 16])]
+
+
 def test_dynamic_quantization_couples_the_rows_of_a_batch(tmp_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

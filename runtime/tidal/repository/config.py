@@ -162,6 +162,10 @@ def autocomplete(
         graph = read_graph(model_path)
     initializers = {init.name for init in graph.initializer}
     inputs = _onnx_tensors(list(graph.input), initializers)
+    # A graph input with an initializer is a default a request may override: served only where the config
+    # declares it (then every request gives it, as every declared input), as Triton serves it.
+    declared = {entry.name for entry in config.input}
+    inputs += _onnx_tensors([v for v in graph.input if v.name in initializers & declared], set())
     outputs = _onnx_tensors(list(graph.output), set())
     if not config.platform and config.backend in ("", "onnxruntime"):
         config.platform = ONNX_PLATFORM  # Triton reports this platform for ONNX Runtime models
@@ -192,7 +196,7 @@ def autocomplete(
                 entry.dims.extend(dims[skip:])
             else:
                 _check_dims(f"{kind} '{entry.name}'", list(entry.dims), dims[skip:], batched=skip == 1)
-    _check_required_inputs(config, [name for name, _, _ in inputs])
+    _check_required_inputs(config, [name for name, _, _ in inputs if name not in initializers])
     if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
         config.dynamic_batching.SetInParent()
 
