@@ -163,3 +163,17 @@ class Observation:
     latencies: tuple[LatencySample, ...]
     shed: dict[int, int] = field(default_factory=dict)  # priority level -> refused by admission limits (cumulative)
     edge: EdgeObservation | None = None  # the transport's view of the same model, where a transport feeds one
+
+
+@dataclass(frozen=True)
+class LevelRoute:
+    """Levels 1..`levels` run only on the instances `instances`, with `variant`, in batches of at most
+    `max_batch_size` rows that wait at most `max_queue_delay_us` for company (their own window: they were
+    planned at their own target); every other level runs on the remaining instances under the model's own
+    variant, batch limit and window. The controller plans it, the scheduler runs it."""
+
+    levels: int
+    instances: tuple[int, ...]
+    variant: str
+    max_batch_size: int
+    max_queue_delay_us: int

@@ -20,10 +20,10 @@ from tidal.backends import onnxruntime as ort_backend
 from tidal.backends.base import BackendOptions
 from tidal.backends.hardware import GpuInfo, discover_gpus, visible
 from tidal.backends.placement import CPU, Device, InstanceGroup, PlacementError, place
-from tidal.control.api import Pool, Route
+from tidal.control.api import Pool
 from tidal.errors import ConfigError, Unavailable
 from tidal.repository.manager import ModelManager
-from tidal.types import InferRequest
+from tidal.types import InferRequest, LevelRoute
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559, "9.0", "GPU-aaaa")
 L4 = GpuInfo(1, "NVIDIA L4", 23034, "8.9", "GPU-bbbb")
@@ -203,7 +203,7 @@ def test_the_controller_sees_each_group_as_a_pool_and_may_route_priority_1_to_on
         served = manager.get("m")
         info = served.model_info("m:1")
         assert info.pools == (Pool("gpu", (0, 1)), Pool("cpu", (2,))) and info.priority_levels == 2
-        route = Route(1, (2,), "", 1, 200)
+        route = LevelRoute(1, (2,), "", 1, 200)
         served.apply_setpoint(replace(served.setpoint(), route=route))
         assert served.setpoint().route == route and served.knobs.route.instances == (2,)
         assert served.knobs.route.max_queue_delay_us == 200  # the route travels whole, both ways

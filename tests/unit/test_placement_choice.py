@@ -8,11 +8,11 @@ GPU batch at the bulk's target.
 
 from __future__ import annotations
 
-from tidal.control.api import Mode, ModelInfo, Pool, Reason, Route, Setpoint, Slo, VariantInfo
+from tidal.control.api import Mode, ModelInfo, Pool, Reason, Setpoint, Slo, VariantInfo
 from tidal.control.plan import Line, Load
 from tidal.control.route import best_split
 from tidal.control.slo import SloController
-from tidal.types import Observation
+from tidal.types import LevelRoute, Observation
 
 SIZES = (1, 8, 64, 512)
 PERIOD = 0.1
@@ -62,7 +62,7 @@ def test_a_tight_priority_1_gets_the_cpu_pool_and_the_bulk_keeps_big_gpu_batches
     sim = Sim({1: 4.0, 2: 50.0})
     sim.run({1: 200, 2: 20_000}, 1.0)
     route = sim.active.route
-    assert route == Route(1, (1,), "fp32", route.max_batch_size, route.max_queue_delay_us)
+    assert route == LevelRoute(1, (1,), "fp32", route.max_batch_size, route.max_queue_delay_us)
     assert sim.active.variant == "fp32" and sim.active.max_batch_size >= 256  # the GPU batches at 50 ms
     assert 1 <= sim.active.route.max_batch_size <= 8  # priority 1 in small CPU batches, within 4 ms
     last = sim.controller.last("m:1")

@@ -13,7 +13,7 @@ from scheduling_support import sched, serving, started
 from tidal.clock import FakeClock
 from tidal.errors import InvalidArgument, ResourceExhausted
 from tidal.scheduling import Knobs, QueuePolicy, SchedulerConfig
-from tidal.scheduling.knobs import LevelRoute
+from tidal.types import LevelRoute
 
 TWO_LEVELS = SchedulerConfig(batching=True, max_batch_size=4, priority_levels=2, default_priority_level=2)
 ROUTED = Knobs(4, 0, instance_count=2, active_variant="bulk", route=LevelRoute(1, (1,), "fast", 1, 0))

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tidal.errors import InvalidArgument
+from tidal.types import LevelRoute
 
 DEFAULT_PERIOD_S = 0.1
 
@@ -73,19 +74,6 @@ class Pool:
 
 
 @dataclass(frozen=True)
-class Route:
-    """Levels 1..`levels` run only on `instances`, with `variant` in batches of at most `max_batch_size` rows
-    waiting at most `max_queue_delay_us` for company (their own window: they were planned at their own target);
-    the other levels run on the remaining instances under the setpoint's own variant, batch limit and window."""
-
-    levels: int
-    instances: tuple[int, ...]
-    variant: str
-    max_batch_size: int
-    max_queue_delay_us: int
-
-
-@dataclass(frozen=True)
 class Setpoint:
     """The part of the scheduler's knobs the controller sets."""
 
@@ -93,7 +81,7 @@ class Setpoint:
     max_batch_size: int
     max_queue_delay_us: int
     admission_limits: tuple[tuple[int, int], ...] = ()  # (level, max queued at or above it); () admits all
-    route: Route | None = None  # None: every level shares every instance
+    route: LevelRoute | None = None  # None: every level shares every instance
 
 
 @dataclass(frozen=True)

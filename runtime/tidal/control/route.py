@@ -16,15 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from tidal.control.api import Pool, Route
+from tidal.control.api import Pool
 from tidal.control.plan import Line, Load, Plan, plan_variant
+from tidal.types import LevelRoute
 
 RESERVED_LEVELS = 1  # the levels a pool may be reserved for: priority 1, the latency-critical one
 
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    route: Route
+    route: LevelRoute
     bulk: Plan  # the other levels on the other instances
     reserved: Plan  # level 1 on the route's instances
     bulk_delay_ms: float  # the batching window the bulk may keep at its own target
@@ -63,7 +64,7 @@ def best_split(
                 reserved = _plan(variant, [pool], line, reserved_load, limit)
                 if reserved is not None and reserved.fits(utilisation, reserved_load.target_ms):
                     delay_us = round(reserved_load.delay_ms * 1e3)
-                    route = Route(RESERVED_LEVELS, pool.instances, variant, max(reserved.max_batch, 1), delay_us)
+                    route = LevelRoute(RESERVED_LEVELS, pool.instances, variant, max(reserved.max_batch, 1), delay_us)
                     return Split(route, bulk, reserved, bulk_load.delay_ms)
     return None
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field, replace
 
 from tidal.backends.base import Backend
 from tidal.backends.placement import Placement
-from tidal.control.api import ModelInfo, Pool, Route, Setpoint, Slo, VariantInfo
+from tidal.control.api import ModelInfo, Pool, Setpoint, Slo, VariantInfo
 from tidal.proto import model_config_pb2 as mc
 from tidal.repository.config import ModelSpec
 from tidal.repository.validation import Signature
 from tidal.repository.variants import Variant, VariantManifest, split_profile_key
 from tidal.scheduling.engine import ModelScheduler
-from tidal.scheduling.knobs import Knobs, LevelRoute
+from tidal.scheduling.knobs import Knobs
 from tidal.scheduling.stats import ModelStats
 from tidal.types import InferRequest, InferResponse, Observation, TensorSpec
 
@@ -29,19 +29,10 @@ def close_runners(runners: dict[str, list[Backend]]) -> None:
             backend.close()
 
 
-def _route(r: LevelRoute | None) -> Route | None:
-    """The scheduler's route as the controller speaks of it; `_level_route` is the way back."""
-    return None if r is None else Route(r.levels, r.instances, r.variant, r.max_batch_size, r.max_queue_delay_us)
-
-
-def _level_route(r: Route | None) -> LevelRoute | None:
-    return None if r is None else LevelRoute(r.levels, r.instances, r.variant, r.max_batch_size, r.max_queue_delay_us)
-
-
 def _setpoint(knobs: Knobs) -> Setpoint:
     return Setpoint(
         knobs.active_variant, knobs.max_batch_size, knobs.max_queue_delay_us, knobs.admission_limits,
-        _route(knobs.route),
+        knobs.route,
     )
 
 
@@ -141,7 +132,7 @@ class ServedVersion:
             max_batch_size=setpoint.max_batch_size,
             max_queue_delay_us=setpoint.max_queue_delay_us,
             admission_limits=setpoint.admission_limits,
-            route=_level_route(setpoint.route),
+            route=setpoint.route,
         ))
 
     def observe(self) -> Observation:

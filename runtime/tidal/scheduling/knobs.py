@@ -11,19 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tidal.errors import InvalidArgument
-
-
-@dataclass(frozen=True)
-class LevelRoute:
-    """Levels 1..`levels` run only on the instances `instances`, with `variant`, in batches of at most
-    `max_batch_size` rows that wait at most `max_queue_delay_us` for company; every other level runs on the
-    remaining instances under the knobs' own variant, batch limit and window."""
-
-    levels: int
-    instances: tuple[int, ...]
-    variant: str
-    max_batch_size: int
-    max_queue_delay_us: int
+from tidal.types import LevelRoute
 
 
 @dataclass(frozen=True)
