@@ -13,12 +13,15 @@ from tidal.errors import ConfigError, InvalidArgument, NotFound
 from tidal.proto import model_config_pb2 as mc
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+NAME_MAX = 255  # Linux's limit on a file name (the names are ASCII: characters are bytes)
 
 
 def model_dir(root: Path, name: str) -> Path:
     """The folder of model `name`; rejects names that could leave the repository."""
     if not name or not _NAME.match(name) or name in (".", "..") or ".." in name:
-        raise InvalidArgument(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' and no '..'")
+        raise InvalidArgument(f"invalid model name {name[:64]!r}: use letters, digits, '_', '-', '.' and no '..'")
+    if len(name) > NAME_MAX:  # no folder can have it: the file system would answer ENAMETOOLONG
+        raise InvalidArgument(f"invalid model name {name[:64]!r}...: {len(name)} characters, at most {NAME_MAX}")
     try:
         path = (root / name).resolve()
     except RuntimeError as exc:  # pathlib's word for ELOOP

@@ -342,6 +342,8 @@ class ModelManager:
             # Triton refuses a version that is not an integer >= 0 INVALID_ARGUMENT, before the lookup. Its
             # std::stol would take " 2" and "2a" as 2; tidal refuses those too rather than guess.
             raise InvalidArgument(f"model version '{version[:32]}' is not an integer > 0")
+        if len(version) > 19:  # past int64, as Triton reads versions; int() would refuse 4,300 digits uncaught
+            raise InvalidArgument(f"model version '{version[:32]}...' is out of range ({len(version)} digits)")
         entry = self._entries.get(name)
         if entry is None:
             raise NotFound(f"model '{name}' is not in the repository")

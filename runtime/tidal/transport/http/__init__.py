@@ -7,7 +7,6 @@ page. Runs on the same loop as gRPC: one data plane, one edge, one set of counte
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -17,13 +16,16 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tidal.dataplane import DataPlane, VersionStats
+from tidal.dataplane.failures import clip
 from tidal.errors import InvalidArgument, TidalError, Unimplemented
 from tidal.repository.manager import ServedVersion
-from tidal.transport.http.codec import BINARY_TYPE, HEADER_LENGTH, JSON_TYPE, Body, encode_response
+from tidal.transport.http.codec import BINARY_TYPE, HEADER_LENGTH, JSON_TYPE, Body, encode_response, parse_json
 from tidal.transport.security import Scope, TlsFiles, TokenFile
 from tidal.transport.server import check_socket_path_free, unix_socket_path
 from tidal.transport.status import HTTP_STATUS
@@ -35,14 +37,29 @@ _MODEL = "/v2/models/{model}"
 _VERSION = "/v2/models/{model}/versions/{version}"
 
 
+def json_error(text: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """Triton's error body, cut as gRPC cuts its status message: errors may echo names, paths and shapes."""
+    return web.json_response({"error": clip(text)}, status=status, headers=headers)
+
+
 def error_response(exc: TidalError) -> web.Response:
-    """Triton's error body; overload says when to come back."""
+    """Overload says when to come back."""
     headers = {}
     pushback = getattr(exc, "pushback_ms", None)
     if pushback is not None:
         headers["Retry-After"] = str(max(1, math.ceil(pushback / 1000)))
         headers["Retry-After-Ms"] = str(pushback)
-    return web.json_response({"error": str(exc)}, status=HTTP_STATUS[exc.code], headers=headers)
+    return json_error(str(exc), HTTP_STATUS[exc.code], headers)
+
+
+class _ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's server log: it logs every malformed request (a request line over 8 KiB, a body that does not
+    decompress) at ERROR with a traceback, which a client could turn into a log storm. Those are the
+    client's mistakes: debug. Anything else stays an error."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        client_error = isinstance(exc_info, HttpProcessingError | RequestPayloadError)
+        self.log(logging.DEBUG if client_error else logging.ERROR, msg, *args, exc_info=exc_info, **kwargs)
 
 
 def _stats_json(row: VersionStats) -> dict[str, Any]:
@@ -76,6 +93,8 @@ class HttpFrontEnd:
         self._status = status
         self._tokens = tokens
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._guard])
+        self._open = {self.live, self.ready, self.model_ready}
+        self._admin = {self.load, self.unload}
         get, post = self._routes("GET"), self._routes("POST")
         get("/v2/health/live", self.live)
         get("/v2/health/ready", self.ready)
@@ -107,38 +126,42 @@ class HttpFrontEnd:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Tokens, the body limit, and Triton's JSON error body for whatever goes wrong (404, 405, a bug)."""
-        refusal = self._refused(request)
+        refusal = self._refused(request, handler)
         if refusal is not None:
             return refusal
         if (request.content_length or 0) > self._max_body:
-            return web.json_response(
-                {"error": f"request body of {request.content_length} bytes is over the limit of {self._max_body}"},
-                status=413,
-            )
+            return self._too_large(f"request body of {request.content_length} bytes")
         try:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status)
+            if exc.status == 413:  # a chunked or compressed body that outgrew the limit while read
+                return self._too_large("request body")
+            return json_error(f"{exc.reason}: {request.method} {request.path}", exc.status)
         except TidalError as exc:
             return error_response(exc)
+        except Exception:  # a bug: answered, logged once with its traceback, and no other request touched
+            log.exception("HTTP %s %s failed unexpectedly", request.method, clip(request.path))
+            return json_error("internal error", 500)
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        """The gRPC port's token rules: health and readiness open, load/unload need an admin token."""
-        path = request.path
-        if self._tokens is None or path.startswith("/v2/health/") or path.endswith("/ready"):
+    def _too_large(self, what: str) -> web.Response:
+        return json_error(f"{what} is over the limit of {self._max_body} bytes (--max-message-bytes)", 413)
+
+    def _refused(self, request: web.Request, handler: Handler) -> web.Response | None:
+        """The gRPC port's token rules: health and readiness open, load/unload need an admin token. Decided by
+        the handler the path resolved to, never by the path's text (a model named "ready" is no probe)."""
+        if self._tokens is None or handler in self._open:
             return None
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return web.json_response({"error": "missing bearer token: send 'Authorization: Bearer <token>'"},
-                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+            return json_error("missing bearer token: send 'Authorization: Bearer <token>'", 401,
+                              {"WWW-Authenticate": "Bearer"})
         scope = self._tokens.scope_of(token.strip().encode("latin-1", "replace"))
         if scope is None:
-            return web.json_response({"error": "invalid bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
-        if path.startswith("/v2/repository/models/") and scope < Scope.ADMIN:
-            return web.json_response({"error": "loading and unloading need an 'admin' token"}, status=403)
+            return json_error("invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
+        if handler in self._admin and scope < Scope.ADMIN:
+            return json_error("loading and unloading need an 'admin' token; this one is 'infer'", 403)
         return None
 
     # -- health and metadata -------------------------------------------------------------
@@ -178,15 +201,15 @@ class HttpFrontEnd:
     async def infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version", "")
         try:
-            body = Body(await request.read(), request.headers.get(HEADER_LENGTH))
+            body = Body(await self._read(request), request.headers.get(HEADER_LENGTH))
             head = body.head(model, version)
-        except web.HTTPRequestEntityTooLarge as exc:  # a chunked body that outgrew the limit while read
-            return web.json_response({"error": exc.text}, status=413)
+        except web.HTTPException:  # over the limit while read: 413 in `_guard`
+            raise
         except Exception as exc:
             return error_response(self._plane.failed(model, "", exc))
 
         def decode(served: ServedVersion, arrival_s: float, deadline_s: float | None):
-            return body.decode(served.signature, arrival_s, deadline_s), body.classes()
+            return body.decode(model, version, served.signature, arrival_s, deadline_s), body.classes()
 
         outcome = await self._plane.infer(head, decode)
         if isinstance(outcome, TidalError):
@@ -197,20 +220,30 @@ class HttpFrontEnd:
         return web.Response(body=data, content_type=BINARY_TYPE, headers={HEADER_LENGTH: str(header_length)})
 
     # -- repository ----------------------------------------------------------------------
+    @staticmethod
+    async def _read(request: web.Request) -> bytes:
+        """The whole body; one that cannot be read (a Content-Encoding that does not decode, a broken chunk)
+        is the client's mistake. A body over the limit raises HTTPRequestEntityTooLarge: 413 in `_guard`."""
+        try:
+            return await request.read()
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+            reason = getattr(cause, "message", "") or type(cause).__name__
+            raise InvalidArgument(f"the request body could not be read: {str(reason).strip()[:200]}") from None
+
     async def _json(self, request: web.Request) -> dict[str, Any]:
-        data = await request.read()
+        data = await self._read(request)
         if not data:
             return {}
-        try:
-            parsed = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument(f"failed to parse the request JSON: {exc}") from None
+        parsed = parse_json(data)
         if not isinstance(parsed, dict):
             raise InvalidArgument("the request must be a JSON object")
         return parsed
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        ready = bool((await self._json(request)).get("ready", False))
+        ready = (await self._json(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument("'ready' must be true or false")
         rows = self._plane.repository_index(ready)
         return web.json_response([
             {"name": n, **({"version": v} if v else {}), "state": s, **({"reason": r} if r else {})}
@@ -261,7 +294,8 @@ class HttpServer:
     def __init__(
         self, front: HttpFrontEnd, address: str, port: int, tls: ssl.SSLContext | None = None, socket_mode: int = 0o660
     ) -> None:
-        self._runner = web.AppRunner(front.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(front.app, access_log=None, handle_signals=False,
+                                     logger=_ProtocolLog(logging.getLogger("aiohttp.server"), {}))
         self._address, self._port, self._tls = address, port, tls
         self.unix_path = unix_socket_path(address)  # unix:///PATH: a Unix socket of mode `socket_mode`
         self._socket_mode = socket_mode
