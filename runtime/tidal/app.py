@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import grpc
-
 from tidal.clock import SystemClock
 from tidal.control.api import Decision, ModelInfo, Setpoint, Slo, model_key
 from tidal.control.loop import ControlLoop
@@ -31,7 +29,7 @@ from tidal.repository.manager import ModelManager, ModelState, ServedVersion
 from tidal.repository.pbtxt import parse_model_config
 from tidal.repository.poll import RepositoryPoller
 from tidal.transport.control import ControlServicer
-from tidal.transport.http import HttpFrontEnd, HttpServer, server_ssl_context
+from tidal.transport.http import HttpFrontEnd, HttpServer
 from tidal.transport.security import CertificateStore, TlsFiles, TokenAuth, TokenFile
 from tidal.transport.server import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -91,9 +89,6 @@ def _tokens(options: ServeOptions) -> TokenFile | None:
     return TokenFile(options.auth_tokens) if options.auth_tokens else None
 
 
-def _credentials(options: ServeOptions) -> grpc.ServerCredentials | None:
-    """TLS when certificate files are given; they are checked here, so a bad file stops start-up."""
-    return CertificateStore(options.tls).credentials() if options.tls is not None else None
 
 
 # The share of the tightest SLO a call may spend in gRPC core's backlog before the event loop takes it, and
@@ -184,10 +179,12 @@ class App:
         )
         self._control_task: asyncio.Task | None = None
         control = ControlServicer(self.manager, self.controller, self.clock.now, self.edge)
+        # TLS when certificate files are given; they are checked here, so a bad file stops start-up.
+        certificates = None if options.tls is None else CertificateStore(options.tls)
         self.server = GrpcServer(
             InferenceServicer(self.plane), control, options.grpc_address, options.grpc_port, options.max_message_bytes,
             options.socket_mode,
-            credentials=_credentials(options),
+            credentials=None if certificates is None else certificates.credentials(),
             interceptors=[TokenAuth(tokens)] if (tokens := _tokens(options)) else [],  # read once for both ports
             max_pending_rpcs=options.max_pending_rpcs or pending_rpcs_for(options),
         )
@@ -195,7 +192,7 @@ class App:
         self.http = None if options.http_port is None else HttpServer(
             HttpFrontEnd(self.plane, options.max_message_bytes, control.snapshot, tokens),
             self._side_address(options.http_address), options.http_port,
-            None if options.tls is None else server_ssl_context(options.tls), options.socket_mode,
+            None if certificates is None else certificates.ssl_context(), options.socket_mode,
         )
 
     def _side_address(self, given: str | None) -> str:

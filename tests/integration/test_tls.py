@@ -107,6 +107,19 @@ def test_certificates_are_reloaded_without_a_restart_or_a_failed_request(
         assert _infer(before).shape == (1, 16)  # the open one keeps working
         assert "UNAVAILABLE" in _refused(_client(srv, ca1.path))  # the old certificate is gone for new ones
         assert logged(srv, "TLS certificate reloaded")
+        # The HTTPS port follows the same files, and the change was loaded and logged once for both.
+        assert _https_status(srv, ca2.path) == 200
+        with pytest.raises(OSError):
+            _https_status(srv, ca1.path)
+        assert srv.log().count("TLS certificate reloaded") == 1
+
+
+def _https_status(srv: ServerProcess, ca: Path) -> int:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(ca))
+    return urllib.request.urlopen(f"https://{srv.http_url}/v2/health/ready", context=context, timeout=10).status
 
 
 def test_a_broken_renewal_keeps_the_previous_certificate(repo: Path, tmp_path: Path) -> None:

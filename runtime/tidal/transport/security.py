@@ -1,6 +1,6 @@
-"""TLS, mutual TLS and bearer tokens for the gRPC port, each reloaded when its file changes.
+"""TLS, mutual TLS and bearer tokens, each reloaded when its file changes.
 
-Certificates: gRPC asks `CertificateStore.fetch` before every TLS handshake whether the configuration
+Certificates: both ports ask `CertificateStore` before every TLS handshake whether the configuration
 changed; a changed set of files is checked (the key matches the certificate, the CA parses) before it is
 handed over, so a half-written renewal keeps the previous certificate serving instead of failing
 handshakes. Connections already open keep the certificate they started with; no request fails.
@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,13 +67,23 @@ class TlsFiles:
         return (self.cert, self.key) if self.client_ca is None else (self.cert, self.key, self.client_ca)
 
 
-def _checked_pem(files: TlsFiles) -> tuple[bytes, bytes, bytes | None]:
+@dataclass(frozen=True)
+class _Loaded:
+    """One checked reading of the TLS files, for both ports: PEM bytes for gRPC, a context for HTTPS."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+    context: ssl.SSLContext
+
+
+def _load(files: TlsFiles) -> _Loaded:
     """The files' contents, once the key is known to match the certificate and the CA to parse.
 
     The stdlib loads from paths, so the bytes are read before and after the check and must agree: a file
     replaced in between is refused this time and taken on the next handshake."""
     before = [_read(p, "TLS file") for p in files.paths]
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(files.cert, files.key)
     except (ssl.SSLError, OSError) as exc:
@@ -82,43 +93,70 @@ def _checked_pem(files: TlsFiles) -> tuple[bytes, bytes, bytes | None]:
             context.load_verify_locations(cadata=before[2].decode("ascii"))
         except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--tls-client-ca {files.client_ca}: not PEM certificates ({exc})") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
     if [_read(p, "TLS file") for p in files.paths] != before:
         raise ConfigError("TLS files changed while being read")
-    return before[0], before[1], before[2] if files.client_ca is not None else None
+    return _Loaded(before[0], before[1], before[2] if files.client_ca is not None else None, context)
 
 
 class CertificateStore:
-    """The server's TLS configuration, re-read when its files change."""
+    """The server's TLS configuration, re-read when its files change; the gRPC and HTTP ports both follow it.
+
+    Each port asks before every handshake (gRPC through its certificate fetcher, HTTPS in the ClientHello
+    callback, which OpenSSL calls with or without SNI), so a renewal reaches both without a restart, and each
+    change is loaded and logged once whichever port sees it first."""
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self._stamp = _stamp(files.paths)
-        self._initial = self._configuration()
-        self.reloads = 0
+        self._loaded = _load(files)
+        self._generation = 0  # how many changes were loaded
+        self._grpc_generation = 0  # the one gRPC was last handed
+        self._lock = threading.Lock()  # gRPC asks from its own threads, HTTPS from the event loop
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        cert, key, ca = _checked_pem(self.files)
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+    def _current(self) -> tuple[_Loaded, int]:
+        with self._lock:
+            stamp = _stamp(self.files.paths)
+            if stamp != self._stamp:
+                self._stamp = stamp  # a bad file is reported once, and looked at again when it changes
+                try:
+                    self._loaded = _load(self.files)
+                    self._generation += 1
+                    log.info("TLS certificate reloaded from %s", self.files.cert)
+                except ConfigError as exc:
+                    log.error("TLS files changed but cannot be used; the previous certificate stays: %s", exc)
+            return self._loaded, self._generation
+
+    @staticmethod
+    def _grpc(loaded: _Loaded) -> grpc.ServerCertificateConfiguration:
+        pair = [(loaded.key, loaded.cert)]
+        return grpc.ssl_server_certificate_configuration(pair, root_certificates=loaded.client_ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before each handshake: None keeps the configuration in use."""
-        stamp = _stamp(self.files.paths)
-        if stamp == self._stamp:
+        loaded, generation = self._current()
+        if generation == self._grpc_generation:
             return None
-        self._stamp = stamp  # a bad file is reported once, and looked at again when it changes
-        try:
-            config = self._configuration()
-        except ConfigError as exc:
-            log.error("TLS files changed but cannot be used; the previous certificate stays: %s", exc)
-            return None
-        self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self.files.cert)
-        return config
+        self._grpc_generation = generation
+        return self._grpc(loaded)
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._initial, self.fetch, require_client_authentication=self.files.client_ca is not None
+            self._grpc(self._loaded), self.fetch, require_client_authentication=self.files.client_ca is not None
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For the HTTPS listener: each handshake is moved to the latest context before the certificate is sent;
+        connections already open keep theirs."""
+        first = self._loaded.context
+
+        def switch(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            latest = self._current()[0].context
+            if latest is not context:
+                connection.context = latest
+
+        first.sni_callback = switch
+        return first
 
 
 class Scope(enum.IntEnum):

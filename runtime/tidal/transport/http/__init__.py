@@ -26,7 +26,7 @@ from tidal.dataplane.failures import clip
 from tidal.errors import InvalidArgument, TidalError, Unimplemented
 from tidal.repository.manager import ServedVersion
 from tidal.transport.http.codec import BINARY_TYPE, HEADER_LENGTH, JSON_TYPE, Body, encode_response, parse_json
-from tidal.transport.security import Scope, TlsFiles, TokenFile
+from tidal.transport.security import Scope, TokenFile
 from tidal.transport.server import check_socket_path_free, unix_socket_path
 from tidal.transport.status import HTTP_STATUS
 
@@ -276,16 +276,6 @@ class HttpFrontEnd:
         assert self._status is not None
         return web.json_response(json_format.MessageToDict(self._status(), preserving_proto_field_name=True),
                                  headers={"Cache-Control": "no-store"})
-
-
-def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
-    """The gRPC port's certificate, key and client CA, read once at start-up (renewals need a restart here)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(files.cert, files.key)
-    if files.client_ca is not None:
-        context.load_verify_locations(files.client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class HttpServer:
