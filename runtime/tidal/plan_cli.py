@@ -126,7 +126,11 @@ def read_model(repository: Path, name: str) -> tuple[list[Candidate], object]:
     versions = list_versions(folder)
     manifest = load_manifest(folder / str(versions[-1])) if versions else None
     if manifest is None:
-        raise ConfigError(f"model '{name}' has no variants.json with latency profiles: run `tidal profile` first")
+        # `tidal profile` only re-measures a variants.json that exists: pointing at it here sent users on to a
+        # second error. The profiles come from `tidal optimize`.
+        where = f"version {versions[-1]}" if versions else "no version folder"
+        raise ConfigError(f"model '{name}' has no variants.json ({where}), so no latency profiles to plan from: "
+                          "run `tidal optimize` on its model.onnx first")
     return [_profile(v) for v in manifest.variants.values()], config
 
 

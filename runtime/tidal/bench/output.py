@@ -78,6 +78,12 @@ def _notes(result: dict[str, Any]) -> list[str]:
             notes.append(f"{point['label']}: errors over the whole point, warm-up and drain included: {errors}")
         if t["stragglers"]:
             notes.append(f"{point['label']}: {t['stragglers']} requests still in flight at the end were cancelled")
+        if t["errors"].get("CANCELLED", 0) > t["stragglers"] and (result.get("server") or {}).get("name") == "tidal":
+            # A bare CANCELLED reads like the client's doing; against tidal it is the server's backlog, and the
+            # README's first sweep (concurrency up to 128 against the demo's 64) meets it.
+            notes.append(f"{point['label']}: CANCELLED from tidal: calls its gRPC core dropped unstarted, its backlog "
+                         "per method (--max-pending-rpcs, 64 on the demo) being full; safe to retry. Closed loops "
+                         "deeper than that need the server started with a larger --max-pending-rpcs")
         if point["client"]["bottleneck"]:
             notes.append(f"{point['label']}: the CLIENT is the bottleneck ({'; '.join(point['client']['reasons'])});"
                          " try --workers")

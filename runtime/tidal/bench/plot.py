@@ -1,12 +1,13 @@
 """`--plot`: latency percentiles, throughput and tidal's batch size and variant over time.
 
-matplotlib is an optional extra (`pip install 'tidal[plot]'`); it is only
-imported here, and a missing install is reported before any load is sent.
+matplotlib is an optional extra (`plot`); it is only imported here, and a missing install is reported
+before any load is sent.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,17 @@ from tidal.errors import InvalidArgument
 
 
 def require_matplotlib() -> None:
+    """Names the install command for the environment tidal runs in.
+
+    tidal is installed from its checkout, not from PyPI, so `pip install 'tidal[plot]'` would look for another
+    project's package; and a bare `pip` is often not the one of tidal's virtualenv.
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise InvalidArgument("--plot needs matplotlib: pip install 'tidal[plot]'") from None
+        raise InvalidArgument(
+            f"--plot needs matplotlib (tidal's `plot` extra): {sys.executable} -m pip install matplotlib"
+        ) from None
 
 
 def _series(ts: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
