@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -96,3 +97,24 @@ def test_without_usable_schedstat_the_demand_is_cpu_time(tmp_path, monkeypatch, 
     monkeypatch.setattr(edge_module, "SCHEDSTAT", str(path))
     with _ThreadDemand() as demand:
         assert demand.seconds() == pytest.approx(time.thread_time(), abs=0.05)
+
+
+def test_stopping_the_probe_at_any_point_leaves_no_failing_callback(monkeypatch) -> None:
+    """Stopped between making its wake-up ready and running it, the probe left a callback that failed on its
+    cancelled future (an error in the log at shutdown)."""
+    monkeypatch.setattr(edge_module, "PROBE_S", 0)
+    errors: list[dict] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+        for turns in range(1, 40):
+            meter = EdgeMeter()
+            meter.start()
+            for _ in range(turns % 5):
+                await asyncio.sleep(0)
+            await meter.stop()
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert errors == []

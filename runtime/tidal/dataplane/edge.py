@@ -69,15 +69,13 @@ class EdgeMeter:
             self._task = None
 
     async def _probe(self) -> None:
-        loop = asyncio.get_running_loop()
         with _ThreadDemand() as demand:
             while True:
                 await asyncio.sleep(PROBE_S)
-                # The time a callback made ready now waits for its turn: the loop's queueing delay.
-                ready = loop.create_future()
+                # The time a task made ready now waits for its turn: the loop's queueing delay. (A bare yield,
+                # not a future set by a callback, which a cancellation in between would leave to fail.)
                 queued = self._clock()
-                loop.call_soon(ready.set_result, None)
-                await ready
+                await asyncio.sleep(0)
                 now = self._clock()
                 self.record(now, demand.seconds(), (now - queued) * 1e3)
 
