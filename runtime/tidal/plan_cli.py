@@ -189,9 +189,10 @@ def _report(model: str, ask: Ask, min_accuracy: float, source: str, sized: list[
     ]
     for s in sized:
         accuracy = "-" if s.accuracy is None else f"{s.accuracy:.4f}"
+        price = f"{s.cost_per_million:.4f}" if ask.cost_per_core_hour else "-"  # no --cost-per-core-hour: unknown
         lines.append(
             f"{s.variant:<14}{accuracy:>9}{s.batch_limit:>7}{s.instances:>6}{s.capacity_rps:>15,.0f}  {s.bound_by:<13}"
-            f"{s.replicas:>9}{s.utilisation:>6.2f}{s.predicted_p99_ms:>8.1f}{s.cost_per_million:>9.4f}"
+            f"{s.replicas:>9}{s.utilisation:>6.2f}{s.predicted_p99_ms:>8.1f}{price:>9}"
         )
     best = sized[0]
     if not best.meets_slo:

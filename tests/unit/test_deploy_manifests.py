@@ -84,7 +84,9 @@ def test_standalone_probes_ports_and_drain_budget() -> None:
     assert pod["terminationGracePeriodSeconds"] >= shutdown_s + SHUTDOWN_MARGIN_S
     assert pod["terminationGracePeriodSeconds"] <= shutdown_s + 3 * SHUTDOWN_MARGIN_S  # not a blind guess either
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": port, "metrics": int(args["metrics-port"])}
+    assert ports == {"grpc": port, "metrics": int(args["metrics-port"]), "http": int(args["http-port"])}
+    service = {p["name"]: (p["port"], p["targetPort"]) for p in only(docs, "Service")["spec"]["ports"]}
+    assert service == {name: (number, name) for name, number in ports.items()}
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels
     assert only(docs, "Service")["spec"]["selector"] == labels

@@ -72,3 +72,13 @@ def test_a_replica_short_of_cores_pays_the_models_time_out_of_the_paths() -> Non
     # Profiled on two intra-op threads: each batch took two cores' time.
     threaded = size(Candidate("mid", 0.95, 1.0, mid.batch_sizes, mid.p50_ms, threads=2), Ask(1_000, 50, 64, 2_000, 1))
     assert threaded.capacity_rps == pytest.approx(1e3 / (0.5 + 2 * 0.25), rel=0.02)
+
+
+def test_the_report_leaves_the_price_out_without_a_core_price() -> None:
+    from tidal.plan_cli import _report
+
+    price_column = {}
+    for price in (0.0, 0.1):
+        ask = Ask(10_000, 50, 64, 1_000, 2, cost_per_core_hour=price)
+        price_column[price] = _report("m", ask, 0.0, "given", [size(linear("fast", 0.05, 0.001), ask)]).splitlines()[2]
+    assert price_column[0.0].split()[-1] == "-" and float(price_column[0.1].split()[-1]) > 0
