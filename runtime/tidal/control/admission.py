@@ -95,6 +95,20 @@ class AdmissionGate:
         self._burst_from = [-math.inf] * levels  # per level: when its latest burst first went past its cap
         self._p99_ms: float | None = None
 
+    def widen(self, levels: int) -> None:
+        """Room for `levels` priority levels. A reload may add levels to a model whose gate lives on (it is
+        the model's, not a version's); its per-level lists then ended at the old count, and every request at
+        a new level failed INTERNAL. Counts and requests in flight carry on; fewer levels change nothing."""
+        extra = levels - self._levels
+        if extra <= 0:
+            return
+        self._levels = levels
+        for per_level, start in (
+            (self._by_level, 0), (self._peak, 0), (self._reserve, 0.0), (self._refused, 0),
+            (self._refused_at, -math.inf), (self._burst_from, -math.inf),
+        ):
+            per_level.extend([start] * extra)
+
     # -- knobs the controller sets ---------------------------------------------------------
     def configure(self, target_ms: float, predicted: int = 0) -> None:
         """`target_ms`: the p99 the model must hold (0: no target, admit all); `predicted`: the controller's

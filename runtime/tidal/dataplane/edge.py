@@ -52,6 +52,8 @@ class EdgeMeter:
         gate = self._gates.get(model)
         if gate is None:
             gate = self._gates[model] = AdmissionGate(levels)
+        else:
+            gate.widen(levels)  # a reload may have added priority levels
         return gate
 
     def received(self, model: str) -> None:
