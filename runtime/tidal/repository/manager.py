@@ -13,9 +13,10 @@ import contextlib
 import enum
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -222,7 +223,13 @@ async def _build_all(path: Path, parsed: ParsedConfig, versions: list[int]) -> l
 def _read_model(name: str, path: Path) -> tuple[ParsedConfig, list[int]]:
     """Blocking: the model's config and the versions its policy selects."""
     parsed = load_config(path, name)
-    versions = layout.select_versions(layout.list_versions(path), parsed.config.version_policy, str(path))
+    try:
+        available = layout.list_versions(path)
+    except FileNotFoundError as exc:  # removed after the load was asked for: a missing model, not a bug
+        raise NotFound(f"model '{name}' is not in the repository (its folder went away during the load)") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot list its versions: {exc.strerror}") from exc
+    versions = layout.select_versions(available, parsed.config.version_policy, str(path))
     if not versions:
         raise ConfigError(f"{path}: no numeric version folder")
     return parsed, versions
@@ -243,6 +250,7 @@ class ModelManager:
         self.clock = clock or SystemClock()
         self._entries: dict[str, ModelEntry] = {}
         self._on_change = on_change
+        self._work: set[asyncio.Task] = set()  # loads and unloads under way (the loop keeps only weak references)
 
     async def _changed(self, entry: ModelEntry, failed: bool = False) -> None:
         if self._on_change is not None:
@@ -260,12 +268,24 @@ class ModelManager:
             with contextlib.suppress(TidalError):  # load() recorded and logged the reason
                 await self.load(name)
 
+    def _detached(self, work: Coroutine[Any, Any, None]) -> Awaitable[None]:
+        """Run a load or unload to its end whatever becomes of its caller. A client that gives up (deadline,
+        cancel) cancels the RPC's task; cut short there, a model stayed LOADING or UNLOADING for good and a
+        draining scheduler never released its threads and sessions."""
+        task = asyncio.create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return asyncio.shield(task)
+
     async def load(self, name: str) -> None:
         path = layout.require_model_dir(self.root, name)
+        await self._detached(self._load(name, path))
+
+    async def _load(self, name: str, path: Path) -> None:
         entry = self._entry(name)
         async with entry.lock:
-            if not entry.versions:
-                entry.state = ModelState.LOADING
+            if not entry.versions:  # the reason of an earlier unload or failure is not this load's
+                entry.state, entry.reason = ModelState.LOADING, ""
             try:
                 new = await self._load_versions(name, path)
             except TidalError as exc:
@@ -326,6 +346,10 @@ class ModelManager:
         if entry is None or entry.state is ModelState.UNAVAILABLE:
             layout.model_dir(self.root, name)
             return
+        await self._detached(self._unload(entry))
+
+    async def _unload(self, entry: ModelEntry) -> None:
+        name = entry.name
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state = ModelState.UNLOADING
@@ -391,6 +415,8 @@ class ModelManager:
         return rows
 
     async def close(self) -> None:
+        """Unload what is loaded. A load or unload under way is left to the process's end, not awaited: a load
+        can take minutes or hang on a stalled disk, and waiting on it held a SIGTERM's exit past its grace."""
         for name, entry in list(self._entries.items()):
-            if entry.versions:
+            if entry.versions and not entry.lock.locked():
                 await self.unload(name)
