@@ -298,3 +298,32 @@ def test_sigterm_during_a_reload_exits_within_the_grace(tmp_path: Path) -> None:
         if server.proc.poll() is None:
             server.proc.kill()
         gate.release()
+
+
+def test_poll_mode_a_stalled_load_holds_back_no_other_model(tmp_path: Path) -> None:
+    """Polling awaited each model's load in turn: one load stalled on its disk kept every other model's new
+    version (and removal) from being picked up."""
+    root = tmp_path / "repo"
+    models.write_config(root / "quick", "max_batch_size: 4\n")
+    models.scale(root / "quick" / "1" / "model.onnx", 1.0)
+    server = start_server(root, "--model-control-mode", "poll", "--repository-poll-secs", "0.1", "--no-metrics")
+    staging = tmp_path / "stalled"  # built outside, then moved in whole: the first poll sees its FIFO config
+    models.scale(staging / "1" / "model.onnx", 5.0)
+    gate = _Gate(staging)
+    gate.arm()
+    try:
+        client = tc.InferenceServerClient(server.url)
+        staging.rename(root / "stalled")
+        gate.path = root / "stalled" / "config.pbtxt"
+        gate.wait_reader(server.proc.pid)  # the poll's load of the new model is under way
+        models.scale(root / "quick" / "2" / "model.onnx", 2.0)
+        _until("quick's version 2", lambda: client.is_model_ready("quick", "2"))
+        assert _scale(client, "quick") == 2.0
+        assert _index(client)["stalled"] == ("LOADING", "")
+        gate.release()
+        _until("stalled to be ready", lambda: client.is_model_ready("stalled"))
+        assert _scale(client, "stalled") == 5.0
+    finally:
+        if gate._fd is not None:
+            gate.release()
+        assert server.stop() == 0, server.log()

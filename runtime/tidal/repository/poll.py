@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from tidal.errors import TidalError
 from tidal.repository import layout
@@ -43,6 +45,7 @@ class RepositoryPoller:
         self._interval_s = interval_s
         self._known: dict[str, Fingerprint] = {}
         self._task: asyncio.Task | None = None
+        self._work: set[asyncio.Task] = set()  # loads and unloads started by the loop and not yet done
 
     def snapshot(self) -> None:
         """Record the state the start-up load saw, so only later changes trigger reloads."""
@@ -54,18 +57,36 @@ class RepositoryPoller:
         return {name: fingerprint(root / name) for name in layout.list_models(root)}
 
     async def poll_once(self) -> None:
+        """Start the load or unload of every model that changed. The background loop (start) does not wait
+        for them: awaited one after another, a slow or stalled load held back every other model's changes.
+        Called on its own, this returns once they are done. The manager orders the work on one model."""
         current = await asyncio.to_thread(self._scan)  # a large or slow repository must not stall requests
+        started = []
         for name in sorted(set(self._known) - set(current)):
             log.info("poll: model %s removed from the repository, unloading", name)
-            with contextlib.suppress(TidalError):
-                await self._manager.unload(name)
+            started.append(self._begin(self._manager.unload(name)))
         for name, print_ in sorted(current.items()):
             if self._known.get(name) == print_:
                 continue
             log.info("poll: model %s changed on disk, loading", name)
-            with contextlib.suppress(TidalError):  # the manager recorded and logged the reason
-                await self._manager.load(name)
+            started.append(self._begin(self._manager.load(name)))
         self._known = current
+        if self._task is None:
+            await asyncio.gather(*started)
+
+    def _begin(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        async def run() -> None:
+            try:
+                await work
+            except TidalError:  # the manager recorded and logged the reason
+                pass
+            except Exception:
+                log.exception("poll: a load or unload failed unexpectedly")
+
+        task = asyncio.create_task(run())
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return task
 
     async def _run(self) -> None:
         while True:
@@ -81,7 +102,9 @@ class RepositoryPoller:
         self._task = asyncio.create_task(self._run(), name="repository-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stops polling; a load under way goes on in the manager (see ModelManager.close)."""
+        for task in [self._task, *self._work]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
