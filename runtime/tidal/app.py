@@ -210,6 +210,8 @@ class App:
     async def _model_changed(self, name: str, state: ModelState, reason: str, failed: bool) -> None:
         """Health follows every model state change; failed loads are counted, a reload that keeps the old
         version READY included."""
+        if state is ModelState.READY:
+            self.control_loop.adopt()  # before the load answers: a SetSlo right after it is for the new versions
         await self.server.set_serving(name, state is ModelState.READY)
         if failed:
             self.metrics.load_failures.labels(name).inc()

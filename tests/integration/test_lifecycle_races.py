@@ -120,13 +120,14 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     models.add_sub(root / "churn" / "1" / "model.onnx")
     models.write_config(root / "spin", "max_batch_size: 1\n")
     models.spin(root / "spin" / "1" / "model.onnx")
-    models.write_config(root / "prio", "max_batch_size: 4\n")
-    models.scale(root / "prio" / "1" / "model.onnx", 2.0)
+    for name in ("prio", "tuned"):
+        models.write_config(root / name, "max_batch_size: 4\n")
+        models.scale(root / name / "1" / "model.onnx", 2.0)
     for name in ("gated", "moving"):  # their configs become FIFOs: not loaded at start-up
         models.scale(root / name / "1" / "model.onnx", 2.0)
     server = start_server(
         root, "--model-control-mode", "explicit", "--no-metrics",
-        *(a for m in ("other", "churn", "spin", "prio") for a in ("--load-model", m)),
+        *(a for m in ("other", "churn", "spin", "prio", "tuned") for a in ("--load-model", m)),
     )
     server.root = root  # type: ignore[attr-defined]
     yield server
@@ -201,6 +202,24 @@ def test_a_reload_that_adds_priority_levels_serves_them(srv: ServerProcess) -> N
     )
     client.load_model("prio")
     assert [_scale(client, "prio", priority) for priority in (0, 1, 2, 3)] == [2.0] * 4
+
+
+def test_an_slo_set_right_after_a_reload_holds(srv: ServerProcess) -> None:
+    """The control loop took up a reloaded version at its next tick: a SetSlo answered before that went to the
+    old version's memory, and the tick replaced it with the configured SLO. OK, then lost, every time."""
+    client = tc.InferenceServerClient(srv.url)
+    control = cpb_grpc.TidalControlStub(grpc.insecure_channel(srv.url))
+
+    def status() -> cpb.ModelStatus:
+        return control.Status(cpb.StatusRequest(model="tuned"), timeout=10).models[0]
+
+    for target in (41.0, 42.0, 43.0):
+        client.load_model("tuned")
+        control.SetSlo(cpb.SetSloRequest(model="tuned", p99_ms=target, mode="off"), timeout=10)
+        for _ in range(5):
+            assert _scale(client, "tuned") == 2.0
+        _until("a control step after the SetSlo", lambda: status().observed_p99_ms > 0)
+        assert status().slo_p99_ms == target
 
 
 def test_a_model_folder_removed_during_its_load_is_not_found(srv: ServerProcess) -> None:

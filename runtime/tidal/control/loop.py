@@ -8,6 +8,7 @@ Runs on the event loop as one task; every call into a plant happens there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -77,13 +78,26 @@ class ControlLoop:
             self._failing.discard(key)
         return max(wait, 0.001)
 
-    def _tick_plant(self, plant: Plant, now: float) -> float:
-        """Step `plant` if its period is up; the seconds until it is due again."""
+    def adopt(self) -> None:
+        """Track every plant new since the last tick (a load, a reload) at once, not at the next tick. Until
+        then a SetSlo answered after a reload went to the old generation's memory, and that tick replaced it
+        with the configured SLO: an OK, then lost. A plant that fails here is left to the tick, which logs it."""
+        now = self._clock.now()
+        for plant in self._plants():
+            with contextlib.suppress(Exception):
+                self._adopt(plant, now)
+
+    def _adopt(self, plant: Plant, now: float) -> None:
         key = plant.key
         if self._generations.get(key) is not plant.generation:
             self.controller.track(key, plant.info(), plant.configured_slo())
             self._generations[key] = plant.generation
             self._due[key] = now
+
+    def _tick_plant(self, plant: Plant, now: float) -> float:
+        """Step `plant` if its period is up; the seconds until it is due again."""
+        key = plant.key
+        self._adopt(plant, now)
         if now >= self._due[key]:
             self._due[key] = max(self._due[key] + self.controller.slo(key).period_s, now)
             self._step(plant)
