@@ -120,8 +120,8 @@ def test_load_only_named_models(repository) -> None:
         assert srv.stop() == 0
 
 
-def _states(manager: ModelManager) -> dict[str, tuple[str, str]]:
-    return {name: (state, reason) for name, _, state, reason in manager.index()}
+async def _states(manager: ModelManager) -> dict[str, tuple[str, str]]:
+    return {name: (state, reason) for name, _, state, reason in await manager.index()}
 
 
 def _broken_repository(root: Path) -> Path:
@@ -163,7 +163,7 @@ def test_start_up_load_survives_any_one_model_failing(tmp_path: Path, explosive_
         manager = ModelManager(_broken_repository(tmp_path))
         await manager.load_all()
         try:
-            states = _states(manager)
+            states = await _states(manager)
             assert states["good"] == ("READY", "")
             for name, named in {
                 "enum": "controller.mode",
@@ -199,7 +199,7 @@ def test_poll_keeps_going_after_a_model_fails_unexpectedly(tmp_path: Path, explo
         try:
             models.scale(root / "explodes" / "1" / "model.onnx", 2.0)
             await poller.poll_once()
-            assert _states(manager)["explodes"][0] == "UNAVAILABLE"
+            assert (await _states(manager))["explodes"][0] == "UNAVAILABLE"
             models.scale(root / "later" / "1" / "model.onnx", 3.0)
             await poller.poll_once()
             assert manager.ready("later") and manager.ready("good")
@@ -233,11 +233,12 @@ def test_every_failed_load_is_counted_a_failed_reload_too(tmp_path: Path) -> Non
             with (tmp_path / "good" / "config.pbtxt").open("a") as config:
                 config.write("\nbogus_field: 3\n")
             await app.poller.poll_once()
-            assert _states(app.manager)["good"][0] == "READY" and "bogus_field" in _states(app.manager)["good"][1]
+            good = (await _states(app.manager))["good"]
+            assert good[0] == "READY" and "bogus_field" in good[1]
             assert failures("good") == 1
             models.write_config(tmp_path / "good", "max_batch_size: 2")
             await app.poller.poll_once()
-            assert _states(app.manager)["good"] == ("READY", "") and failures("good") == 1
+            assert (await _states(app.manager))["good"] == ("READY", "") and failures("good") == 1
         finally:
             await app.manager.close()
 
@@ -262,5 +263,42 @@ def test_poll_loop_outlives_a_failed_poll(tmp_path: Path) -> None:
                     await asyncio.sleep(0.01)
         finally:
             await poller.stop()
+
+    asyncio.run(scenario())
+
+
+def test_listing_the_repository_leaves_the_loop_free_and_metadata_never_lists_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RepositoryIndex listed the folder on the event loop (a slow volume stalled every request meanwhile), and
+    every ModelMetadata call listed it to find one model's ready versions."""
+    import threading
+
+    from tidal.repository import layout
+
+    models.write_config(tmp_path / "good", "max_batch_size: 4")
+    models.scale(tmp_path / "good" / "1" / "model.onnx", 2.0)
+    real, release, listing = layout.list_models, threading.Event(), threading.Event()
+
+    def slow_disk(root: Path) -> list[str]:
+        listing.set()
+        release.wait(5.0)
+        return real(root)
+
+    async def scenario() -> None:
+        manager = ModelManager(tmp_path)
+        await manager.load("good")
+        monkeypatch.setattr(layout, "list_models", slow_disk)
+        try:
+            assert manager.ready_versions("good") == ("1",) and not listing.is_set()
+            index = asyncio.create_task(manager.index())
+            while not listing.is_set():
+                await asyncio.sleep(0.001)  # the loop turns while the listing waits on its disk
+            assert not index.done()
+            release.set()
+            assert [row[:3] for row in await index] == [("good", "1", "READY")]
+        finally:
+            release.set()
+            await manager.close()
 
     asyncio.run(scenario())

@@ -238,7 +238,7 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         served = self._manager.get(name, version)
-        versions = tuple(v for n, v, state, _ in self._manager.index() if n == name and state == "READY")
+        versions = self._manager.ready_versions(served.name)
         return ModelMetadata(served.name, versions, served.platform, served.inputs, served.outputs, served.batched)
 
     def model_config(self, name: str, version: str = ""):
@@ -249,9 +249,9 @@ class DataPlane:
         return [VersionStats(s.name, str(s.version), s.stats()) for s in self._manager.select(name, version)]
 
     # -- repository ---------------------------------------------------------------------
-    def repository_index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+    async def repository_index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) rows."""
-        rows = self._manager.index()
+        rows = await self._manager.index()
         return [r for r in rows if r[2] == "READY"] if ready_only else rows
 
     async def load(self, name: str, parameters: Sequence[str] = ()) -> None:

@@ -400,10 +400,18 @@ class ModelManager:
         self.get(name)  # NOT_FOUND / UNAVAILABLE with the usual messages
         return [v for _, v in sorted(self._entries[name].versions.items())]
 
-    def index(self) -> list[tuple[str, str, str, str]]:
-        """(name, version, state, reason) for every model on disk or known, as RepositoryIndex reports."""
+    def ready_versions(self, name: str) -> tuple[str, ...]:
+        """The versions of `name` that serve, from memory: metadata calls need no look at the disk."""
+        entry = self._entries.get(name)
+        ready = entry is not None and entry.state is ModelState.READY
+        return tuple(str(v) for v in sorted(entry.versions)) if ready else ()
+
+    async def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk or known, as RepositoryIndex reports. The
+        folder is listed on a thread, as the poller scans it: a slow or large repository must not stall requests."""
         rows = []
-        names = sorted(set(layout.list_models(self.root)) | set(self._entries))
+        on_disk = await asyncio.to_thread(layout.list_models, self.root)
+        names = sorted(set(on_disk) | set(self._entries))
         for name in names:
             entry = self._entries.get(name)
             if entry is None:

@@ -210,7 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ---------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
-        rows = self._plane.repository_index(request.ready)
+        rows = await self._plane.repository_index(request.ready)
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r) for n, v, s, r in rows]
         )

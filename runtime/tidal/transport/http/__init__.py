@@ -244,7 +244,7 @@ class HttpFrontEnd:
         ready = (await self._json(request)).get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidArgument("'ready' must be true or false")
-        rows = self._plane.repository_index(ready)
+        rows = await self._plane.repository_index(ready)
         return web.json_response([
             {"name": n, **({"version": v} if v else {}), "state": s, **({"reason": r} if r else {})}
             for n, v, s, r in rows
