@@ -95,7 +95,7 @@ def test_a_hanging_config_fails_only_its_model(tmp_path: Path, run_async) -> Non
     async def scenario() -> tuple[bool, str]:
         manager = ModelManager(tmp_path)
         await manager.load_all()
-        rows = {name: (state, reason) for name, _, state, reason in manager.index()}
+        rows = {name: (state, reason) for name, _, state, reason in await manager.index()}
         ready = manager.ready("good")
         await manager.close()
         return ready, rows["bad"][1]
