@@ -78,27 +78,29 @@ class AdmissionGate:
 
     def __init__(self, levels: int, tuning: GateTuning | None = None) -> None:
         self.tuning = tuning or GateTuning()
-        self._levels = levels
+        self._levels = 0  # the per-level lists below get their entries from `widen`
         self._target_ms = 0.0
         self._predicted = 0
         self._limit = float(self.tuning.default_limit)
         self._inflight = 0
-        self._by_level = [0] * levels  # in flight now
-        self._peak = [0] * levels  # most in flight this period
-        self._reserve = [0.0] * levels  # what each level keeps from the levels below it
+        self._by_level: list[int] = []  # in flight now
+        self._peak: list[int] = []  # most in flight this period
+        self._reserve: list[float] = []  # what each level keeps from the levels below it
         self._admitted = 0
-        self._refused = [0] * levels
+        self._refused: list[int] = []
         self._period_start: float | None = None
         self._samples: list[float] = []
         self._bound = False  # the limit refused someone (or was reached) in this period
-        self._refused_at = [-math.inf] * levels  # per level: the latest refusal
-        self._burst_from = [-math.inf] * levels  # per level: when its latest burst first went past its cap
+        self._refused_at: list[float] = []  # per level: the latest refusal
+        self._burst_from: list[float] = []  # per level: when its latest burst first went past its cap
         self._p99_ms: float | None = None
+        self.widen(levels)
 
     def widen(self, levels: int) -> None:
-        """Room for `levels` priority levels. A reload may add levels to a model whose gate lives on (it is
-        the model's, not a version's); its per-level lists then ended at the old count, and every request at
-        a new level failed INTERNAL. Counts and requests in flight carry on; fewer levels change nothing."""
+        """Room for `levels` priority levels: at construction, and when a reload adds levels to a model whose
+        gate lives on (it is the model's, not a version's; its per-level lists once ended at the old count, and
+        every request at a new level failed INTERNAL). Counts and requests in flight carry on; fewer levels
+        change nothing."""
         extra = levels - self._levels
         if extra <= 0:
             return
