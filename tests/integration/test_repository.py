@@ -250,12 +250,13 @@ def test_poll_loop_outlives_a_failed_poll(tmp_path: Path) -> None:
         poller = RepositoryPoller(ModelManager(tmp_path), interval_s=0.01)
         polls: list[int] = []
 
-        async def poll_once() -> None:
+        async def start_changes() -> list[asyncio.Task]:
             polls.append(1)
             if len(polls) == 1:
                 raise KeyError("a bug")
+            return []
 
-        poller.poll_once = poll_once  # type: ignore[method-assign]
+        poller._start_changes = start_changes  # type: ignore[method-assign]  # what each turn of the loop runs
         poller.start()
         try:
             async with asyncio.timeout(10):

@@ -57,9 +57,13 @@ class RepositoryPoller:
         return {name: fingerprint(root / name) for name in layout.list_models(root)}
 
     async def poll_once(self) -> None:
-        """Start the load or unload of every model that changed. The background loop (start) does not wait
-        for them: awaited one after another, a slow or stalled load held back every other model's changes.
-        Called on its own, this returns once they are done. The manager orders the work on one model."""
+        """Load or unload every model that changed, and return once they are done."""
+        await asyncio.gather(*await self._start_changes())
+
+    async def _start_changes(self) -> list[asyncio.Task]:
+        """Start the load or unload of every model that changed. The background loop does not wait for them:
+        awaited one after another, a slow or stalled load held back every other model's changes. The manager
+        orders the work on one model."""
         current = await asyncio.to_thread(self._scan)  # a large or slow repository must not stall requests
         started = []
         for name in sorted(set(self._known) - set(current)):
@@ -71,8 +75,7 @@ class RepositoryPoller:
             log.info("poll: model %s changed on disk, loading", name)
             started.append(self._begin(self._manager.load(name)))
         self._known = current
-        if self._task is None:
-            await asyncio.gather(*started)
+        return started
 
     def _begin(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
         async def run() -> None:
@@ -92,7 +95,7 @@ class RepositoryPoller:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
-                await self.poll_once()
+                await self._start_changes()
             except OSError as exc:
                 log.error("poll: cannot read the repository: %s", exc)
             except Exception:  # a poll task that dies would silently stop every later reload
