@@ -89,8 +89,6 @@ def _tokens(options: ServeOptions) -> TokenFile | None:
     return TokenFile(options.auth_tokens) if options.auth_tokens else None
 
 
-
-
 # The share of the tightest SLO a call may spend in gRPC core's backlog before the event loop takes it, and
 # the rate at which one event loop takes calls: a bare grpc.aio echo answers 1,400-2,800 1-row calls/s on
 # 2-core hosts, AVX2-only and AVX-512 alike, and tidal's 1-row capacity within a 50 ms SLO measured 1,164-2,842/s.
