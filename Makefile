@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint install perf-analyzer chromium fuzz
+.PHONY: serve test lint install perf-analyzer chromium grpc-cpp fuzz
 
-$(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*)
+$(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*) $(wildcard kernels/frontend/*) | grpc-cpp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
 	$(BIN)/pip install -q --disable-pip-version-check -e .
@@ -29,6 +29,13 @@ chromium:
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  { echo "the status page test needs Debian's chromium: run 'sudo apt-get install chromium'" >&2; exit 1; }
+
+# gRPC C++ for the native front end (`tidal serve --frontend native`), from Debian's packages when run as root;
+# elsewhere tidal builds without it and serves through grpcio.
+grpc-cpp:
+	@dpkg -s libgrpc++-dev libprotobuf-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q libgrpc++-dev libprotobuf-dev >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q libgrpc++-dev libprotobuf-dev >/dev/null; }; }; } || \
+	  echo "note: no gRPC C++ (sudo apt-get install libgrpc++-dev); the native front end is not built" >&2
 
 lint: $(VENV)/.test-extra
 	$(BIN)/ruff check .

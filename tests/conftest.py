@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 # Helper modules beside this file (onnx_models, live_server) are imported by name from every test folder.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from live_server import ServerProcess, start_server
+from live_server import FRONTENDS, ServerProcess, frontend_flags, start_server
 from onnx_models import build_repository
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -23,9 +23,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repo"))
 
 
-@pytest.fixture(scope="session")
-def server(repository: Path) -> Iterator[ServerProcess]:
-    srv = start_server(repository)
+@pytest.fixture(scope="session", params=FRONTENDS)
+def server(repository: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The shared server, once per gRPC front end: every test on it holds for both."""
+    srv = start_server(repository, *frontend_flags(request.param))
     yield srv
     code = srv.stop()
     assert code == 0, f"tidal exited with {code} on SIGTERM:\n{srv.log()}"

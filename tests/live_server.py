@@ -38,6 +38,26 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
+FRONTENDS = ("grpcio", "native")
+
+
+def frontend_flags(frontend: str) -> tuple[str, ...]:
+    """`tidal serve` flags for a gRPC front end. A build without the native one skips its tests, except in CI,
+    which installs gRPC C++ (`make test`) and so must have it: there they fail."""
+    import pytest
+
+    if frontend == "grpcio":
+        return ()
+    from tidal.transport.native import available
+
+    why = available()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return ("--frontend", frontend)
+
+
 def start_server(repository: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
     """`extra` may hold --grpc-address unix:///path: then `url` is that address."""
     cmd = [

@@ -83,27 +83,32 @@ class ServeOptions:
     http_address: str | None = None  # None: grpc_address, or 127.0.0.1 beside a Unix socket
     tls: TlsFiles | None = None  # None: plaintext gRPC
     auth_tokens: Path | None = None  # file of bearer tokens; None: no token is asked for
+    native_frontend: bool = False  # gRPC C++ takes the calls (transport/native.py); plaintext only
 
 
 def _tokens(options: ServeOptions) -> TokenFile | None:
     return TokenFile(options.auth_tokens) if options.auth_tokens else None
 
 
-# The share of the tightest SLO a call may spend in gRPC core's backlog before the event loop takes it, and
-# the rate at which one event loop takes calls: a bare grpc.aio echo answers 1,400-2,800 1-row calls/s on
-# 2-core hosts, AVX2-only and AVX-512 alike, and tidal's 1-row capacity within a 50 ms SLO measured 1,164-2,842/s.
+# The share of the tightest SLO a call may spend in the backlog before the event loop takes it, and the rate
+# at which one event loop takes calls: under grpcio, a bare grpc.aio echo answers 1,400-2,800 1-row calls/s on
+# 2-core hosts, AVX2-only and AVX-512 alike, and tidal's 1-row capacity within a 50 ms SLO measured
+# 1,164-2,842/s. The native front end hands calls over in bulk: the demo took 4,760-4,920/s at concurrency 128
+# (AVX-512 host; perf/RESULTS.md, "Request path").
 BACKLOG_SLO_SHARE = 0.5
 LOOP_ACCEPTS_PER_MS = 2.0
+NATIVE_LOOP_ACCEPTS_PER_MS = 5.0
 MIN_PENDING_RPCS = 32  # bursts of arrivals below this are not overload
 
 
 def pending_rpcs_for(options: ServeOptions) -> int:
-    """The backlog gRPC core may hold when --max-pending-rpcs is not given: sized from the tightest SLO
+    """The backlog the front end may hold when --max-pending-rpcs is not given: sized from the tightest SLO
     configured on disk so that what waits there can still meet it; without any SLO, gRPC's own ceiling
     (queue policies and deadlines answer overload then).
 
-    Calls beyond it are dropped by gRPC core before Python sees them, which is what keeps a server whose
-    loop is saturated answering anything in time (README, "Overload")."""
+    Calls beyond it are dropped (grpcio: by gRPC core, CANCELLED) or refused (native: RESOURCE_EXHAUSTED)
+    before Python sees them, which is what keeps a server whose loop is saturated answering anything in time
+    (README, "Overload")."""
     targets = []
     for name in options.load_models or layout.list_models(options.model_repository):
         path = options.model_repository / name / "config.pbtxt"
@@ -113,7 +118,8 @@ def pending_rpcs_for(options: ServeOptions) -> int:
                 targets += [t for t in (slo.p99_ms, *slo.priority_p99_ms.values()) if t > 0]
     if not targets:
         return DEFAULT_MAX_PENDING_RPCS
-    backlog = min(targets) * BACKLOG_SLO_SHARE * LOOP_ACCEPTS_PER_MS
+    rate = NATIVE_LOOP_ACCEPTS_PER_MS if options.native_frontend else LOOP_ACCEPTS_PER_MS
+    backlog = min(targets) * BACKLOG_SLO_SHARE * rate
     return max(MIN_PENDING_RPCS, 1 << math.ceil(math.log2(max(backlog, 1.0))))
 
 
@@ -179,12 +185,15 @@ class App:
         control = ControlServicer(self.manager, self.controller, self.clock.now, self.edge)
         # TLS when certificate files are given; they are checked here, so a bad file stops start-up.
         certificates = None if options.tls is None else CertificateStore(options.tls)
+        tokens = _tokens(options)  # read once for every port
         self.server = GrpcServer(
             InferenceServicer(self.plane), control, options.grpc_address, options.grpc_port, options.max_message_bytes,
             options.socket_mode,
             credentials=None if certificates is None else certificates.credentials(),
-            interceptors=[TokenAuth(tokens)] if (tokens := _tokens(options)) else [],  # read once for both ports
+            interceptors=[TokenAuth(tokens)] if tokens else [],
             max_pending_rpcs=options.max_pending_rpcs or pending_rpcs_for(options),
+            native=options.native_frontend,
+            tokens=tokens,
         )
         self.metrics_port: int | None = None
         self.http = None if options.http_port is None else HttpServer(

@@ -63,6 +63,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
     p.add_argument("--auth-tokens", type=Path, help="file of 'infer|admin TOKEN' lines: require bearer tokens")
+    p.add_argument("--frontend", choices=["grpcio", "native"], default="grpcio",
+                   help="who takes gRPC calls: grpcio on the event loop, or gRPC C++ threads that hand ModelInfer "
+                   "to the loop in bulk (plaintext only; README, 'Native front end')")
     p.set_defaults(func=_serve)
 
 
@@ -101,6 +104,16 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and not args.tls_cert):
         print("tidal: --tls-cert and --tls-key go together; --tls-client-ca needs them", file=sys.stderr)
         return 2
+    if args.frontend == "native":
+        from tidal.transport.native import available
+
+        if (why := available()) is not None:
+            print(f"tidal: --frontend native: {why}", file=sys.stderr)
+            return 2
+        if args.tls_cert:
+            print("tidal: --frontend native serves plaintext only; serve TLS with the default --frontend grpcio",
+                  file=sys.stderr)
+            return 2
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     options = ServeOptions(
         model_repository=repository,
@@ -121,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         http_address=args.http_address,
         tls=tls,
         auth_tokens=args.auth_tokens,
+        native_frontend=args.frontend == "native",
     )
     try:
         return run(options)

@@ -15,7 +15,7 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from live_server import ServerProcess, start_server, tidal_command
+from live_server import FRONTENDS, ServerProcess, frontend_flags, start_server, tidal_command
 from onnx_models import SIMPLE_CONFIG, add_sub, write_config
 from tidal.proto import control_pb2 as cpb
 from tidal.proto import control_pb2_grpc as cpb_grpc
@@ -26,8 +26,14 @@ INFER = {"authorization": "Bearer reader-5f2c9a"}
 ADMIN = {"authorization": "Bearer admin-81d0e4"}
 
 
+@pytest.fixture(scope="module", params=FRONTENDS)
+def frontend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tokens(tmp_path_factory: pytest.TempPathFactory, frontend: str) -> Path:
+    """A file per front end: a test rotates the tokens in it."""
     path = tmp_path_factory.mktemp("auth") / "tokens"
     path.write_text("# scope token\ninfer reader-5f2c9a\n\nadmin admin-81d0e4\n")
     path.chmod(0o600)
@@ -35,11 +41,11 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, tokens: Path) -> Iterator[ServerProcess]:
+def srv(tmp_path_factory: pytest.TempPathFactory, tokens: Path, frontend: str) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("auth-repo")
     write_config(root / "simple", SIMPLE_CONFIG)
     add_sub(root / "simple" / "1" / "model.onnx")
-    server = start_server(root, "--no-metrics", "--auth-tokens", str(tokens))
+    server = start_server(root, "--no-metrics", "--auth-tokens", str(tokens), *frontend_flags(frontend))
     yield server
     assert server.stop() == 0, server.log()
 

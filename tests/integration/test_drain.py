@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import onnx_models as models
-from live_server import ServerProcess, start_server
+from live_server import FRONTENDS, ServerProcess, frontend_flags, start_server
 
 CALLERS = 32
 
@@ -86,8 +86,9 @@ def _served(server: ServerProcess) -> int:
     return int(found.group(1))
 
 
-def test_sigterm_under_load_answers_every_accepted_request_and_cancels_none(mlp_repo: Path) -> None:
-    srv = start_server(mlp_repo, "--drain-delay-s", "1", "--drain-grace-s", "30")
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_sigterm_under_load_answers_every_accepted_request_and_cancels_none(mlp_repo: Path, frontend: str) -> None:
+    srv = start_server(mlp_repo, "--drain-delay-s", "1", "--drain-grace-s", "30", *frontend_flags(frontend))
     client = tc.InferenceServerClient(srv.url)
     with ClosedLoop(srv) as load:
         srv.proc.send_signal(signal.SIGTERM)

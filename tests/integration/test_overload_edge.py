@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
-from live_server import ServerProcess, metric, scrape, start_server
+from live_server import FRONTENDS, ServerProcess, frontend_flags, metric, scrape, start_server
 from onnx_models import spin, write_config
 from tidal.app import DEFAULT_MAX_PENDING_RPCS
 from tidal.proto import grpc_service_pb2 as pb
@@ -35,8 +35,8 @@ TRIPS = 16.0  # tanh(x @ W) iterations per request: some ms each, so a few hundr
 GATE = "in-flight limit"  # in the edge gate's refusals; the queue's say "full" or "queued requests"
 
 
-@pytest.fixture(scope="module")
-def overloadable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=FRONTENDS)
+def overloadable(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("overload")
     for name, config in (("spin", CONFIG), ("bounded", BOUNDED_CONFIG)):
         write_config(root / name, config)
@@ -44,7 +44,7 @@ def overloadable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     # gRPC's own ceiling on the calls core holds until the event loop takes them, not the backlog sized from the
     # SLO: these tests are about tidal's refusals, and the calls core drops when a busy host stalls the loop
     # (CANCELLED, whatever their priority) never reach them. tests/unit/test_pending_backlog.py sizes the backlog.
-    server = start_server(root, "--max-pending-rpcs", str(DEFAULT_MAX_PENDING_RPCS))
+    server = start_server(root, "--max-pending-rpcs", str(DEFAULT_MAX_PENDING_RPCS), *frontend_flags(request.param))
     yield server
     assert server.stop() == 0, server.log()
 

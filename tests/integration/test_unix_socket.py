@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tc
 
 import onnx_models as models
-from live_server import start_server
+from live_server import FRONTENDS, frontend_flags, start_server
 
 
 @pytest.fixture
@@ -24,9 +24,11 @@ def scale_repo(tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
-def test_socket_serves_tritonclient_and_bench_then_is_removed(scale_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_socket_serves_tritonclient_and_bench_then_is_removed(scale_repo: Path, tmp_path: Path, frontend: str) -> None:
     path = tmp_path / "tidal.sock"
-    srv = start_server(scale_repo, "--grpc-address", f"unix://{path}", "--socket-mode", "600")
+    flags = ("--grpc-address", f"unix://{path}", "--socket-mode", "600", *frontend_flags(frontend))
+    srv = start_server(scale_repo, *flags)
     try:
         assert srv.url == f"unix://{path}"
         assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -23,6 +23,8 @@ def test_the_tightest_target_sets_the_backlog(tmp_path: Path) -> None:
     _model(tmp_path, "fast", "slo { p99_ms: 200 priority_p99_ms { key: 1 value: 50 } }\n")
     assert pending_rpcs_for(ServeOptions(tmp_path)) == 64  # priority 1's 50 ms binds
     assert pending_rpcs_for(ServeOptions(tmp_path, load_models=("slow",))) == 512  # only what is loaded counts
+    # The native front end hands calls to the loop faster: 50 ms x 0.5 x 5 calls/ms -> 125 -> 128.
+    assert pending_rpcs_for(ServeOptions(tmp_path, native_frontend=True)) == 128
 
 
 def test_a_tiny_target_keeps_a_floor_and_a_broken_config_is_left_to_its_load(tmp_path: Path) -> None:

@@ -274,6 +274,22 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     return make(refuse, handler.request_deserializer, handler.response_serializer)
 
 
+def refusal(tokens: TokenFile, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+    """Why a call of `method` with these headers may not run, or None: the rule of every gRPC front end."""
+    if method in OPEN_METHODS:
+        return None
+    token = _bearer(metadata)
+    if not token:
+        return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'"
+    scope = tokens.scope_of(token)
+    if scope is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
+    if method in ADMIN_METHODS and scope < Scope.ADMIN:
+        name = method.rpartition("/")[2]
+        return grpc.StatusCode.PERMISSION_DENIED, f"{name} needs an 'admin' token; this one is 'infer'"
+    return None
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer TOKEN` before the method runs; its request is never decoded."""
 
@@ -285,21 +301,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = details.method
         handler = await continuation(details)
-        if method in OPEN_METHODS or handler is None:
+        if handler is None:
             return handler
-        token = _bearer(details.invocation_metadata)
-        if not token:
-            return _refusal(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send 'authorization: Bearer <token>'"
-            )
-        scope = self._tokens.scope_of(token)
-        if scope is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-        if method in ADMIN_METHODS and scope < Scope.ADMIN:
-            name = method.rpartition("/")[2]
-            return _refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"{name} needs an 'admin' token; this one is 'infer'"
-            )
-        return handler
+        refused = refusal(self._tokens, details.method, details.invocation_metadata)
+        return handler if refused is None else _refusal(handler, *refused)

@@ -7,8 +7,10 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Sequence
 
 import grpc
@@ -22,6 +24,8 @@ from tidal.proto import control_pb2_grpc as cpb_grpc
 from tidal.proto import grpc_service_pb2 as pb
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
 from tidal.transport.control import ControlServicer
+from tidal.transport.native import NativeFrontend
+from tidal.transport.security import TokenFile
 from tidal.transport.servicer import InferenceServicer
 from tidal.transport.unreadable import Registrar
 
@@ -79,7 +83,11 @@ class GrpcServer:
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_pending_rpcs: int = DEFAULT_MAX_PENDING_RPCS,
+        native: bool = False,
+        tokens: TokenFile | None = None,
     ) -> None:
+        """`native`: the port is the native front end's (transport/native.py), which relays all but
+        ModelInfer to this grpcio server on a private Unix socket; `tokens` are its ModelInfer's check."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -115,6 +123,18 @@ class GrpcServer:
             self._target = f"unix:{self.unix_path}"
         else:
             self._target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        self._native: NativeFrontend | None = None
+        self._relay_dir: str | None = None
+        if native:
+            if credentials is not None:
+                raise ValueError("the native front end serves plaintext only (loopback or a Unix socket)")
+            self._relay_dir = tempfile.mkdtemp(prefix="tidal-grpc-")  # 0700: only this user reaches the relay
+            relay = f"unix:{self._relay_dir}/relay.sock"
+            self._native = NativeFrontend.binding(servicer, self._target, relay, max_message_bytes, max_pending_rpcs,
+                                                  tokens)
+            self._grpcio_target = relay
+        else:
+            self._grpcio_target = self._target
         self.port = 0
         self._health_names: set[str] = {""}
         self._draining = False
@@ -125,22 +145,32 @@ class GrpcServer:
             check_socket_path_free(self.unix_path)
         try:
             if self._credentials is not None:
-                bound = self._server.add_secure_port(self._target, self._credentials)
+                bound = self._server.add_secure_port(self._grpcio_target, self._credentials)
             else:
-                bound = self._server.add_insecure_port(self._target)
+                bound = self._server.add_insecure_port(self._grpcio_target)
         except RuntimeError:  # newer grpcio raises where older ones returned port 0
             bound = 0
         if bound == 0:
-            raise OSError(f"cannot bind gRPC to {self._target} (address in use or not available)")
+            raise OSError(f"cannot bind gRPC to {self._grpcio_target} (address in use or not available)")
+        if self._native is not None:
+            await self._server.start()  # the relay first: the native port relays to it from its first call
+            bound = self._native.start()
         if self.unix_path is not None:
-            os.chmod(self.unix_path, self._socket_mode)  # before start(): no call is served earlier
+            # Under grpcio before start(): no call is served earlier. The native port's file is made with the
+            # umask's mode, which gives others no write (connect) permission in the meantime.
+            os.chmod(self.unix_path, self._socket_mode)
         else:
             self.port = bound
-        await self._server.start()
+        if self._native is None:
+            await self._server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        # Said at start-up: a closed-loop load test with more calls outstanding than this sees CANCELLED.
-        log.info("gRPC core holds up to %d calls per method that the event loop has not taken, and drops new ones "
-                 "beyond that (--max-pending-rpcs)", self._backlog)
+        # Said at start-up: a closed-loop load test with more calls outstanding than this sees them refused.
+        if self._native is not None:
+            log.info("the native front end holds up to %d ModelInfer calls that the event loop has not taken, and "
+                     "refuses new ones RESOURCE_EXHAUSTED beyond that (--max-pending-rpcs)", self._backlog)
+        else:
+            log.info("gRPC core holds up to %d calls per method that the event loop has not taken, and drops new "
+                     "ones beyond that (--max-pending-rpcs)", self._backlog)
         return self.port
 
     async def set_serving(self, service: str, serving: bool) -> None:
@@ -170,3 +200,5 @@ class GrpcServer:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)

@@ -18,15 +18,18 @@ from tidal.repository.manager import ServedVersion
 from tidal.scheduling.stats import Duration
 from tidal.transport import convert
 from tidal.transport.status import GRPC_STATUS
+from tidal.transport.unreadable import Unreadable, parser
+
+_read_infer_request = parser(pb.ModelInferRequest.FromString, pb.ModelInferRequest.DESCRIPTOR.full_name)
 
 log = logging.getLogger(__name__)
 
 
-def _head(msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Head:
+def _head(msg: pb.ModelInferRequest, remaining_s: float | None) -> Head:
     """Read without decoding the rest of the request."""
     params = msg.parameters
     priority = convert.param_value(params["priority"]) if params and "priority" in params else None
-    return Head(msg.model_name, msg.model_version, priority, msg.id, context.time_remaining())
+    return Head(msg.model_name, msg.model_version, priority, msg.id, remaining_s)
 
 
 def _decoder(msg: pb.ModelInferRequest):
@@ -148,18 +151,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[_statistics(r) for r in rows])
 
     # -- inference ----------------------------------------------------------------------
-    async def _infer(
-        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse | TidalError:
-        outcome = await self._plane.infer(_head(msg, context), _decoder(msg))
+    async def _infer(self, msg: pb.ModelInferRequest, remaining_s: float | None) -> pb.ModelInferResponse | TidalError:
+        outcome = await self._plane.infer(_head(msg, remaining_s), _decoder(msg))
         return outcome if isinstance(outcome, TidalError) else convert.encode_response(outcome)
 
     async def ModelInfer(self, request, context):
-        answer = await self._infer(request, context)
+        answer = await self._infer(request, context.time_remaining())
         if isinstance(answer, TidalError):
             self._sweeper.refused(sum(map(len, request.raw_input_contents)))
             return await _abort(context, answer)
         return answer
+
+    async def infer_payload(self, payload: bytes, remaining_s: float | None) -> bytes | TidalError:
+        """ModelInfer for a front end that hands over the message's bytes (transport/native.py)."""
+        msg = _read_infer_request(payload)
+        if isinstance(msg, Unreadable):
+            return InvalidArgument(msg.reason)
+        answer = await self._infer(msg, remaining_s)
+        if isinstance(answer, TidalError):
+            self._sweeper.refused(len(payload))
+            return answer
+        return answer.SerializeToString()
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
@@ -173,7 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         broken: list[str] = []
 
         async def one(msg: pb.ModelInferRequest) -> None:
-            answer = await self._infer(msg, context)
+            answer = await self._infer(msg, context.time_remaining())
             if not isinstance(answer, TidalError):
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=answer))
                 return

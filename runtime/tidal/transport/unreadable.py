@@ -29,7 +29,7 @@ class Unreadable:
         self.reason = reason
 
 
-def _parser(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
+def parser(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
     def parse_or_mark(data: bytes) -> Any:
         try:
             return parse(data)
@@ -69,7 +69,7 @@ def tolerant(handlers: Mapping[str, grpc.RpcMethodHandler], what: Mapping[str, s
     """The same handlers with parsers that mark unreadable messages; `what` names each method's request type."""
     out = {}
     for name, handler in handlers.items():
-        parse = _parser(handler.request_deserializer, what.get(name, "request"))
+        parse = parser(handler.request_deserializer, what.get(name, "request"))
         if handler.unary_unary is not None:
             out[name] = handler._replace(request_deserializer=parse, unary_unary=_unary(handler.unary_unary))
         elif handler.stream_stream is not None:

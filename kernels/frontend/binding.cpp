@@ -1,0 +1,78 @@
+// tidal._frontend: the native gRPC front end (frontend.h) as Python sees it.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <cstring>
+#include <vector>
+
+#include "frontend.h"
+
+namespace nb = nanobind;
+using tidal::frontend::Arrival;
+using tidal::frontend::Frontend;
+using tidal::frontend::Options;
+
+namespace {
+
+nb::bytes payload_bytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  (void)buffer.Dump(&slices);
+  if (slices.size() == 1) return nb::bytes(reinterpret_cast<const char*>(slices[0].begin()), slices[0].size());
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(buffer.Length()));
+  if (out == nullptr) throw nb::python_error();
+  char* at = PyBytes_AS_STRING(out);
+  for (const auto& slice : slices) {
+    std::memcpy(at, slice.begin(), slice.size());
+    at += slice.size();
+  }
+  return nb::steal<nb::bytes>(out);
+}
+
+// [(id, payload, remaining_s or None, authorization or None)], [cancelled ids]
+nb::tuple drain(Frontend& frontend) {
+  std::vector<Arrival> arrivals;
+  std::vector<uint64_t> cancelled;
+  frontend.drain(arrivals, cancelled);
+  nb::list calls;
+  for (const auto& arrival : arrivals) {
+    nb::object remaining = arrival.remaining_s ? nb::cast(*arrival.remaining_s) : nb::none();
+    nb::object authorization = arrival.authorization
+                                   ? nb::object(nb::bytes(arrival.authorization->data(), arrival.authorization->size()))
+                                   : nb::none();
+    calls.append(nb::make_tuple(arrival.id, payload_bytes(arrival.payload), remaining, authorization));
+  }
+  nb::list gone;
+  for (uint64_t id : cancelled) gone.append(id);
+  return nb::make_tuple(calls, gone);
+}
+
+}  // namespace
+
+NB_MODULE(_frontend, m) {
+  m.doc() = "tidal's native gRPC front end: gRPC C++ takes the calls, ModelInfer is drained in bulk";
+  nb::class_<Frontend>(m, "Frontend")
+      .def(
+          "__init__",
+          [](Frontend* self, std::string address, std::string relay_target, std::string infer_method,
+             int max_message_bytes, int max_pending) {
+            new (self) Frontend(Options{std::move(address), std::move(relay_target), std::move(infer_method),
+                                        max_message_bytes, max_pending});
+          },
+          nb::arg("address"), nb::arg("relay_target"), nb::arg("infer_method"), nb::arg("max_message_bytes"),
+          nb::arg("max_pending"))
+      .def("start", &Frontend::start, nb::call_guard<nb::gil_scoped_release>(),
+           "Bind and start; the bound port (0 for a Unix socket). RuntimeError when it cannot bind.")
+      .def("fileno", &Frontend::event_fd, "An eventfd, readable while calls wait to be drained.")
+      .def("drain", &drain, "([(id, payload, remaining_s, authorization)], [cancelled ids]) since the last drain.")
+      .def(
+          "answer",
+          [](Frontend& self, uint64_t id, nb::bytes response) {
+            const char* data = response.c_str();
+            size_t size = response.size();
+            nb::gil_scoped_release release;
+            return self.answer(id, data, size);
+          },
+          nb::arg("id"), nb::arg("response"), "Answer a drained call OK; False when it is no longer waiting.")
+      .def("refuse", &Frontend::refuse, nb::arg("id"), nb::arg("code"), nb::arg("message"), nb::arg("pushback_ms"),
+           nb::call_guard<nb::gil_scoped_release>(), "End a drained call with a status; False as for answer.");
+}

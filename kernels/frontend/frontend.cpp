@@ -1,0 +1,291 @@
+#include "frontend.h"
+
+#include <grpc/support/time.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <stdexcept>
+#include <utility>
+
+namespace tidal::frontend {
+namespace {
+
+std::optional<double> remaining_of(const grpc::GenericCallbackServerContext* ctx) {
+  gpr_timespec deadline = gpr_convert_clock_type(ctx->raw_deadline(), GPR_CLOCK_MONOTONIC);
+  if (gpr_time_cmp(deadline, gpr_inf_future(GPR_CLOCK_MONOTONIC)) == 0) return std::nullopt;
+  gpr_timespec left = gpr_time_sub(deadline, gpr_now(GPR_CLOCK_MONOTONIC));
+  return static_cast<double>(left.tv_sec) + static_cast<double>(left.tv_nsec) * 1e-9;
+}
+
+// Headers gRPC sets itself on the relayed call, or that only make sense on one hop.
+bool relayed_header(grpc::string_ref key) {
+  if (key.empty() || *key.data() == ':') return false;
+  if (key.starts_with("grpc-")) return false;
+  return key != "te" && key != "content-type" && key != "user-agent";
+}
+
+}  // namespace
+
+// A ModelInfer call: read its one message, queue it for Python, write what Python answers.
+class InferCall final : public grpc::ServerGenericBidiReactor {
+ public:
+  InferCall(Frontend* owner, grpc::GenericCallbackServerContext* ctx) : owner_(owner), ctx_(ctx) {
+    StartRead(&request_);
+  }
+
+  grpc::GenericCallbackServerContext* context() const { return ctx_; }
+  std::atomic<uint64_t> id{0};  // set by the front end when queued; OnCancel may read it meanwhile
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed (or cancelled) without sending its request
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ModelInfer takes one request message, got none"));
+      return;
+    }
+    owner_->arrive(this, std::move(request_));
+  }
+
+  void OnCancel() override {
+    if (uint64_t queued = id.load(); queued != 0) owner_->cancelled(queued);
+  }
+
+  void OnDone() override { delete this; }
+
+  void answer(const char* data, size_t size) {
+    grpc::Slice slice(data, size);
+    response_ = grpc::ByteBuffer(&slice, 1);
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+
+  void refuse(int code, const std::string& message, const std::string& pushback_ms) {
+    if (!pushback_ms.empty()) ctx_->AddTrailingMetadata("grpc-retry-pushback-ms", pushback_ms);
+    Finish(grpc::Status(static_cast<grpc::StatusCode>(code), message));
+  }
+
+ private:
+  Frontend* owner_;
+  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+};
+
+// Any other method: a relay of messages both ways, with deadline, metadata, cancellation, status and trailers.
+//
+// The upstream call is freed by gRPC as soon as it is done, so it must never be touched after that. It cannot
+// be done while one of its operations is outstanding: a read (always, until its stream ends) or the hold taken
+// while a message it delivered is being written to the client. Once its read has failed (`ended_`), nothing
+// but this call's own pending reactions touches it. This call is finished only from the upstream's OnDone.
+class RelayCall final : public grpc::ServerGenericBidiReactor {
+ public:
+  RelayCall(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : ctx_(ctx), upstream_(this) {
+    for (const auto& [key, value] : ctx->client_metadata()) {
+      if (relayed_header(key)) {
+        client_ctx_.AddMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+      }
+    }
+    client_ctx_.set_deadline(ctx->raw_deadline());
+    stub->PrepareBidiStreamingCall(&client_ctx_, ctx->method(), grpc::StubOptions(), &upstream_);
+    upstream_.StartRead(&down_);
+    upstream_.StartCall();
+    StartRead(&up_);
+  }
+
+  // Client -> upstream: one message at a time, the next read once it is written.
+  void OnReadDone(bool ok) override {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    if (ended_) return;
+    if (ok) {
+      upstream_.StartWrite(&up_);
+    } else {
+      upstream_.StartWritesDone();
+    }
+  }
+  void upstream_wrote(bool ok) {
+    if (ok) StartRead(&up_);  // after a failed write the upstream ends with its status
+  }
+
+  // Upstream -> client.
+  void upstream_read(bool ok) {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    if (!ok) {
+      ended_ = true;
+      return;
+    }
+    upstream_.AddHold();
+    StartWrite(&down_);
+  }
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    if (ok) {
+      upstream_.StartRead(&down_);
+    } else {
+      ended_ = true;  // the client is gone: end the upstream, read nothing more
+      client_ctx_.TryCancel();
+    }
+    upstream_.RemoveHold();
+  }
+
+  void upstream_done(const grpc::Status& status) {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    ended_ = true;
+    for (const auto& [key, value] : client_ctx_.GetServerTrailingMetadata()) {
+      ctx_->AddTrailingMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+    }
+    Finish(status);
+  }
+
+  void OnCancel() override { client_ctx_.TryCancel(); }
+  void OnDone() override { delete this; }
+
+ private:
+  class Upstream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    explicit Upstream(RelayCall* call) : call_(call) {}
+    void OnReadDone(bool ok) override { call_->upstream_read(ok); }
+    void OnWriteDone(bool ok) override { call_->upstream_wrote(ok); }
+    void OnDone(const grpc::Status& status) override { call_->upstream_done(status); }
+
+   private:
+    RelayCall* call_;
+  };
+
+  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ClientContext client_ctx_;
+  Upstream upstream_;
+  grpc::ByteBuffer up_;
+  grpc::ByteBuffer down_;
+  std::recursive_mutex mutex_;  // a reaction may run inline inside an operation started under it
+  bool ended_ = false;
+};
+
+Frontend::Frontend(Options options) : options_(std::move(options)) {
+  event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (event_fd_ < 0) throw std::runtime_error("eventfd failed");
+}
+
+Frontend::~Frontend() {
+  stop();
+  if (event_fd_ >= 0) close(event_fd_);
+}
+
+int Frontend::start() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);  // the front end already applied the limit
+  args.SetMaxSendMessageSize(-1);
+  relay_channel_ = grpc::CreateCustomChannel(options_.relay_target, grpc::InsecureChannelCredentials(), args);
+  relay_ = std::make_unique<grpc::GenericStub>(relay_channel_);
+
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options_.address, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.RegisterCallbackGenericService(this);
+  server_ = builder.BuildAndStart();
+  if (!server_) throw std::runtime_error("cannot bind gRPC to " + options_.address + " (address in use or not available)");
+  return port;
+}
+
+grpc::ServerGenericBidiReactor* Frontend::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
+  if (ctx->method() == options_.infer_method) return new InferCall(this, ctx);
+  return new RelayCall(relay_.get(), ctx);
+}
+
+void Frontend::notify_locked() {
+  if (notified_) return;
+  notified_ = true;
+  uint64_t one = 1;
+  while (write(event_fd_, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+
+void Frontend::arrive(InferCall* call, grpc::ByteBuffer&& payload) {
+  auto* ctx = call->context();
+  Arrival arrival{0, std::move(payload), remaining_of(ctx), std::nullopt};
+  auto found = ctx->client_metadata().find("authorization");
+  if (found != ctx->client_metadata().end()) arrival.authorization.emplace(found->second.data(), found->second.size());
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (stopped_) {
+    lock.unlock();
+    call->refuse(static_cast<int>(grpc::StatusCode::UNAVAILABLE), "server is not accepting requests (shutting down)", "");
+    return;
+  }
+  if (static_cast<int>(queued_.size()) >= options_.max_pending) {
+    size_t waiting = queued_.size();
+    lock.unlock();
+    call->refuse(static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED),
+                 "the server's backlog is full: " + std::to_string(waiting) +
+                     " calls wait for the event loop to take them (--max-pending-rpcs); retry later or on another replica",
+                 "");
+    return;
+  }
+  call->id = arrival.id = next_id_++;
+  taken_.emplace(arrival.id, call);
+  if (ctx->IsCancelled()) cancels_.push_back(arrival.id);  // cancelled before it had an id to report
+  queued_.push_back(std::move(arrival));
+  notify_locked();
+}
+
+void Frontend::cancelled(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!taken_.count(id)) return;
+  cancels_.push_back(id);
+  notify_locked();
+}
+
+void Frontend::drain(std::vector<Arrival>& arrivals, std::vector<uint64_t>& cancelled) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t count;
+  while (read(event_fd_, &count, sizeof count) < 0 && errno == EINTR) {
+  }
+  notified_ = false;
+  arrivals.swap(queued_);
+  cancelled.swap(cancels_);
+}
+
+InferCall* Frontend::take(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = taken_.find(id);
+  if (found == taken_.end()) return nullptr;
+  InferCall* call = found->second;
+  taken_.erase(found);
+  return call;
+}
+
+bool Frontend::answer(uint64_t id, const char* data, size_t size) {
+  InferCall* call = take(id);
+  if (call == nullptr) return false;
+  call->answer(data, size);
+  return true;
+}
+
+bool Frontend::refuse(uint64_t id, int code, const std::string& message, const std::string& pushback_ms) {
+  InferCall* call = take(id);
+  if (call == nullptr) return false;
+  call->refuse(code, message, pushback_ms);
+  return true;
+}
+
+void Frontend::stop() {
+  std::unordered_map<uint64_t, InferCall*> left;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopped_) return;
+    stopped_ = true;
+    left.swap(taken_);
+    queued_.clear();
+    cancels_.clear();
+  }
+  for (auto& [id, call] : left) {
+    call->refuse(static_cast<int>(grpc::StatusCode::UNAVAILABLE), "server is not accepting requests (shutting down)", "");
+  }
+  if (server_) {
+    server_->Shutdown(std::chrono::system_clock::now());
+    server_->Wait();
+    server_.reset();
+  }
+}
+
+}  // namespace tidal::frontend
