@@ -155,7 +155,8 @@ def render(r: dict[str, Any], command: str) -> str:
     lines = [
         BEGIN,
         f"`{command}` on {r['cpu']}; load generator on the same cores ({r['workers']} process(es)); "
-        f"SLO p99 {r['slo_ms']:g} ms inside the client's view; {r['stage_s']:g} s stages.", "",
+        f"SLO p99 {r['slo_ms']:g} ms inside the client's view; {r['stage_s']:g} s stages; tidal's gRPC front end: "
+        f"{r.get('frontend', 'grpcio')}.", "",
         f"- E (bare echo, 1-row) = {r['E']:.0f} requests/s within the SLO; C (tidal, controller off, 1-row) = "
         f"{r['C1']:.0f}/s; k = {k} rows per request, C_k = {r['Ck']:.0f} requests/s (3 C_k = "
         f"{3 * r['Ck']:.0f} <= 0.6 E = {0.6 * r['E']:.0f}).", "",
@@ -197,15 +198,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="load processes")
     parser.add_argument("--out", type=Path, default=Path("perf/out/overload"))
     parser.add_argument("--results", type=Path, default=Path("perf/RESULTS.md"))
+    parser.add_argument("--frontend", choices=["grpcio", "native"], default="grpcio", help="tidal's gRPC front end")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     r: dict[str, Any] = {"slo_ms": args.slo_ms, "stage_s": args.stage_s, "workers": args.workers,
-                         "cpu": cpu_description()}
+                         "cpu": cpu_description(), "frontend": args.frontend}
     with echo_server(MODEL, DIMS) as echo_url:
         r["E"] = find_capacity(echo_url, MODEL, 1, args.slo_ms, args.out / "echo", args.sweep_s, args.workers)
         log(f"E = {r['E']:.0f} requests/s")
         with tempfile.TemporaryDirectory(prefix="tidal-bench-overload-") as tmp:
-            server = start_server(_stage(Path(tmp), args.slo_ms, 64), "--load-model", MODEL)
+            flags = ("--frontend", args.frontend) if args.frontend != "grpcio" else ()
+            server = start_server(_stage(Path(tmp), args.slo_ms, 64), "--load-model", MODEL, *flags)
             try:
                 control_set_slo(server.url, MODEL, mode="off")
                 k, ck = 1, _capacity(server, 1, args)

@@ -6,6 +6,8 @@ On the reference models of perf/models.py (`--models`), each point measured by
 perf_analyzer with batch-1 requests and no `-x` (the same flags work against Triton):
 - tidal, batching off (`max_batch_size: 1`, one request per execution) and on (`max_batch_size: 128`,
   dynamic batching without a window); one ONNX Runtime instance, intra_op_thread_count 1, no spinning;
+- tidal's native front end (`--frontend native`, gRPC C++ taking the calls), batching on, where this build
+  has it;
 - the bare grpc.aio echo (perf/echo_server.py, uvloop) serving the same input shape: the ceiling of any
   Python gRPC server on this machine;
 - the floor (perf/floor_server.py): the echo's server running the model through one worker thread with
@@ -14,7 +16,7 @@ perf_analyzer with batch-1 requests and no `-x` (the same flags work against Tri
   `.venv-pytriton` exists;
 - the raw backend called in this process at each batch size: the ceiling of the model itself.
 Servers run as separate processes but share the machine's cores with perf_analyzer; the echo is measured
-the same way, so the ratios compare like with like. Points are interleaved (echo, floor, off, on, PyTriton)
+the same way, so the ratios compare like with like. Points are interleaved (echo, floor, off, on, native, PyTriton)
 and repeated; tables give the median and the min-max spread of throughput.
 """
 
@@ -41,6 +43,7 @@ import tritonclient.grpc as tc
 
 from tidal.backends.base import BackendOptions
 from tidal.backends.onnxruntime import OnnxRuntimeBackend
+from tidal.transport.native import available as native_available
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import environment, log, write_section
@@ -51,7 +54,10 @@ CONCURRENCY = (1, 8, 32, 128)
 EXTRA_CONCURRENCY = {"wide_mlp": (64,)}  # the batching target is set at 64 for the compute-bound model
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BATCH = 128
-SERVERS = ("echo", "floor", "off", "on", "pytriton")
+SERVERS = ("echo", "floor", "off", "on", "native", "pytriton")
+LABELS = {"echo": "echo", "floor": "floor", "off": "off", "on": "on", "native": "native", "pytriton": "PyTriton"}
+SERVER_KEYS = {"echo": "echo:{}", "floor": "floor:{}", "native": "tidal-native", "pytriton": "pytriton"}  # else "tidal"
+BATCHED = ("on", "native")  # the servers measured on the `_batched` models
 PYTRITON = ROOT / ".venv-pytriton" / "bin" / "python"
 PYTRITON_WINDOW_US = 100  # Triton's dynamic batching as its users set it for small requests
 TARGET_MODELS = ("mlp", "cnn", "wide_mlp")  # the issue's targets name these; `linear` isolates tidal's own cost
@@ -213,6 +219,9 @@ def servers(repo: Path, work: Path) -> Iterator[dict[str, Server]]:
         tidal_cmd = [sys.executable, "-m", "tidal", "serve", "--model-repository", str(repo)]
         tidal_cmd += ["--grpc-port", "0", "--metrics-port", "0", "--http-port", "0"]
         started["tidal"] = Server(tidal_cmd, r"serving gRPC on .*:(\d+)$", work / "tidal.log")
+        if native_available() is None:
+            started["tidal-native"] = Server([*tidal_cmd, "--frontend", "native"], r"serving gRPC on .*:(\d+)$",
+                                             work / "tidal-native.log")
         onnx_files = {name: repo / name / "1" / "model.onnx" for name in MODELS}
         for name, model in MODELS.items():
             echo_cmd = [sys.executable, str(ROOT / "perf" / "echo_server.py"), "--port", "0", "--model", name]
@@ -300,17 +309,17 @@ def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> 
     for name in args.models:
         for concurrency in args.concurrency or sorted((*CONCURRENCY, *EXTRA_CONCURRENCY.get(name, ()))):
             for kind in SERVERS:
-                key = {"echo": f"echo:{name}", "floor": f"floor:{name}", "pytriton": "pytriton"}.get(kind, "tidal")
+                key = SERVER_KEYS.get(kind, "tidal").format(name)
                 if key not in running:
                     continue
-                model = f"{name}_batched" if kind == "on" else name
+                model = f"{name}_batched" if kind in BATCHED else name
                 result = measure_point(args, running[key], model, concurrency, stats_clients.get(key))
                 if result is None:
                     continue
                 points.append({"repeat": repeat, "model": name, "server": kind, "concurrency": concurrency, **result})
                 batch = f" batch {result['batch']:.1f}" if "batch" in result else ""
                 log(
-                    f"r{repeat} {name:8s} c{concurrency:<3d} {kind:4s} {result['throughput']:8.0f}/s "
+                    f"r{repeat} {name:8s} c{concurrency:<3d} {kind:6s} {result['throughput']:8.0f}/s "
                     f"p50 {result['p50_ms']:7.2f} p99 {result['p99_ms']:7.2f} ms cpu {result['server_cpu']:.2f}{batch}"
                 )
     for client in stats_clients.values():
@@ -320,7 +329,7 @@ def sweep(args: argparse.Namespace, running: dict[str, Server], repeat: int) -> 
 
 def warm_up(running: dict[str, Server]) -> None:
     """One request per model of tidal and PyTriton, so no measured window pays first-run allocations."""
-    for key, suffixes in (("tidal", ("", "_batched")), ("pytriton", ("",))):
+    for key, suffixes in (("tidal", ("", "_batched")), ("tidal-native", ("_batched",)), ("pytriton", ("",))):
         if key not in running:
             continue
         client = tc.InferenceServerClient(running[key].url)
@@ -375,27 +384,27 @@ def _lat(m: dict | None) -> str:
 
 
 def model_table(points: list[dict], raw: dict, name: str) -> list[str]:
+    kinds = [k for k in SERVERS if any(p["model"] == name and p["server"] == k for p in points)]
+    batching = [k for k in ("floor", *BATCHED, "pytriton") if k in kinds]
+    tidal = [k for k in BATCHED if k in kinds]
+    ratios = [(k, other) for k in tidal for other in ("echo", "floor", "pytriton") if other in kinds]
+    label = LABELS.get
     lines = [
-        "| conc | echo infer/s | echo p50 / p99 ms | floor infer/s | floor p50 / p99 | off infer/s | off p50 / p99 "
-        "| on infer/s | on p50 / p99 | PyTriton infer/s | PyTriton p50 / p99 | batch formed (floor, on, PyTriton) "
-        "| on / echo | on / floor | on / PyTriton | on / raw at that batch "
-        "| server CPU per request, us (echo, floor, off, on, PyTriton) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| conc | " + " | ".join(f"{label(k)} infer/s | {label(k)} p50 / p99 ms" for k in kinds)
+        + f" | batch formed ({', '.join(map(label, batching))}) | "
+        + " | ".join(f"{label(k)} / {label(other)}" for k, other in ratios)
+        + " | " + " | ".join(f"{label(k)} / raw at that batch" for k in tidal)
+        + f" | server CPU per request, us ({', '.join(map(label, kinds))}) |",
+        "|---:|" + "---:|" * (2 * len(kinds) + 1 + len(ratios) + len(tidal)) + "---|",
     ]
     for c in sorted({p["concurrency"] for p in points if p["model"] == name}):
-        echo, floor, off, on, pyt = (summarize(points, model=name, server=k, concurrency=c) for k in SERVERS)
-        vs_raw = f"{on['throughput'] / raw_rate(raw[name], on['batch']):.2f}" if on else "-"
-        cpu = ", ".join(_cpu(m) for m in (echo, floor, off, on, pyt))
-        batch = " / ".join(f"{m['batch']:.1f}" if m and "batch" in m else "-" for m in (floor, on, pyt))
-
-        def ratio(other: str, c: int = c) -> str:
-            return _ratio(paired(points, name, c, "on", other))
-
-        lines.append(
-            f"| {c} | {_rate(echo)} | {_lat(echo)} | {_rate(floor)} | {_lat(floor)} | {_rate(off)} | {_lat(off)} "
-            f"| {_rate(on)} | {_lat(on)} | {_rate(pyt)} | {_lat(pyt)} | {batch} | {ratio('echo')} "
-            f"| {ratio('floor')} | {ratio('pytriton')} | {vs_raw} | {cpu} |"
-        )
+        m = {k: summarize(points, model=name, server=k, concurrency=c) for k in kinds}
+        cells = [f"{_rate(m[k])} | {_lat(m[k])}" for k in kinds]
+        cells.append(" / ".join(f"{m[k]['batch']:.1f}" if m[k] and "batch" in m[k] else "-" for k in batching))
+        cells += [_ratio(paired(points, name, c, k, other)) for k, other in ratios]
+        cells += [f"{m[k]['throughput'] / raw_rate(raw[name], m[k]['batch']):.2f}" if m[k] else "-" for k in tidal]
+        cells.append(", ".join(_cpu(m[k]) for k in kinds))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -433,23 +442,25 @@ def targets(points: list[dict], raw: dict) -> list[str]:
             f"| {what} | {measured:{fmt}} | {'>=' if at_least else '<='} {goal:{fmt}} | {'yes' if met else 'NO'} |"
         )
 
-    def add_paired(what: str, other: str, goal: float, at_least: bool, value=_throughput) -> None:
-        ratios = paired(points, "mlp", 128, "on", other, value)
+    def add_paired(what: str, kind: str, other: str, goal: float, at_least: bool, value=_throughput) -> None:
+        ratios = paired(points, "mlp", 128, kind, other, value)
         if ratios:
             add(what, statistics.median(ratios), goal, ".2f", at_least)
 
-    add_paired("mlp c128 batching on: throughput / echo (median of paired repeats)", "echo", 0.7, True)
-    add_paired("mlp c128: server CPU per request / echo's", "echo", 1.4, False, _cpu_per_request)
-    add_paired("mlp c128 batching on: throughput / PyTriton", "pytriton", 1.2, True)
-    on, pyt = (summarize(points, model="mlp", server=k, concurrency=128) for k in ("on", "pytriton"))
-    if on and pyt:
-        add("mlp c128 batching on: p99 (ms), below PyTriton's", on["p99_ms"], pyt["p99_ms"], ".1f", False)
+    pyt = summarize(points, model="mlp", server="pytriton", concurrency=128)
+    for kind in BATCHED:
+        add_paired(f"mlp c128 {kind}: throughput / echo (median of paired repeats)", kind, "echo", 0.7, True)
+        add_paired(f"mlp c128 {kind}: server CPU per request / echo's", kind, "echo", 1.4, False, _cpu_per_request)
+        add_paired(f"mlp c128 {kind}: throughput / PyTriton", kind, "pytriton", 1.2, True)
+        m = summarize(points, model="mlp", server=kind, concurrency=128)
+        if m and pyt:
+            add(f"mlp c128 {kind}: p99 (ms), below PyTriton's", m["p99_ms"], pyt["p99_ms"], ".1f", False)
     echo = summarize(points, model="mlp", server="echo", concurrency=1)
-    for kind in ("off", "on"):
+    for kind in ("off", *BATCHED):
         m = summarize(points, model="mlp", server=kind, concurrency=1)
         if echo and m:
             bound = echo["p50_ms"] + raw["mlp"][1]["idle_1.0_ms"] + 0.3
-            add(f"mlp c1 batching {kind}: p50 (ms) vs echo p50 + raw b1 after 1 ms idle + 0.3", m["p50_ms"], bound,
+            add(f"mlp c1 {kind}: p50 (ms) vs echo p50 + raw b1 after 1 ms idle + 0.3", m["p50_ms"], bound,
                 ".2f", False)
     off, on = (summarize(points, model="wide_mlp", server=k, concurrency=64) for k in ("off", "on"))
     if off and on:

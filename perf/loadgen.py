@@ -196,14 +196,18 @@ def environment() -> dict[str, str]:
 
 
 def write_section(path: Path, text: str, begin: str, end: str, section: str) -> None:
-    """Replace the generated block between `begin` and `end`; create `section` (or the file) when absent."""
+    """Replace the generated block between `begin` and `end` inside `section` (one script may own blocks in
+    several sections); create the block, the section or the file when absent."""
     current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        updated = head + text + rest.split(end, 1)[1]
-    elif section in current:
-        head, rest = current.split(section, 1)
-        updated = f"{head}{section}\n\n{text}\n{rest}"
+    if section not in current:
+        path.write_text(f"{current.rstrip()}\n\n{section}\n\n{text}\n")
+        return
+    head, rest = current.split(section, 1)
+    body_end = rest.find("\n## ")
+    body, tail = (rest, "") if body_end < 0 else (rest[:body_end], rest[body_end:])
+    if begin in body and end in body:
+        before, block = body.split(begin, 1)
+        body = before + text + block.split(end, 1)[1]
     else:
-        updated = f"{current.rstrip()}\n\n{section}\n\n{text}\n"
-    path.write_text(updated)
+        body = f"\n\n{text}\n{body}"
+    path.write_text(head + section + body + tail)
