@@ -139,7 +139,7 @@ def pinned(cpus: set[int] | None) -> Iterator[None]:
 def sigterm(repository: Path, args: argparse.Namespace) -> dict[str, Any]:
     """32 closed-loop callers; SIGTERM after 3 s; the bench runs on until the server is gone."""
     with pinned(args.server_cpus):
-        server = start_server(repository, "--load-model", MODEL, "--drain-grace-s", "20")
+        server = start_server(repository, "--load-model", MODEL, "--drain-grace-s", "20", *args.frontend_flags)
     out = args.out / "sigterm"
     cmd = [sys.executable, "-m", "tidal", "bench", "-u", server.url, "-m", MODEL, "--concurrency", "32",
            "--duration-s", "8", "--warmup-s", "0", "--no-progress", "--request-timeout-s", "10", "-o", str(out)]
@@ -219,7 +219,8 @@ def render(r: dict[str, Any], command: str) -> str:
     w = s["loop_wait"]
     return "\n".join([
         BEGIN,
-        f"`{command}` on {r['cpu']}; {r['placement']}. Capacity C = {r['C']:.0f} 1-row "
+        f"`{command}` on {r['cpu']}; {r['placement']}; tidal's gRPC front end: {r.get('frontend', 'grpcio')}. "
+        f"Capacity C = {r['C']:.0f} 1-row "
         f"requests/s within the {r['slo_ms']:g} ms SLO (demo `digits`, controller on): the lowest non-zero of "
         f"{', '.join(f'{c:.0f}' for c in r['C_tries'])}.", "",
         "| run | load | statuses | health (50 ms probe) | RSS MiB |", "|---|---|---|---|---|",
@@ -253,7 +254,9 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true",
                         help="the server on the first CPU, the load generator on the others, as a server with a core "
                              "of its own runs (by default they share every core)")
+    parser.add_argument("--frontend", choices=["grpcio", "native"], default="grpcio", help="tidal's gRPC front end")
     args = parser.parse_args()
+    args.frontend_flags = ("--frontend", args.frontend) if args.frontend != "grpcio" else ()
     args.out.mkdir(parents=True, exist_ok=True)
     repository = demo.ensure_demo_repository()
     cores = sorted(os.sched_getaffinity(0))
@@ -262,9 +265,9 @@ def main() -> int:
     if args.server_cpus is not None:
         placement = f"server pinned to CPU {cores[0]}, load generator to CPU(s) {', '.join(map(str, cores[1:]))}"
     r: dict[str, Any] = {"cpu": cpu_description(), "slo_ms": args.slo_ms, "overload_s": args.overload_s,
-                         "placement": placement}
+                         "placement": placement, "frontend": args.frontend}
     with pinned(args.server_cpus):
-        server = start_server(repository, "--load-model", MODEL)
+        server = start_server(repository, "--load-model", MODEL, *args.frontend_flags)
     if args.server_cpus is not None:
         os.sched_setaffinity(0, set(cores[1:]))  # every load process started from here on
     try:

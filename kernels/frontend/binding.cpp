@@ -28,18 +28,18 @@ nb::bytes payload_bytes(const grpc::ByteBuffer& buffer) {
   return nb::steal<nb::bytes>(out);
 }
 
-// [(id, payload, remaining_s or None, authorization or None)], [cancelled ids]
+// [(id, payload, deadline_s or None, authorization or None)], [cancelled ids]
 nb::tuple drain(Frontend& frontend) {
   std::vector<Arrival> arrivals;
   std::vector<uint64_t> cancelled;
   frontend.drain(arrivals, cancelled);
   nb::list calls;
   for (const auto& arrival : arrivals) {
-    nb::object remaining = arrival.remaining_s ? nb::cast(*arrival.remaining_s) : nb::none();
+    nb::object deadline = arrival.deadline_s ? nb::cast(*arrival.deadline_s) : nb::none();
     nb::object authorization = arrival.authorization
                                    ? nb::object(nb::bytes(arrival.authorization->data(), arrival.authorization->size()))
                                    : nb::none();
-    calls.append(nb::make_tuple(arrival.id, payload_bytes(arrival.payload), remaining, authorization));
+    calls.append(nb::make_tuple(arrival.id, payload_bytes(arrival.payload), deadline, authorization));
   }
   nb::list gone;
   for (uint64_t id : cancelled) gone.append(id);
@@ -63,7 +63,7 @@ NB_MODULE(_frontend, m) {
       .def("start", &Frontend::start, nb::call_guard<nb::gil_scoped_release>(),
            "Bind and start; the bound port (0 for a Unix socket). RuntimeError when it cannot bind.")
       .def("fileno", &Frontend::event_fd, "An eventfd, readable while calls wait to be drained.")
-      .def("drain", &drain, "([(id, payload, remaining_s, authorization)], [cancelled ids]) since the last drain.")
+      .def("drain", &drain, "([(id, payload, deadline_s, authorization)], [cancelled ids]) since the last drain; deadlines on time.monotonic()'s clock.")
       .def(
           "answer",
           [](Frontend& self, uint64_t id, nb::bytes response) {

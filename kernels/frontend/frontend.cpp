@@ -6,17 +6,21 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <stdexcept>
 #include <utility>
 
 namespace tidal::frontend {
 namespace {
 
-std::optional<double> remaining_of(const grpc::GenericCallbackServerContext* ctx) {
+// The call's deadline on CLOCK_MONOTONIC (std::chrono::steady_clock here; time.monotonic() in Python), so the
+// time a call waits to be taken counts against it.
+std::optional<double> deadline_of(const grpc::GenericCallbackServerContext* ctx) {
   gpr_timespec deadline = gpr_convert_clock_type(ctx->raw_deadline(), GPR_CLOCK_MONOTONIC);
   if (gpr_time_cmp(deadline, gpr_inf_future(GPR_CLOCK_MONOTONIC)) == 0) return std::nullopt;
   gpr_timespec left = gpr_time_sub(deadline, gpr_now(GPR_CLOCK_MONOTONIC));
-  return static_cast<double>(left.tv_sec) + static_cast<double>(left.tv_nsec) * 1e-9;
+  double now_s = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return now_s + static_cast<double>(left.tv_sec) + static_cast<double>(left.tv_nsec) * 1e-9;
 }
 
 // Headers gRPC sets itself on the relayed call, or that only make sense on one hop.
@@ -71,11 +75,12 @@ class InferCall final : public grpc::ServerGenericBidiReactor {
 };
 
 // Any other method: a relay of messages both ways, with deadline, metadata, cancellation, status and trailers.
+// Initial metadata is not relayed (tidal's servicers send none).
 //
-// The upstream call is freed by gRPC as soon as it is done, so it must never be touched after that. It cannot
-// be done while one of its operations is outstanding: a read (always, until its stream ends) or the hold taken
-// while a message it delivered is being written to the client. Once its read has failed (`ended_`), nothing
-// but this call's own pending reactions touches it. This call is finished only from the upstream's OnDone.
+// The upstream call is freed by gRPC as soon as it is done, so it must never be touched after that. One hold,
+// taken before it starts and released once (`end_locked`) when its stream has ended or the client is gone,
+// keeps it from being done while this side may still start an operation on it; after `ended_` nothing but
+// its own pending reactions touches it. This call is finished only from the upstream's OnDone.
 class RelayCall final : public grpc::ServerGenericBidiReactor {
  public:
   RelayCall(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : ctx_(ctx), upstream_(this) {
@@ -86,6 +91,7 @@ class RelayCall final : public grpc::ServerGenericBidiReactor {
     }
     client_ctx_.set_deadline(ctx->raw_deadline());
     stub->PrepareBidiStreamingCall(&client_ctx_, ctx->method(), grpc::StubOptions(), &upstream_);
+    upstream_.AddHold();
     upstream_.StartRead(&down_);
     upstream_.StartCall();
     StartRead(&up_);
@@ -107,38 +113,47 @@ class RelayCall final : public grpc::ServerGenericBidiReactor {
 
   // Upstream -> client.
   void upstream_read(bool ok) {
-    std::lock_guard<std::recursive_mutex> lock(mutex_);
-    if (!ok) {
-      ended_ = true;
+    if (ok) {
+      StartWrite(&down_);
       return;
     }
-    upstream_.AddHold();
-    StartWrite(&down_);
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    end_locked();
   }
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::recursive_mutex> lock(mutex_);
+    if (ended_) return;
     if (ok) {
       upstream_.StartRead(&down_);
-    } else {
-      ended_ = true;  // the client is gone: end the upstream, read nothing more
+    } else {  // the client is gone: end the upstream, read nothing more
       client_ctx_.TryCancel();
+      end_locked();
     }
-    upstream_.RemoveHold();
   }
 
   void upstream_done(const grpc::Status& status) {
-    std::lock_guard<std::recursive_mutex> lock(mutex_);
-    ended_ = true;
-    for (const auto& [key, value] : client_ctx_.GetServerTrailingMetadata()) {
-      ctx_->AddTrailingMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+    {
+      std::lock_guard<std::recursive_mutex> lock(mutex_);
+      ended_ = true;
+      for (const auto& [key, value] : client_ctx_.GetServerTrailingMetadata()) {
+        if (key != "grpc-status-details-bin") {  // carried by the status itself
+          ctx_->AddTrailingMetadata(std::string(key.data(), key.size()), std::string(value.data(), value.size()));
+        }
+      }
     }
-    Finish(status);
+    Finish(status);  // last: OnDone may free this call before Finish returns
   }
 
   void OnCancel() override { client_ctx_.TryCancel(); }
   void OnDone() override { delete this; }
 
  private:
+  void end_locked() {
+    if (ended_) return;
+    ended_ = true;
+    upstream_.RemoveHold();
+  }
+
   class Upstream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
    public:
     explicit Upstream(RelayCall* call) : call_(call) {}
@@ -155,7 +170,7 @@ class RelayCall final : public grpc::ServerGenericBidiReactor {
   Upstream upstream_;
   grpc::ByteBuffer up_;
   grpc::ByteBuffer down_;
-  std::recursive_mutex mutex_;  // a reaction may run inline inside an operation started under it
+  std::recursive_mutex mutex_;  // held while starting upstream operations, whose reactions never run inline
   bool ended_ = false;
 };
 
@@ -203,7 +218,7 @@ void Frontend::notify_locked() {
 
 void Frontend::arrive(InferCall* call, grpc::ByteBuffer&& payload) {
   auto* ctx = call->context();
-  Arrival arrival{0, std::move(payload), remaining_of(ctx), std::nullopt};
+  Arrival arrival{0, std::move(payload), deadline_of(ctx), std::nullopt};
   auto found = ctx->client_metadata().find("authorization");
   if (found != ctx->client_metadata().end()) arrival.authorization.emplace(found->second.data(), found->second.size());
   std::unique_lock<std::mutex> lock(mutex_);

@@ -28,7 +28,7 @@ namespace tidal::frontend {
 struct Arrival {
   uint64_t id;
   grpc::ByteBuffer payload;
-  std::optional<double> remaining_s;  // the client's deadline; none when it set none
+  std::optional<double> deadline_s;  // the client's deadline on CLOCK_MONOTONIC; none when it set none
   std::optional<std::string> authorization;
 };
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import grpc
 
@@ -50,7 +51,7 @@ class _Servicer:
 
 
 def test_each_call_ends_once_even_when_cancelled_before_its_task_ran() -> None:
-    native = _Native([(1, b"a", None, None), (2, b"missing", 1.0, None), (3, b"b", None, None)], [1])
+    native = _Native([(1, b"a", None, None), (2, b"missing", time.monotonic() + 10, None), (3, b"b", None, None)], [1])
     asyncio.run(asyncio.wait_for(_serve_all(native), 10))
     cancelled = grpc.StatusCode.CANCELLED.value[0]
     assert native.ended == {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
 
-from loadgen import write_section  # noqa: E402
+from loadgen import write_section
 
 BEGIN, END = "<!-- b: generated -->", "<!-- b: end -->"
 

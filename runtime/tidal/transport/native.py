@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -87,8 +88,8 @@ class NativeFrontend:
         loop = self._loop
         assert loop is not None
         calls = self._calls
-        for call_id, payload, remaining_s, authorization in arrived:
-            task = loop.create_task(self._serve(call_id, payload, remaining_s, authorization))
+        for call_id, payload, deadline_s, authorization in arrived:
+            task = loop.create_task(self._serve(call_id, payload, deadline_s, authorization))
             task.add_done_callback(functools.partial(self._ended, call_id))
             calls[call_id] = task
         for call_id in gone:
@@ -97,14 +98,17 @@ class NativeFrontend:
                 task.cancel()
 
     async def _serve(
-        self, call_id: int, payload: bytes, remaining_s: float | None, authorization: bytes | None
+        self, call_id: int, payload: bytes, deadline_s: float | None, authorization: bytes | None
     ) -> None:
+        """`deadline_s` on time.monotonic()'s clock: the time the call waited to be taken counts against it, as
+        under grpcio, where the handler reads what is left when it starts."""
         native = self._native
         if self._tokens is not None:
             refused = refusal(self._tokens, INFER_METHOD, (("authorization", authorization or b""),))
             if refused is not None:
                 native.refuse(call_id, _code(refused[0]), refused[1], "")
                 return
+        remaining_s = None if deadline_s is None else deadline_s - time.monotonic()
         answer = await self._servicer.infer_payload(payload, remaining_s)
         if isinstance(answer, TidalError):
             pushback = getattr(answer, "pushback_ms", None)
@@ -119,6 +123,6 @@ class NativeFrontend:
         del self._calls[call_id]
         if task.cancelled():  # nobody reads this answer, but the native call must end
             self._native.refuse(call_id, _code(grpc.StatusCode.CANCELLED), "cancelled by the client", "")
-        elif (exc := task.exception()) is not None:
+        elif (exc := task.exception()) is not None:  # UNKNOWN, as grpcio answers a handler's exception
             log.error("native ModelInfer call failed outside the data plane", exc_info=exc)
-            self._native.refuse(call_id, _code(grpc.StatusCode.INTERNAL), "internal error (see the server's log)", "")
+            self._native.refuse(call_id, _code(grpc.StatusCode.UNKNOWN), "internal error (see the server's log)", "")

@@ -154,11 +154,9 @@ class GrpcServer:
             raise OSError(f"cannot bind gRPC to {self._grpcio_target} (address in use or not available)")
         if self._native is not None:
             await self._server.start()  # the relay first: the native port relays to it from its first call
-            bound = self._native.start()
+            bound = self._start_native(self._native)
         if self.unix_path is not None:
-            # Under grpcio before start(): no call is served earlier. The native port's file is made with the
-            # umask's mode, which gives others no write (connect) permission in the meantime.
-            os.chmod(self.unix_path, self._socket_mode)
+            os.chmod(self.unix_path, self._socket_mode)  # under grpcio before start(): no call is served earlier
         else:
             self.port = bound
         if self._native is None:
@@ -172,6 +170,19 @@ class GrpcServer:
             log.info("gRPC core holds up to %d calls per method that the event loop has not taken, and drops new "
                      "ones beyond that (--max-pending-rpcs)", self._backlog)
         return self.port
+
+    def _start_native(self, native: NativeFrontend) -> int:
+        """The native port's socket file is made owner-only, then given its mode: nobody else connects before."""
+        umask = os.umask(0o177) if self.unix_path is not None else None
+        try:
+            return native.start()
+        except OSError:
+            if self._relay_dir is not None:
+                shutil.rmtree(self._relay_dir, ignore_errors=True)
+            raise
+        finally:
+            if umask is not None:
+                os.umask(umask)
 
     async def set_serving(self, service: str, serving: bool) -> None:
         if self._draining:
