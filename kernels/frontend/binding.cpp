@@ -54,12 +54,12 @@ NB_MODULE(_frontend, m) {
       .def(
           "__init__",
           [](Frontend* self, std::string address, std::string relay_target, std::string infer_method,
-             int max_message_bytes, int max_pending) {
+             double loop_stall_s, int max_message_bytes, int max_pending) {
             new (self) Frontend(Options{std::move(address), std::move(relay_target), std::move(infer_method),
-                                        max_message_bytes, max_pending});
+                                        loop_stall_s, max_message_bytes, max_pending});
           },
-          nb::arg("address"), nb::arg("relay_target"), nb::arg("infer_method"), nb::arg("max_message_bytes"),
-          nb::arg("max_pending"))
+          nb::arg("address"), nb::arg("relay_target"), nb::arg("infer_method"), nb::arg("loop_stall_s"),
+          nb::arg("max_message_bytes"), nb::arg("max_pending"))
       .def("start", &Frontend::start, nb::call_guard<nb::gil_scoped_release>(),
            "Bind and start; the bound port (0 for a Unix socket). RuntimeError when it cannot bind.")
       .def("fileno", &Frontend::event_fd, "An eventfd, readable while calls wait to be drained.")
@@ -74,5 +74,8 @@ NB_MODULE(_frontend, m) {
           },
           nb::arg("id"), nb::arg("response"), "Answer a drained call OK; False when it is no longer waiting.")
       .def("refuse", &Frontend::refuse, nb::arg("id"), nb::arg("code"), nb::arg("message"), nb::arg("pushback_ms"),
-           nb::call_guard<nb::gil_scoped_release>(), "End a drained call with a status; False as for answer.");
+           nb::call_guard<nb::gil_scoped_release>(), "End a drained call with a status; False as for answer.")
+      .def("set_health", &Frontend::set_health, nb::arg("service"), nb::arg("status"),
+           "The grpc.health.v1 serving status of a service (\"\": the server) that Check answers.")
+      .def("tick", &Frontend::tick, "The event loop is alive; Check is relayed to Python after loop_stall_s without.");
 }

@@ -30,7 +30,117 @@ bool relayed_header(grpc::string_ref key) {
   return key != "te" && key != "content-type" && key != "user-agent";
 }
 
+constexpr char kHealthCheck[] = "/grpc.health.v1.Health/Check";
+constexpr char kHealthRequest[] = "grpc.health.v1.HealthCheckRequest";
+
+bool read_varint(const unsigned char*& at, const unsigned char* end, uint64_t& value) {
+  value = 0;
+  for (int shift = 0; shift < 64 && at < end; shift += 7) {
+    unsigned char byte = *at++;
+    value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+    if (!(byte & 0x80)) return true;
+  }
+  return false;
+}
+
+bool valid_utf8(const std::string& text) {
+  size_t i = 0, n = text.size();
+  while (i < n) {
+    unsigned char c = text[i];
+    int more = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : -1;
+    if (more < 0 || i + more >= n) return false;
+    uint32_t code = more == 0 ? c : c & (0x3f >> more);
+    for (int k = 1; k <= more; ++k) {
+      unsigned char next = text[i + k];
+      if ((next & 0xc0) != 0x80) return false;
+      code = (code << 6) | (next & 0x3f);
+    }
+    static const uint32_t smallest[] = {0, 0x80, 0x800, 0x10000};
+    if (code < smallest[more] || code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff)) return false;
+    i += more + 1;
+  }
+  return true;
+}
+
+// HealthCheckRequest's `service` (field 1), or none where protobuf's own parser would refuse the message.
+std::optional<std::string> health_service(const std::string& message) {
+  const auto* at = reinterpret_cast<const unsigned char*>(message.data());
+  const auto* end = at + message.size();
+  std::string service;
+  while (at < end) {
+    uint64_t tag, value;
+    if (!read_varint(at, end, tag) || (tag >> 3) == 0) return std::nullopt;
+    switch (tag & 7) {
+      case 0:
+        if (!read_varint(at, end, value)) return std::nullopt;
+        break;
+      case 1:
+      case 5: {
+        size_t width = (tag & 7) == 1 ? 8 : 4;
+        if (static_cast<size_t>(end - at) < width) return std::nullopt;
+        at += width;
+        break;
+      }
+      case 2:
+        if (!read_varint(at, end, value) || value > static_cast<uint64_t>(end - at)) return std::nullopt;
+        if ((tag >> 3) == 1) service.assign(reinterpret_cast<const char*>(at), value);
+        at += value;
+        break;
+      default:  // groups: no HealthCheckRequest carries one
+        return std::nullopt;
+    }
+  }
+  if (!valid_utf8(service)) return std::nullopt;
+  return service;
+}
+
+std::string dump(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  (void)buffer.Dump(&slices);
+  std::string out;
+  out.reserve(buffer.Length());
+  for (const auto& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  return out;
+}
+
 }  // namespace
+
+// A health check, answered from the statuses Python set, with the statuses and messages of Python's servicer.
+class HealthCall final : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit HealthCall(Frontend* owner) : owner_(owner) { StartRead(&request_); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "Check takes one request message, got none"));
+      return;
+    }
+    std::string message = dump(request_);
+    std::optional<std::string> service = health_service(message);
+    if (!service) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "the message (" + std::to_string(message.size()) + " bytes) does not parse as " +
+                              kHealthRequest + ": Error parsing message with type '" + kHealthRequest + "'"));
+      return;
+    }
+    std::optional<int> status = owner_->health(*service);
+    if (!status) {
+      Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, ""));
+      return;
+    }
+    char response[2] = {0x08, static_cast<char>(*status)};  // HealthCheckResponse{status}; statuses are 1..3
+    grpc::Slice slice(response, sizeof response);
+    response_ = grpc::ByteBuffer(&slice, 1);
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  Frontend* owner_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+};
 
 // A ModelInfer call: read its one message, queue it for Python, write what Python answers.
 class InferCall final : public grpc::ServerGenericBidiReactor {
@@ -205,7 +315,30 @@ int Frontend::start() {
 
 grpc::ServerGenericBidiReactor* Frontend::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
   if (ctx->method() == options_.infer_method) return new InferCall(this, ctx);
+  if (ctx->method() == kHealthCheck && loop_alive()) return new HealthCall(this);
   return new RelayCall(relay_.get(), ctx);
+}
+
+bool Frontend::loop_alive() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::chrono::steady_clock::now() - last_tick_ < std::chrono::duration<double>(options_.loop_stall_s);
+}
+
+void Frontend::tick() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  last_tick_ = std::chrono::steady_clock::now();
+}
+
+void Frontend::set_health(const std::string& service, int status) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  health_[service] = status;
+}
+
+std::optional<int> Frontend::health(const std::string& service) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = health_.find(service);
+  if (found == health_.end()) return std::nullopt;
+  return found->second;
 }
 
 void Frontend::notify_locked() {

@@ -4,8 +4,10 @@
 // ModelInfer, the one method on every request's path, is handed to Python in bulk: the calls that arrived
 // since the last look wait in one queue, an eventfd tells the event loop there are some, and one drain
 // returns them all under one GIL acquisition. Python decides and answers each (answer/refuse) from any
-// thread. Every other method (metadata, health, reflection, control, streaming inference) is relayed
-// byte for byte to the Python gRPC server on a private Unix socket, so each keeps the behaviour it has there.
+// thread. Health checks are answered here from the statuses Python sets, while the event loop shows it is
+// alive (`tick`), so a probe never waits behind a saturated loop and still fails when the loop hangs. Every
+// other method (metadata, reflection, control, health's Watch, streaming inference) is relayed byte for
+// byte to the Python gRPC server on a private Unix socket, so each keeps the behaviour it has there.
 //
 // Threading: gRPC's callback threads never touch Python; Python's calls take the front end's mutex only.
 #pragma once
@@ -14,6 +16,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -36,6 +39,7 @@ struct Options {
   std::string address;        // where clients connect: host:port or unix:/path
   std::string relay_target;   // the Python server, unix:/path
   std::string infer_method;   // the full method name handled natively
+  double loop_stall_s;        // health checks go to Python once the loop has not ticked for this long
   int max_message_bytes;
   int max_pending;            // calls queued for Python; beyond it a call is refused at once
 };
@@ -56,14 +60,20 @@ class Frontend final : public grpc::CallbackGenericService {
   // Each taken call is answered exactly once; false when it is unknown (already answered, or stopped).
   bool answer(uint64_t id, const char* data, size_t size);
   bool refuse(uint64_t id, int code, const std::string& message, const std::string& pushback_ms);
+  // grpc.health.v1 status (HealthCheckResponse.ServingStatus) of a service; "" is the server.
+  void set_health(const std::string& service, int status);
+  // The event loop is alive: called by Python from the loop, more often than `loop_stall_s`.
+  void tick();
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
 
-  // Called by InferCall on gRPC's threads.
+  // Called by InferCall and HealthCall on gRPC's threads.
   void arrive(InferCall* call, grpc::ByteBuffer&& payload);
   void cancelled(uint64_t id);
+  std::optional<int> health(const std::string& service);  // none: unknown
 
  private:
+  bool loop_alive();
   // Refuses every call not yet answered (UNAVAILABLE), then shuts the server down. A serving process never
   // gets here: it ends without shutting gRPC down (GrpcServer.prepare_exit says why).
   void stop();
@@ -83,6 +93,8 @@ class Frontend final : public grpc::CallbackGenericService {
   std::vector<Arrival> queued_;
   std::vector<uint64_t> cancels_;
   std::unordered_map<uint64_t, InferCall*> taken_;  // queued or drained, not answered
+  std::unordered_map<std::string, int> health_;
+  std::chrono::steady_clock::time_point last_tick_;
 };
 
 }  // namespace tidal::frontend

@@ -17,12 +17,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2
 
 from live_server import ServerProcess, frontend_flags, start_server
 from onnx_models import add_sub, spin, write_config
 from tidal.proto import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 ECHO = "/test.Relay/Echo"
 CHAT = "/test.Relay/Chat"
 
@@ -67,7 +69,7 @@ def native(native_module, tmp_path: Path) -> Iterator[tuple[object, grpc.Channel
     relayed.add_generic_rpc_handlers((_Relayed(),))
     relayed.add_insecure_port(f"unix:{relay_path}")
     relayed.start()
-    frontend = native_module.Frontend("127.0.0.1:0", f"unix:{relay_path}", INFER, 1 << 20, 2)
+    frontend = native_module.Frontend("127.0.0.1:0", f"unix:{relay_path}", INFER, 0.5, 1 << 20, 2)
     port = frontend.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield frontend, channel
@@ -149,6 +151,37 @@ def test_other_methods_are_relayed_with_headers_deadline_status_and_trailers(nat
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/test.Relay/Missing")(b"")
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_health_checks_are_answered_natively_while_the_loop_ticks(native) -> None:
+    frontend, channel = native
+    check = channel.unary_unary(HEALTH_CHECK)
+    frontend.set_health("", health_pb2.HealthCheckResponse.SERVING)
+    frontend.set_health("m", health_pb2.HealthCheckResponse.NOT_SERVING)
+    frontend.tick()
+    for service, status in (("", "SERVING"), ("m", "NOT_SERVING")):
+        answer = health_pb2.HealthCheckResponse.FromString(check(_health_request(service)))
+        assert health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status) == status
+    refusals = {"unknown": _health_request("nope"), "malformed": b"\x0a\x05ab", "not UTF-8": b"\x0a\x01\xff"}
+    codes = {what: _refusal(check, body) for what, body in refusals.items()}
+    assert codes["unknown"] == (grpc.StatusCode.NOT_FOUND, "")
+    for what in ("malformed", "not UTF-8"):
+        assert codes[what][0] == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert "does not parse as grpc.health.v1.HealthCheckRequest" in codes[what][1], what
+    time.sleep(0.6)  # no tick for longer than loop_stall_s: the check goes to Python (here: no health service)
+    assert _refusal(check, _health_request(""))[0] == grpc.StatusCode.UNIMPLEMENTED
+    frontend.tick()
+    assert health_pb2.HealthCheckResponse.FromString(check(_health_request(""))).status == 1
+
+
+def _health_request(service: str) -> bytes:
+    return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+
+def _refusal(method, body: bytes) -> tuple:
+    with pytest.raises(grpc.RpcError) as err:
+        method(body, timeout=10)
+    return err.value.code(), err.value.details()
 
 
 def test_a_relayed_stream_cancelled_by_its_client_ends(native) -> None:
@@ -236,6 +269,21 @@ def test_every_request_gets_the_same_answer_from_both_front_ends(pair: dict[str,
         grpcio, native = (_outcome(channels[name], payload) for name in ("grpcio", "native"))
         assert native == grpcio, what
     assert _outcome(channels["native"], REQUESTS["ok"])[0] == "OK"
+
+
+def test_health_answers_alike_on_both_front_ends(pair: dict[str, ServerProcess]) -> None:
+    channels = {name: grpc.insecure_channel(server.url) for name, server in pair.items()}
+    bodies = [_health_request(s) for s in ("", "liveness", "simple", "nope")] + [b"\x0a\x05ab", b"\x0a\x01\xff"]
+    for body in bodies:
+        grpcio, native = (_check(channels[name], body) for name in ("grpcio", "native"))
+        assert native == grpcio, body
+
+
+def _check(channel: grpc.Channel, body: bytes) -> tuple:
+    try:
+        return ("OK", channel.unary_unary(HEALTH_CHECK)(body, timeout=10))
+    except grpc.RpcError as exc:
+        return (exc.code(), exc.details())
 
 
 def _spin(trips: int) -> bytes:

@@ -26,6 +26,9 @@ class _Native:
     def fileno(self) -> int:
         return self._reader
 
+    def tick(self) -> None:
+        pass
+
     def drain(self):
         os.read(self._reader, 64)
         return self._batches.pop() if self._batches else ([], [])

@@ -6,8 +6,10 @@ saturates the loop. Here gRPC C++ accepts calls on its own threads. ModelInfer c
 the loop takes all that arrived at once, when an eventfd says there are some: one wake-up and one GIL
 acquisition for a burst of calls. Each then runs the same servicer and data plane code as under grpcio
 (admission, decoding, limits, scheduling, statistics, metrics, errors and their messages), and its answer
-goes back as bytes. Every other method is relayed by the native side, byte for byte, to the grpcio server
-on a private Unix socket, so metadata, health, reflection, control and streaming keep their behaviour.
+goes back as bytes. Health checks are answered natively from the statuses the server sets, while the loop
+ticks: a probe never waits behind a saturated loop, and still fails when the loop hangs (its checks then go
+to Python). Every other method is relayed by the native side, byte for byte, to the grpcio server on a
+private Unix socket, so metadata, reflection, control and streaming keep their behaviour.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tidal.transport.status import GRPC_STATUS
 log = logging.getLogger(__name__)
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+TICK_S = 0.1  # how often the loop shows the native side it is alive
+LOOP_STALL_S = 1.0  # a loop silent this long answers health checks itself (or, hung, does not)
 
 
 def available() -> str | None:
@@ -70,7 +74,8 @@ class NativeFrontend:
         """A front end for `target` that relays all but ModelInfer to `relay_target`."""
         from tidal import _frontend
 
-        native = _frontend.Frontend(target, relay_target, INFER_METHOD, max_message_bytes, max_pending_rpcs)
+        native = _frontend.Frontend(target, relay_target, INFER_METHOD, LOOP_STALL_S, max_message_bytes,
+                                    max_pending_rpcs)
         return cls(servicer, native, tokens)
 
     def start(self) -> int:
@@ -81,7 +86,17 @@ class NativeFrontend:
             raise OSError(str(exc)) from None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._native.fileno(), self._drain)
+        self._tick()
         return port
+
+    def set_health(self, service: str, status: int) -> None:
+        """A grpc.health.v1 status, as set on the grpcio server's health servicer."""
+        self._native.set_health(service, status)
+
+    def _tick(self) -> None:
+        self._native.tick()
+        assert self._loop is not None
+        self._loop.call_later(TICK_S, self._tick)
 
     def _drain(self) -> None:
         arrived, gone = self._native.drain()

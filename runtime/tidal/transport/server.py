@@ -161,7 +161,7 @@ class GrpcServer:
             self.port = bound
         if self._native is None:
             await self._server.start()
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         # Said at start-up: a closed-loop load test with more calls outstanding than this sees them refused.
         if self._native is not None:
             log.info("the native front end holds up to %d ModelInfer calls that the event loop has not taken, and "
@@ -184,17 +184,22 @@ class GrpcServer:
             if umask is not None:
                 os.umask(umask)
 
+    async def _set_health(self, service: str, status: int) -> None:
+        await self.health.set(service, status)
+        if self._native is not None:
+            self._native.set_health(service, status)
+
     async def set_serving(self, service: str, serving: bool) -> None:
         if self._draining:
             return  # a model state change while draining must not turn readiness back on
         self._health_names.add(service)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set(service, status)
+        await self._set_health(service, status)
 
     async def set_draining(self) -> None:
         """Readiness off for the server and every model; liveness stays on until the process ends."""
         for name in self._health_names:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._draining = True
 
     async def prepare_exit(self, linger_s: float) -> None:
