@@ -31,11 +31,13 @@ chromium:
 	  { echo "the status page test needs Debian's chromium: run 'sudo apt-get install chromium'" >&2; exit 1; }
 
 # gRPC C++ for the native front end (`tidal serve --frontend native`), from Debian's packages when run as root;
-# elsewhere tidal builds without it and serves through grpcio.
+# elsewhere tidal builds without it and serves through grpcio. gRPC's CMake package also wants its code
+# generators (protobuf-compiler-grpc). Order-only: a venv built before these were installed is not rebuilt.
+GRPC_CPP := libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc
 grpc-cpp:
-	@dpkg -s libgrpc++-dev libprotobuf-dev >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q libgrpc++-dev libprotobuf-dev >/dev/null 2>&1 || \
-	  { apt-get update -q >/dev/null && apt-get install -y -q libgrpc++-dev libprotobuf-dev >/dev/null; }; }; } || \
-	  echo "note: no gRPC C++ (sudo apt-get install libgrpc++-dev); the native front end is not built" >&2
+	@dpkg -s $(GRPC_CPP) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q $(GRPC_CPP) >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q $(GRPC_CPP) >/dev/null; }; }; } || \
+	  echo "note: no gRPC C++ (sudo apt-get install $(GRPC_CPP)); the native front end is not built" >&2
 
 lint: $(VENV)/.test-extra
 	$(BIN)/ruff check .

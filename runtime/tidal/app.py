@@ -93,8 +93,8 @@ def _tokens(options: ServeOptions) -> TokenFile | None:
 # The share of the tightest SLO a call may spend in the backlog before the event loop takes it, and the rate
 # at which one event loop takes calls: under grpcio, a bare grpc.aio echo answers 1,400-2,800 1-row calls/s on
 # 2-core hosts, AVX2-only and AVX-512 alike, and tidal's 1-row capacity within a 50 ms SLO measured
-# 1,164-2,842/s. The native front end hands calls over in bulk: the demo took 4,760-4,920/s at concurrency 128
-# (AVX-512 host; perf/RESULTS.md, "Request path").
+# 1,164-2,842/s. The native front end hands calls over in bulk: 4,441/s within the demo's SLO on one core
+# (perf/RELIABILITY.md, run 11), 4,907-5,266/s on the small MLP at concurrency 128 (RESULTS, "Request path").
 BACKLOG_SLO_SHARE = 0.5
 LOOP_ACCEPTS_PER_MS = 2.0
 NATIVE_LOOP_ACCEPTS_PER_MS = 5.0
@@ -341,6 +341,7 @@ async def serve(options: ServeOptions) -> int:
         await app.start()
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        app.server.remove_relay()
         return 1
     await app.wait_for_shutdown()
     await app.stop()

@@ -31,7 +31,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-model", action="append", default=[], metavar="NAME", help="load only these models (repeat)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest gRPC message")
     p.add_argument("--max-pending-rpcs", type=bounded(int, 1, 1_000_000),
-                   help="calls gRPC core may hold for the event loop, per method, before it drops new ones "
+                   help="calls gRPC core may hold for the event loop, per method, before it drops new ones; with "
+                   "--frontend native, ModelInfer calls waiting for the loop before new ones are refused "
                    f"(default: sized from the tightest configured SLO; {DEFAULT_MAX_PENDING_RPCS} without one)")
     p.add_argument("--drain-grace-s", type=NON_NEGATIVE, default=30.0, help="time for in-flight requests on shutdown")
     p.add_argument(

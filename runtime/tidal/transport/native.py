@@ -22,11 +22,9 @@ from typing import Any
 
 import grpc
 
-from tidal.dataplane.failures import clip
 from tidal.errors import TidalError
-from tidal.transport.security import TokenFile, refusal
-from tidal.transport.servicer import InferenceServicer
-from tidal.transport.status import GRPC_STATUS
+from tidal.transport.security import TokenFile, token_refusal
+from tidal.transport.servicer import InferenceServicer, status_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ def available() -> str | None:
         from tidal import _frontend  # noqa: F401
     except ImportError as exc:
         return (f"this build of tidal has no native gRPC front end ({exc}); install gRPC C++ "
-                "(Debian: apt-get install libgrpc++-dev) and reinstall tidal")
+                "(Debian: apt-get install libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc) and reinstall tidal")
     return None
 
 
@@ -50,8 +48,7 @@ def _code(status: grpc.StatusCode) -> int:
 
 
 class NativeFrontend:
-    """Binds `target` natively and serves ModelInfer through `servicer`; relays the rest to `relay_target`.
-    Event-loop only, except that answers may come from any thread."""
+    """Serves ModelInfer through `servicer` from a native front end that relays the rest. Event-loop only."""
 
     def __init__(self, servicer: InferenceServicer, native: Any, tokens: TokenFile | None) -> None:
         """`native`: a tidal._frontend.Frontend, not started (see `binding`)."""
@@ -119,16 +116,15 @@ class NativeFrontend:
         under grpcio, where the handler reads what is left when it starts."""
         native = self._native
         if self._tokens is not None:
-            refused = refusal(self._tokens, INFER_METHOD, (("authorization", authorization or b""),))
+            refused = token_refusal(self._tokens, INFER_METHOD, (("authorization", authorization or b""),))
             if refused is not None:
                 native.refuse(call_id, _code(refused[0]), refused[1], "")
                 return
         remaining_s = None if deadline_s is None else deadline_s - time.monotonic()
         answer = await self._servicer.infer_payload(payload, remaining_s)
         if isinstance(answer, TidalError):
-            pushback = getattr(answer, "pushback_ms", None)
-            native.refuse(call_id, _code(GRPC_STATUS[answer.code]), clip(str(answer)),
-                          "" if pushback is None else str(pushback))
+            code, message, pushback = status_of(answer)
+            native.refuse(call_id, _code(code), message, pushback or "")
         else:
             native.answer(call_id, answer)
 

@@ -274,7 +274,9 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     return make(refuse, handler.request_deserializer, handler.response_serializer)
 
 
-def refusal(tokens: TokenFile, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+def token_refusal(
+    tokens: TokenFile, method: str, metadata: tuple[tuple[str, str | bytes], ...] | None
+) -> tuple[grpc.StatusCode, str] | None:
     """Why a call of `method` with these headers may not run, or None: the rule of every gRPC front end."""
     if method in OPEN_METHODS:
         return None
@@ -304,5 +306,5 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        refused = refusal(self._tokens, details.method, details.invocation_metadata)
+        refused = token_refusal(self._tokens, details.method, details.invocation_metadata)
         return handler if refused is None else _refusal(handler, *refused)

@@ -7,11 +7,13 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import shutil
 import socket
 import stat
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -124,11 +126,12 @@ class GrpcServer:
         else:
             self._target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self._native: NativeFrontend | None = None
-        self._relay_dir: str | None = None
+        self._relay_dir: Path | None = None
         if native:
             if credentials is not None:
                 raise ValueError("the native front end serves plaintext only (loopback or a Unix socket)")
-            self._relay_dir = tempfile.mkdtemp(prefix="tidal-grpc-")  # 0700: only this user reaches the relay
+            # Made (0700: only this user reaches the relay) by start(), removed by prepare_exit or remove_relay.
+            self._relay_dir = Path(tempfile.gettempdir()) / f"tidal-grpc-{os.getpid()}-{secrets.token_hex(4)}"
             relay = f"unix:{self._relay_dir}/relay.sock"
             self._native = NativeFrontend.binding(servicer, self._target, relay, max_message_bytes, max_pending_rpcs,
                                                   tokens)
@@ -143,6 +146,8 @@ class GrpcServer:
         """Bind and start; returns the bound port (useful with port 0; 0 for a Unix socket)."""
         if self.unix_path is not None:
             check_socket_path_free(self.unix_path)
+        if self._relay_dir is not None:
+            self._relay_dir.mkdir(mode=0o700)
         try:
             if self._credentials is not None:
                 bound = self._server.add_secure_port(self._grpcio_target, self._credentials)
@@ -151,6 +156,7 @@ class GrpcServer:
         except RuntimeError:  # newer grpcio raises where older ones returned port 0
             bound = 0
         if bound == 0:
+            self.remove_relay()
             raise OSError(f"cannot bind gRPC to {self._grpcio_target} (address in use or not available)")
         if self._native is not None:
             await self._server.start()  # the relay first: the native port relays to it from its first call
@@ -177,8 +183,7 @@ class GrpcServer:
         try:
             return native.start()
         except OSError:
-            if self._relay_dir is not None:
-                shutil.rmtree(self._relay_dir, ignore_errors=True)
+            self.remove_relay()
             raise
         finally:
             if umask is not None:
@@ -216,5 +221,9 @@ class GrpcServer:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
+        self.remove_relay()
+
+    def remove_relay(self) -> None:
+        """The native front end's private folder goes with the process, whether it started or failed to."""
         if self._relay_dir is not None:
             shutil.rmtree(self._relay_dir, ignore_errors=True)

@@ -76,12 +76,18 @@ LARGE_REQUEST_BYTES = 1 << 20
 SWEEP_DELAY_S = 0.05  # one collection covers every large refusal in this window
 
 
+def status_of(exc: TidalError) -> tuple[grpc.StatusCode, str, str | None]:
+    """The status, message and `grpc-retry-pushback-ms` trailer (None: none) that answer `exc` on every gRPC
+    front end."""
+    pushback = getattr(exc, "pushback_ms", None)
+    return GRPC_STATUS[exc.code], clip(str(exc)), None if pushback is None else str(pushback)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: TidalError) -> None:
     """Answer with `exc`'s status, as trailers only: that is what gRPC clients' retry policies can retry (a
     status sent after response headers commits the call), and where they read `grpc-retry-pushback-ms`."""
-    pushback = getattr(exc, "pushback_ms", None)
-    trailers = (("grpc-retry-pushback-ms", str(pushback)),) if pushback is not None else ()
-    await context.abort(GRPC_STATUS[exc.code], clip(str(exc)), trailers)
+    code, message, pushback = status_of(exc)
+    await context.abort(code, message, (("grpc-retry-pushback-ms", pushback),) if pushback is not None else ())
 
 
 class _Sweeper:
@@ -163,15 +169,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return answer
 
     async def infer_payload(self, payload: bytes, remaining_s: float | None) -> bytes | TidalError:
-        """ModelInfer for a front end that hands over the message's bytes (transport/native.py)."""
+        """ModelInfer for a front end that hands over the message's bytes (transport/native.py). Its refusals
+        are returned, never raised, so no aborted call holds the request in a cycle (no _Sweeper here)."""
         msg = _read_infer_request(payload)
         if isinstance(msg, Unreadable):
             return InvalidArgument(msg.reason)
         answer = await self._infer(msg, remaining_s)
-        if isinstance(answer, TidalError):
-            self._sweeper.refused(len(payload))
-            return answer
-        return answer.SerializeToString()
+        return answer if isinstance(answer, TidalError) else answer.SerializeToString()
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
