@@ -14,7 +14,9 @@ import pytest
 from tidal.demo import ensure_demo_repository
 from tidal.plan_cli import measure_capacity_rps, no_work_repository, serving
 
-ROUNDS = 3
+# Single rounds on a shared 2-core host vary widely (perf/bench_fleet.py: +8..-45%); the median of five is what
+# the 20% bound is held to.
+ROUNDS = 5
 
 
 def plan_capacity_rps(repository: Path, path_rps: float) -> float:
