@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,13 +23,27 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repo"))
 
 
-@pytest.fixture(scope="session", params=FRONTENDS)
-def server(repository: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    """The shared server, once per gRPC front end: every test on it holds for both."""
-    srv = start_server(repository, *frontend_flags(request.param))
-    yield srv
-    code = srv.stop()
-    assert code == 0, f"tidal exited with {code} on SIGTERM:\n{srv.log()}"
+@pytest.fixture(scope="session")
+def shared_servers(repository: Path) -> Iterator[Callable[[str], ServerProcess]]:
+    """One server per gRPC front end for the whole session, each started when first asked for."""
+    started: dict[str, ServerProcess] = {}
+
+    def get(frontend: str) -> ServerProcess:
+        if frontend not in started:
+            started[frontend] = start_server(repository, *frontend_flags(frontend))
+        return started[frontend]
+
+    yield get
+    codes = {frontend: srv.stop() for frontend, srv in started.items()}
+    failed = {frontend: started[frontend].log() for frontend, code in codes.items() if code}
+    assert not failed, f"tidal exited non-zero on SIGTERM: {codes}\n{failed}"
+
+
+@pytest.fixture(scope="module", params=FRONTENDS)
+def server(shared_servers: Callable[[str], ServerProcess], request: pytest.FixtureRequest) -> ServerProcess:
+    """The shared server, on each gRPC front end: every test on it holds for both. Module-scoped, so pytest
+    keeps the modules in their order (a session-scoped parameter regroups the whole suite by front end)."""
+    return shared_servers(request.param)
 
 
 @pytest.fixture(scope="module")
