@@ -2,7 +2,6 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
-#include <cstring>
 #include <vector>
 
 #include "frontend.h"
@@ -15,16 +14,9 @@ using tidal::frontend::Options;
 namespace {
 
 nb::bytes payload_bytes(const grpc::ByteBuffer& buffer) {
-  std::vector<grpc::Slice> slices;
-  (void)buffer.Dump(&slices);
-  if (slices.size() == 1) return nb::bytes(reinterpret_cast<const char*>(slices[0].begin()), slices[0].size());
   PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(buffer.Length()));
   if (out == nullptr) throw nb::python_error();
-  char* at = PyBytes_AS_STRING(out);
-  for (const auto& slice : slices) {
-    std::memcpy(at, slice.begin(), slice.size());
-    at += slice.size();
-  }
+  tidal::frontend::copy_out(buffer, PyBytes_AS_STRING(out));
   return nb::steal<nb::bytes>(out);
 }
 

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <stdexcept>
 #include <utility>
 
@@ -94,16 +95,16 @@ std::optional<std::string> health_service(const std::string& message) {
   return service;
 }
 
-std::string dump(const grpc::ByteBuffer& buffer) {
+}  // namespace
+
+void copy_out(const grpc::ByteBuffer& buffer, char* out) {
   std::vector<grpc::Slice> slices;
   (void)buffer.Dump(&slices);
-  std::string out;
-  out.reserve(buffer.Length());
-  for (const auto& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-  return out;
+  for (const auto& slice : slices) {
+    std::memcpy(out, slice.begin(), slice.size());
+    out += slice.size();
+  }
 }
-
-}  // namespace
 
 // A health check, answered from the statuses Python set, with the statuses and messages of Python's servicer.
 class HealthCall final : public grpc::ServerGenericBidiReactor {
@@ -115,7 +116,8 @@ class HealthCall final : public grpc::ServerGenericBidiReactor {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "Check takes one request message, got none"));
       return;
     }
-    std::string message = dump(request_);
+    std::string message(request_.Length(), '\0');
+    copy_out(request_, message.data());
     std::optional<std::string> service = health_service(message);
     if (!service) {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

@@ -46,6 +46,9 @@ struct Options {
 
 class InferCall;
 
+// A message's bytes, however gRPC sliced them, written contiguously to `out` (ByteBuffer::Length() bytes).
+void copy_out(const grpc::ByteBuffer& buffer, char* out);
+
 class Frontend final : public grpc::CallbackGenericService {
  public:
   explicit Frontend(Options options);

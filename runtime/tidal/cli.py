@@ -111,10 +111,6 @@ def _serve(args: argparse.Namespace) -> int:
         if (why := available()) is not None:
             print(f"tidal: --frontend native: {why}", file=sys.stderr)
             return 2
-        if args.tls_cert:
-            print("tidal: --frontend native serves plaintext only; serve TLS with the default --frontend grpcio",
-                  file=sys.stderr)
-            return 2
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     options = ServeOptions(
         model_repository=repository,

@@ -12,7 +12,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from certs import CA, Issued
-from live_server import ServerProcess, start_server, tidal_command
+from live_server import ServerProcess, frontend_flags, start_server, tidal_command
 from onnx_models import SIMPLE_CONFIG, add_sub, write_config
 
 
@@ -164,3 +164,11 @@ def test_tidal_health_and_control_reach_a_mutual_tls_port(repo: Path, pki: dict)
         assert status.returncode == 0 and "simple:1" in status.stdout, status.stderr
         plaintext = tidal_command("health", "-u", srv.url, "--timeout-s", "5")
         assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+
+
+def test_the_native_front_end_refuses_tls_at_start_up(repo: Path, pki: dict) -> None:
+    flags = frontend_flags("native")
+    with pytest.raises(RuntimeError, match="tidal exited with 2") as err:
+        start_server(repo, "--no-metrics", "--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key),
+                     *flags)
+    assert "--frontend native serves plaintext only" in str(err.value)

@@ -20,6 +20,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from tidal.errors import ConfigError
 from tidal.proto import POOL
 from tidal.proto import control_pb2 as cpb
 from tidal.proto import control_pb2_grpc as cpb_grpc
@@ -129,7 +130,8 @@ class GrpcServer:
         self._relay_dir: Path | None = None
         if native:
             if credentials is not None:
-                raise ValueError("the native front end serves plaintext only (loopback or a Unix socket)")
+                raise ConfigError("--frontend native serves plaintext only (loopback, a Unix socket, or behind a mesh "
+                                  "that terminates TLS); serve TLS with the default --frontend grpcio")
             # Made (0700: only this user reaches the relay) by start(), removed by prepare_exit or remove_relay.
             self._relay_dir = Path(tempfile.gettempdir()) / f"tidal-grpc-{os.getpid()}-{secrets.token_hex(4)}"
             relay = f"unix:{self._relay_dir}/relay.sock"
