@@ -5,9 +5,10 @@
 //
 // How: CPUID faulting (Linux arch_prctl(ARCH_SET_CPUID, 0), "cpuid_fault" in /proc/cpuinfo) turns every CPUID
 // into SIGSEGV in this thread and the threads it creates. The handler runs the real CPUID with faulting off
-// for that moment, clears the hidden bits and steps over the instruction; any other SIGSEGV gets the default
-// action. execve resets faulting; the constructor re-arms it in children that inherit LD_PRELOAD.
-// A SIGSEGV handler installed later (e.g. Python's faulthandler) replaces this one: keep them off.
+// for that moment, clears the hidden bits and steps over the instruction. A SIGSEGV handler the program
+// installs (Python's faulthandler, Node's and V8's) is kept aside by the interposed sigaction() and gets every
+// other SIGSEGV; without one, the default action. execve resets faulting; the constructor re-arms it in
+// children that inherit LD_PRELOAD.
 //
 // Build: cc -O2 -shared -fPIC -o isa_mask.so isa_mask.c -ldl   (perf/bench_int8.py --hide-isa does this)
 #define _GNU_SOURCE
@@ -54,17 +55,26 @@ static int g_hide_avx512, g_hide_vnni;
 static char* g_cpuinfo;  // /proc/cpuinfo with the hidden flags removed
 static size_t g_cpuinfo_len;
 
+static struct sigaction g_program;  // the program's own SIGSEGV disposition, which it believes installed
+static int g_armed;
+static int (*g_sigaction)(int, const struct sigaction*, struct sigaction*);
+
 static void add(const struct hidden_bits* h, size_t n) {
     for (size_t i = 0; i < n; ++i) g_mask[h[i].subleaf][h[i].reg] |= h[i].bits;
 }
 
 static void on_segv(int sig, siginfo_t* info, void* context) {
-    (void)sig;
     greg_t* r = ((ucontext_t*)context)->uc_mcontext.gregs;
     const unsigned char* ip = (const unsigned char*)r[REG_RIP];
     // A faulted CPUID is a general protection fault (SI_KERNEL); only then is RIP known to be readable code.
     if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
-        signal(SIGSEGV, SIG_DFL);  // the instruction faults again, now with the default action
+        if (g_program.sa_flags & SA_SIGINFO) {
+            g_program.sa_sigaction(sig, info, context);
+        } else if (g_program.sa_handler == SIG_IGN || g_program.sa_handler == SIG_DFL) {
+            g_sigaction(SIGSEGV, &g_program, NULL);  // the instruction faults again, now with that action
+        } else {
+            g_program.sa_handler(sig);
+        }
         return;
     }
     const int saved = errno;
@@ -192,6 +202,16 @@ FILE* fopen(const char* path, const char* how) {
 
 FILE* fopen64(const char* path, const char* how) __attribute__((alias("fopen")));
 
+// The program's SIGSEGV handler goes to g_program, and this library's stays installed; other signals pass.
+int sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
+    if (g_sigaction == NULL)
+        g_sigaction = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
+    if (sig != SIGSEGV || !g_armed) return g_sigaction(sig, act, old);
+    if (old != NULL) *old = g_program;
+    if (act != NULL) g_program = *act;
+    return 0;
+}
+
 __attribute__((constructor)) static void arm(void) {
     const char* groups = getenv("TIDAL_HIDE_ISA");
     if (groups == NULL || *groups == '\0') return;
@@ -215,8 +235,11 @@ __attribute__((constructor)) static void arm(void) {
     sa.sa_sigaction = on_segv;
     sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
+    if (g_sigaction == NULL)
+        g_sigaction = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
+    if (g_sigaction(SIGSEGV, &sa, &g_program) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         perror("isa_mask: CPUID faulting unavailable (needs 'cpuid_fault' in /proc/cpuinfo)");
         _exit(2);
     }
+    g_armed = 1;
 }

@@ -54,7 +54,6 @@ def run(hide: str, command: list[str]) -> int:
             print(f"isa_mask: cannot build {SOURCE.name} (cc: {built.returncode}):\n{built.stderr}", file=sys.stderr)
             return BROKEN
         env = os.environ | {"LD_PRELOAD": str(lib), "TIDAL_HIDE_ISA": hide}
-        env.pop("PYTHONFAULTHANDLER", None)  # its SIGSEGV handler would replace the mask's
         return subprocess.run(command, env=env).returncode
 
 

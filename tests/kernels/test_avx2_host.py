@@ -68,7 +68,7 @@ def test_an_avx2_only_host_gets_exact_kernels(tmp_path: Path) -> None:
         pytest.skip("this CPU lacks AVX2: hiding extensions cannot emulate an AVX2 host")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "perf" / "isa_mask.py"), "--hide", "avx512,vnni", "--",
-         sys.executable, "-c", _UNDER_MASK, str(tmp_path)],
+         sys.executable, "-X", "faulthandler", "-c", _UNDER_MASK, str(tmp_path)],  # its SIGSEGV handler chained
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
     )  # fmt: skip
     if proc.returncode == CANNOT:
