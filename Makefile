@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 $(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*) $(wildcard kernels/frontend/*) | grpc-cpp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e .
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu]'
 	touch $@
 
 # The test extra on top (the second editable install reuses the first one's CMake build folder).
 $(VENV)/.test-extra: $(BIN)/tidal
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu,test]'
 	touch $@
 
 install: $(BIN)/tidal

@@ -276,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         args = _health_parser().parse_args(argv)
         logs.setup(args.log_level, args.log_format)
         return args.func(args)
+    from tidal.backends import onnxruntime_missing
+
+    if (why := onnxruntime_missing()) is not None:  # every parser but health's imports the server, and with it ORT
+        print(f"tidal: {why}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # plain `tidal` serves the demo, like `tidal serve`

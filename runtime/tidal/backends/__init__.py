@@ -8,6 +8,7 @@ modules per device: `int8` on a GPU instance is the CUDA GEMM (backends/cuda_int
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable
 
 from tidal.backends.base import Backend, BackendFactory, BackendOptions
@@ -22,6 +23,14 @@ _MODULES = {
     ("int8", "gpu"): "tidal.backends.cuda_int8",
     ("tensorrt", "gpu"): "tidal.backends.tensorrt",
 }
+
+
+def onnxruntime_missing() -> str | None:
+    """Why ONNX Runtime cannot be imported, with the fix: tidal depends on neither of its two wheels, which
+    install the same module, so a plain `pip install tidal` has none."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "ONNX Runtime is not installed: pip install 'tidal[cpu]', or 'tidal[gpu]' on a host with NVIDIA GPUs"
+    return None
 
 
 def names() -> list[str]:
@@ -42,7 +51,8 @@ def factory(name: str, device: str = "cpu") -> BackendFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"backend '{name}' is not available on this machine: {exc}") from exc
+        reason = onnxruntime_missing() if exc.name == "onnxruntime" else None
+        raise ConfigError(f"backend '{name}' is not available on this machine: {reason or exc}") from exc
     return module.load
 
 
@@ -70,4 +80,4 @@ def gpu_blocker(candidates: Iterable[str]) -> str | None:
 
 
 __all__ = ["Backend", "BackendFactory", "BackendOptions", "factory", "gpu_blocker", "gpu_unavailable", "names",
-           "runs_on"]
+           "onnxruntime_missing", "runs_on"]
