@@ -46,12 +46,12 @@ NB_MODULE(_frontend, m) {
       .def(
           "__init__",
           [](Frontend* self, std::string address, std::string relay_target, std::string infer_method,
-             double loop_stall_s, int max_message_bytes, int max_pending) {
+             double loop_stall_s, int max_message_bytes, int max_pending, int max_pushback_ms) {
             new (self) Frontend(Options{std::move(address), std::move(relay_target), std::move(infer_method),
-                                        loop_stall_s, max_message_bytes, max_pending});
+                                        loop_stall_s, max_message_bytes, max_pending, max_pushback_ms});
           },
           nb::arg("address"), nb::arg("relay_target"), nb::arg("infer_method"), nb::arg("loop_stall_s"),
-          nb::arg("max_message_bytes"), nb::arg("max_pending"))
+          nb::arg("max_message_bytes"), nb::arg("max_pending"), nb::arg("max_pushback_ms"))
       .def("start", &Frontend::start, nb::call_guard<nb::gil_scoped_release>(),
            "Bind and start; the bound port (0 for a Unix socket). RuntimeError when it cannot bind.")
       .def("fileno", &Frontend::event_fd, "An eventfd, readable while calls wait to be drained.")

@@ -4,9 +4,11 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <utility>
@@ -353,7 +355,7 @@ void Frontend::notify_locked() {
 
 void Frontend::arrive(InferCall* call, grpc::ByteBuffer&& payload) {
   auto* ctx = call->context();
-  Arrival arrival{0, std::move(payload), deadline_of(ctx), std::nullopt};
+  Arrival arrival{0, std::move(payload), deadline_of(ctx), std::nullopt, std::chrono::steady_clock::now()};
   auto found = ctx->client_metadata().find("authorization");
   if (found != ctx->client_metadata().end()) arrival.authorization.emplace(found->second.data(), found->second.size());
   std::unique_lock<std::mutex> lock(mutex_);
@@ -364,11 +366,17 @@ void Frontend::arrive(InferCall* call, grpc::ByteBuffer&& payload) {
   }
   if (static_cast<int>(queued_.size()) >= options_.max_pending) {
     size_t waiting = queued_.size();
+    // What the oldest waiting call has waited is what a retry would wait now: the hint, as Python's are, is
+    // at least 1 ms (0 invites a retry into the same overload) and at most max_pushback_ms.
+    double waited_ms = queued_.empty() ? 0.0
+        : std::chrono::duration<double, std::milli>(arrival.arrived - queued_.front().arrived).count();
+    long pushback = std::lround(std::clamp(waited_ms, 1.0, static_cast<double>(options_.max_pushback_ms)));
     lock.unlock();
     call->refuse(static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED),
                  "the server's backlog is full: " + std::to_string(waiting) +
-                     " calls wait for the event loop to take them (--max-pending-rpcs); retry later or on another replica",
-                 "");
+                     " calls wait for the event loop to take them (--max-pending-rpcs); retry after " +
+                     std::to_string(pushback) + " ms or on another replica",
+                 std::to_string(pushback));
     return;
   }
   call->id = arrival.id = next_id_++;

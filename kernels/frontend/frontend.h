@@ -33,6 +33,7 @@ struct Arrival {
   grpc::ByteBuffer payload;
   std::optional<double> deadline_s;  // the client's deadline on CLOCK_MONOTONIC; none when it set none
   std::optional<std::string> authorization;
+  std::chrono::steady_clock::time_point arrived;  // the age of the oldest is the backlog's wait, for pushback
 };
 
 struct Options {
@@ -42,6 +43,7 @@ struct Options {
   double loop_stall_s;        // health checks go to Python once the loop has not ticked for this long
   int max_message_bytes;
   int max_pending;            // calls queued for Python; beyond it a call is refused at once
+  int max_pushback_ms;        // the longest retry hint a refusal gives (tidal.errors.MAX_PUSHBACK_MS)
 };
 
 class InferCall;

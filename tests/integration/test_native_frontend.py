@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from live_server import ServerProcess, frontend_flags, start_server
 from onnx_models import add_sub, spin, write_config
+from tidal.errors import MAX_PUSHBACK_MS
 from tidal.proto import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -69,7 +70,7 @@ def native(native_module, tmp_path: Path) -> Iterator[tuple[object, grpc.Channel
     relayed.add_generic_rpc_handlers((_Relayed(),))
     relayed.add_insecure_port(f"unix:{relay_path}")
     relayed.start()
-    frontend = native_module.Frontend("127.0.0.1:0", f"unix:{relay_path}", INFER, 0.5, 1 << 20, 2)
+    frontend = native_module.Frontend("127.0.0.1:0", f"unix:{relay_path}", INFER, 0.5, 1 << 20, 2, MAX_PUSHBACK_MS)
     port = frontend.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield frontend, channel
@@ -121,6 +122,8 @@ def test_beyond_the_backlog_calls_are_refused_at_once(native) -> None:
     [refused] = [f for f in calls if f.done()]
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "backlog is full: 2 calls wait" in refused.details() and "--max-pending-rpcs" in refused.details()
+    pushback = int(dict(refused.trailing_metadata())["grpc-retry-pushback-ms"])  # the oldest call's wait so far
+    assert 1 <= pushback <= MAX_PUSHBACK_MS and f"retry after {pushback} ms" in refused.details()
     queued, _ = _drain(frontend, 2)
     for call_id, payload, _, _ in queued:
         frontend.answer(call_id, payload)

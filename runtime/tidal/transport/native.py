@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from tidal.errors import TidalError
+from tidal.errors import MAX_PUSHBACK_MS, TidalError
 from tidal.transport.security import TokenFile, token_refusal
 from tidal.transport.servicer import InferenceServicer, status_of
 
@@ -72,7 +72,7 @@ class NativeFrontend:
         from tidal import _frontend
 
         native = _frontend.Frontend(target, relay_target, INFER_METHOD, LOOP_STALL_S, max_message_bytes,
-                                    max_pending_rpcs)
+                                    max_pending_rpcs, MAX_PUSHBACK_MS)
         return cls(servicer, native, tokens)
 
     def start(self) -> int:
