@@ -92,7 +92,8 @@ def test_without_cuda_ep_the_refusal_says_how_to_install(mlp: Path, monkeypatch)
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", no_gpu_wheel)
-    with pytest.raises(GpuUnavailable, match=r"no CUDAExecutionProvider .*pip install 'tidal\[gpu\]'"):
+    replace = r"pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+    with pytest.raises(GpuUnavailable, match=rf"no CUDAExecutionProvider .*{replace}"):
         ort_gpu.providers(mlp, _gpu(), ["CPUExecutionProvider"])
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.31.1")
     with pytest.raises(GpuUnavailable, match=r"CPU-only onnxruntime was installed over it.*onnxruntime-gpu==1\.31\.1"):

@@ -361,7 +361,7 @@ def test_optimize_refuses_early_without_tensorrt_or_a_gpu(fakes, tmp_path: Path,
         engines.check_available()
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.delitem(sys.modules, "tidal.backends.tensorrt")
-    with pytest.raises(ConfigError, match=r"needs TensorRT 10 or later.*pip install 'tidal\[gpu\]'"):
+    with pytest.raises(ConfigError, match=r"needs TensorRT 10 or later.*tensorrt extra: pip install 'tensorrt>=10'"):
         engines.check_available()
     # Through the CLI: refused before any variant is built (the model file does not even exist).
     argv = ["optimize", str(tmp_path / "absent.onnx"), "--repository", str(tmp_path / "r"), "--name", "m",

@@ -46,10 +46,11 @@ def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_onnxruntime")
 def test_the_command_line_names_the_extras(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve"]) == 2
-    assert "ONNX Runtime is not installed: pip install 'tidal[cpu]', or 'tidal[gpu]'" in capsys.readouterr().err
+    assert f"ONNX Runtime is not installed: {sys.executable} -m pip install onnxruntime (tidal's cpu extra), or " \
+           "onnxruntime-gpu (its gpu extra)" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("no_onnxruntime")
 def test_a_model_load_names_the_extras() -> None:
-    with pytest.raises(ConfigError, match=r"backend 'onnxruntime' is not available.*pip install 'tidal\[cpu\]'"):
+    with pytest.raises(ConfigError, match=r"'onnxruntime' is not available.*install onnxruntime \(tidal's cpu extra\)"):
         factory("onnxruntime")

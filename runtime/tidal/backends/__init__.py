@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Iterable
 
 from tidal.backends.base import Backend, BackendFactory, BackendOptions
@@ -27,9 +28,11 @@ _MODULES = {
 
 def onnxruntime_missing() -> str | None:
     """Why ONNX Runtime cannot be imported, with the fix: tidal depends on neither of its two wheels, which
-    install the same module, so a plain `pip install tidal` has none."""
+    install the same module, so an install without the `cpu` or `gpu` extra has none. The fix names the wheels
+    and this interpreter's pip: tidal installs from its checkout, where `tidal[cpu]` would mean PyPI's."""
     if importlib.util.find_spec("onnxruntime") is None:
-        return "ONNX Runtime is not installed: pip install 'tidal[cpu]', or 'tidal[gpu]' on a host with NVIDIA GPUs"
+        return (f"ONNX Runtime is not installed: {sys.executable} -m pip install onnxruntime (tidal's cpu extra), "
+                "or onnxruntime-gpu (its gpu extra) on a host with NVIDIA GPUs")
     return None
 
 

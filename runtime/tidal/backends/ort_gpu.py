@@ -40,8 +40,8 @@ def cuda_missing(available: Sequence[str]) -> str:
     except importlib.metadata.PackageNotFoundError:
         gpu_wheel = None
     if gpu_wheel is None:
-        return (f"onnxruntime has no {CUDA_EP} (providers: {', '.join(available)}); "
-                "install tidal's gpu extra (pip install 'tidal[gpu]')")
+        return (f"onnxruntime has no {CUDA_EP} (providers: {', '.join(available)}); replace the CPU wheel by "
+                "tidal's gpu extra: pip uninstall -y onnxruntime && pip install onnxruntime-gpu nvidia-ml-py")
     return (f"onnxruntime-gpu {gpu_wheel} is installed but the CPU-only onnxruntime was installed over it "
             f"(providers: {', '.join(available)}); run: pip uninstall -y onnxruntime onnxruntime-gpu && "
             f"pip install onnxruntime-gpu=={gpu_wheel}")

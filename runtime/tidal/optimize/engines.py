@@ -31,7 +31,8 @@ def _tensorrt() -> ModuleType:
     try:
         return importlib.import_module("tidal.backends.tensorrt")
     except ImportError as exc:
-        raise ConfigError(f"--backend tensorrt needs TensorRT 10 or later: {exc} (pip install 'tidal[gpu]')") from None
+        raise ConfigError(f"--backend tensorrt needs TensorRT 10 or later: {exc} (tidal's tensorrt extra: "
+                          "pip install 'tensorrt>=10', from pypi.nvidia.com)") from None
 
 
 def check_available() -> None:
