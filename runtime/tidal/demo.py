@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tidal.errors import TidalError
 
-DEMO_VERSION = "4"  # bump whenever what the build produces changes
+DEMO_VERSION = "5"  # bump whenever what the build produces changes
 DEMO_MODEL = "digits"
 ADD_SUB_MODEL = "add_sub"
 HIDDEN = (1024, 1024)  # wide enough that INT8 GEMMs, not per-call overhead, decide the speed
@@ -69,9 +69,9 @@ def _log(message: str) -> None:
 
 def _build(home: Path, progress: bool) -> None:
     import numpy as np
-    import onnx
     from sklearn.datasets import load_digits
 
+    from tidal.optimize.graph import save_model
     from tidal.optimize.pipeline import OptimizeOptions, optimize
     from tidal.optimize.reference import train_classifier
     from tidal.optimize.train import TrainConfig
@@ -86,8 +86,7 @@ def _build(home: Path, progress: bool) -> None:
     np.savez(data / "validation.npz", pixels=x[held_out], labels=y[held_out])
     config = TrainConfig(epochs=30, seed=SEED)
     model = train_classifier(x[train], y[train], HIDDEN, config, "pixels", "logits", DEMO_MODEL, progress)
-    source = data / "digits-fp32.onnx"
-    onnx.save(model, str(source))
+    source = save_model(model, data / "digits-fp32.onnx")
 
     repository = home / "repository"
     options = OptimizeOptions(
@@ -125,7 +124,7 @@ def _write_add_sub(folder: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from tidal.optimize.graph import OPSET
+    from tidal.optimize.graph import OPSET, save_model
     from tidal.optimize.modelconfig import write_config
 
     def tensor(name: str) -> onnx.ValueInfoProto:
@@ -142,5 +141,5 @@ def _write_add_sub(folder: Path) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidal")
     (folder / "1").mkdir(parents=True)
-    onnx.save(model, str(folder / "1" / "model.onnx"))
+    save_model(model, folder / "1" / "model.onnx")
     write_config(folder, ADD_SUB_MODEL, folder / "1" / "model.onnx", max_batch_size=8)

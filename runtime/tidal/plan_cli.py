@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx
 from onnx import TensorProto, helper
 
 from tidal.argtypes import bounded
@@ -28,6 +27,7 @@ from tidal.backends.hardware import cpu_info
 from tidal.demo import cache_root
 from tidal.errors import ConfigError, TidalError
 from tidal.fleet import Ask, Candidate, Sizing, choose
+from tidal.optimize.graph import save_graph
 from tidal.repository.config import load_config
 from tidal.repository.layout import list_versions, require_model_dir
 from tidal.repository.variants import Variant, load_manifest
@@ -62,7 +62,7 @@ def no_work_repository(root: Path) -> Path:
     (model / "1").mkdir(parents=True)
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16]) for n in ("INPUT", "OUTPUT")]
     graph = helper.make_graph([helper.make_node("Identity", ["INPUT"], ["OUTPUT"])], "path", [io[0]], [io[1]])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model / "1" / "model.onnx")
+    save_graph(graph, model / "1" / "model.onnx")
     (model / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 8\ndynamic_batching { }\n')
     return root
 

@@ -20,7 +20,7 @@ from tidal.backends import hardware as host
 from tidal.errors import ConfigError
 from tidal.optimize import distill, prune, quantize
 from tidal.optimize.data import Dataset
-from tidal.optimize.graph import flops_per_row, non_fp32_floats, parameter_count
+from tidal.optimize.graph import flops_per_row, non_fp32_floats, parameter_count, save_model
 from tidal.optimize.train import TrainConfig
 
 KINDS = ("fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16")
@@ -84,7 +84,7 @@ class Context:
 
     def save(self, name: str, kind: str, model: onnx.ModelProto, details: dict[str, Any]) -> Built:
         file = f"model.{name}.onnx"
-        onnx.save(model, str(self.version_dir / file))
+        save_model(model, self.version_dir / file)
         return Built(name, kind, file, parameter_count(model), flops_per_row(model), details)
 
     def like_fp32(self, name: str, kind: str, details: dict[str, Any]) -> Built:

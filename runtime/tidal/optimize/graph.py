@@ -35,14 +35,23 @@ class IoSpec:
         return tuple(int(d) if d is not None else -1 for d in self.shape[1:])
 
 
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    """Every model file tidal writes: without the opset imports no node uses, at the lowest IR version its
+    opsets allow. onnx.helper stamps the newest IR its release knows (onnx 1.23: IR 14), which an older ONNX
+    Runtime refuses although nothing in the file needs it, and onnxruntime-gpu trails the CPU wheel (1.31.1
+    reads IR 13 at most)."""
+    drop_unused_opsets(model)
+    model.ir_version = min(model.ir_version, helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True))
+    onnx.save(model, str(path))
+    return path
+
+
 def save_graph(graph: onnx.GraphProto, path: Path, opset: int = OPSET) -> Path:
     """A checked model file from a graph built with onnx.helper (tests and benchmarks build theirs this way)."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_model(model, path)
 
 
 def load_model(path: Path) -> onnx.ModelProto:

@@ -30,7 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tidal.errors import ConfigError
 from tidal.optimize.data import Dataset
-from tidal.optimize.graph import drop_unused_opsets
+from tidal.optimize.graph import save_model
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -52,9 +52,7 @@ def optimize_fp32(src: Path, dst: Path) -> None:
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's own exception types
         raise ConfigError(f"{src}: ONNX Runtime cannot load it: {exc}") from exc
-    model = onnx.load(str(dst))
-    drop_unused_opsets(model)
-    onnx.save(model, str(dst))
+    save_model(onnx.load(str(dst)), dst)
 
 
 class _Batches(CalibrationDataReader):
@@ -99,6 +97,7 @@ def quantize_int8_static(
             reduce_range=reduce_range,
             calibrate_method=CALIBRATION_METHODS[method],
         )
+    save_model(onnx.load(str(dst)), dst)
 
 
 def suits_dynamic(model: onnx.ModelProto) -> bool:
@@ -115,6 +114,7 @@ def quantize_int8_dynamic(src: Path, dst: Path, reduce_range: bool = False) -> N
     _quiet(
         quantize_dynamic, str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=reduce_range
     )
+    save_model(onnx.load(str(dst)), dst)
 
 
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
