@@ -63,6 +63,7 @@ def test_every_kind_is_written_and_recorded(repo: Path) -> None:
         assert (repo / "clf" / "1" / v.file).stat().st_size == v.size_bytes
     assert manifest.variants["fp32"].file == "model.onnx"
     assert manifest.variants["fp16"].runnable_on == ("gpu",) and not manifest.variants["fp16"].profiles
+    assert all(v.runnable_on == ("cpu", "gpu") for v in manifest.variants.values() if v.kind != "fp16")
     for name in ("fp32", "int8", "pruned-50", "distilled"):
         profile = manifest.variants[name].profiles["onnxruntime"]
         assert profile.batch_sizes == (1, 2, 4) and profile.allow_spinning is False

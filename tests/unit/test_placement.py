@@ -22,7 +22,9 @@ from tidal.backends.hardware import GpuInfo, discover_gpus, visible
 from tidal.backends.placement import CPU, Device, InstanceGroup, PlacementError, place
 from tidal.control.api import Pool
 from tidal.errors import ConfigError, Unavailable
+from tidal.optimize.build import RUNNABLE_ON
 from tidal.repository.manager import ModelManager
+from tidal.repository.variants import Hardware, Variant, VariantManifest, save_manifest
 from tidal.types import InferRequest, LevelRoute
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559, "9.0", "GPU-aaaa")
@@ -188,6 +190,35 @@ def test_instances_land_on_the_configured_gpus(gpu_host: list[BackendOptions], t
         asyncio.run(scenario())
     assert [(o.device, o.device_id, o.instance_index) for o in gpu_host] == [("gpu", 1, 0), ("gpu", 1, 1)]
     assert any("instances 1 x cpu, 2 x gpu:1" in r.getMessage() for r in caplog.records)
+
+
+def test_variants_from_tidal_optimize_serve_on_gpu_instances(gpu_host: list[BackendOptions], tmp_path: Path,
+                                                             caplog) -> None:
+    """Every ONNX variant `tidal optimize` records runs on a GPU instance, through ONNX Runtime's CUDA provider at
+    least, saying so when the backend it prefers cannot load; one recorded as CPU-only is left out, with why."""
+    root = _repo(tmp_path, "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]")
+    variants = {
+        "fp32": Variant("fp32", "model.onnx", "fp32", ("onnxruntime",), RUNNABLE_ON["fp32"], 1, 1, None, None),
+        "int8": Variant("int8", "model.onnx", "int8", ("tensorrt", "onnxruntime"), RUNNABLE_ON["int8"], 1, 1, None,
+                        None),
+        "old": Variant("old", "model.onnx", "pruned", ("onnxruntime",), ("cpu",), 1, 1, None, None),
+    }
+    save_manifest(root / "m" / "1", VariantManifest("m", "fp32", Hardware("cpu", 2, ("avx2",)), variants))
+
+    async def scenario() -> None:
+        manager = await _load(root)
+        served = manager.get("m")
+        assert served.engines == {"fp32": "onnxruntime@gpu", "int8": "onnxruntime@gpu"}
+        await manager.close()
+
+    with caplog.at_level(logging.INFO, logger="tidal.repository.manager"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("serving on onnxruntime (gpu) because tensorrt: backend 'tensorrt' is not available" in w
+               for w in warnings), warnings
+    assert any("variant old left out: it runs on cpu (variants.json), the instances are on gpu" in w
+               for w in warnings), warnings
+    assert [(o.device, o.device_id) for o in gpu_host] == [("gpu", 0), ("gpu", 0)]
 
 
 def test_the_controller_sees_each_group_as_a_pool_and_may_route_priority_1_to_one(

@@ -104,7 +104,7 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
     check_rows = {k: v[:_CHECK_ROWS] for k, v in data.feeds.items()}
     variants = {}
     for b in tqdm(built, desc="measuring variants", disable=not options.progress, leave=False):
-        runnable = RUNNABLE_ON.get(b.kind, ("cpu",))
+        runnable = RUNNABLE_ON[b.kind]
         try:
             usable, profiles, choice = _profile(
                 version_dir / b.file, b.name, CANDIDATE_BACKENDS[b.kind], runnable, settings, check_rows, log,

@@ -100,6 +100,8 @@ def _load_on(
             errors.append(f"{name}: {exc}")
             continue
         loaded.update(batch)
+        if errors:  # the backend preferred for this file did not load: say so, or it is served slower unnoticed
+            log.warning("%s: serving on %s (%s) because %s", path.name, name, kind, "; ".join(errors))
         return name
     detail = "; ".join(errors) or f"none of {', '.join(names)} runs there"
     raise ConfigError(f"{path.name}: no backend could load it on the {kind.upper()} ({detail})")
@@ -160,7 +162,14 @@ def _build_version(model_path: Path, parsed: ParsedConfig, version: int) -> _Bui
         return _Built(spec, runners, engines, None, _predictable(spec, {default_file: graph}), coupled, placement)
     errors = []
     for variant in chosen:
-        if not placement.kinds <= set(variant.runnable_on):
+        if off := placement.kinds - set(variant.runnable_on):
+            # A GPU-only variant (fp16) on a CPU host is routine; a CPU-only one beside GPU instances comes from a
+            # variants.json written before every ONNX variant was recorded as runnable on a GPU too.
+            log.log(logging.WARNING if "gpu" in off else logging.INFO,
+                    "model %s version %d: variant %s left out: it runs on %s (variants.json), the instances are on "
+                    "%s%s", spec.name, version, variant.name, "/".join(variant.runnable_on), "/".join(sorted(off)),
+                    "; `tidal optimize` again records where it runs" if "gpu" in off else "")
+            errors.append(f"{variant.name}: runs on {'/'.join(variant.runnable_on)}, not on {'/'.join(sorted(off))}")
             continue
         try:
             engines[variant.name], runners[variant.name] = _load_instances(
