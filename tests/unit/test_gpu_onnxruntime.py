@@ -19,6 +19,7 @@ from tidal.backends import cuda, ort_gpu
 from tidal.backends import onnxruntime as ort_backend
 from tidal.backends.base import Accelerator, BackendOptions
 from tidal.backends.cuda import GpuUnavailable
+from tidal.optimize.graph import save_graph
 
 GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 TRT = Accelerator("tensorrt", {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"})
@@ -163,3 +164,58 @@ def test_pinned_io_stages_through_page_locked_buffers_reused_across_batches() ->
     assert all(b.outputs[0][3] in rt.pinned for b in session.bindings)
     pool.close()
     assert rt.live() == 0
+
+
+@pytest.fixture
+def started_on_gpu(monkeypatch) -> FakeCudaRuntime:
+    """A GPU instance's whole load and run path on this machine: a real CPU session that reports the CUDA
+    provider started, ONNX Runtime's own I/O binding reading and writing the fake runtime's pinned buffers."""
+    rt, real_session = FakeCudaRuntime(devices=2), ort.InferenceSession
+
+    class Session:
+        def __init__(self, path, so, providers) -> None:
+            rt.sessions.append(providers)
+            self._session = real_session(path, so, providers=["CPUExecutionProvider"])
+
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name: str):
+            return getattr(self._session, name)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: GPU_EPS[1:])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(cuda, "runtime", lambda: rt)
+    rt.sessions = []  # the providers each session was asked for
+    return rt
+
+
+def test_a_gpu_instance_runs_each_batch_through_pinned_buffers(mlp: Path, started_on_gpu: FakeCudaRuntime) -> None:
+    gpu, cpu = ort_backend.load(mlp, _gpu()), ort_backend.load(mlp, BackendOptions())
+    rng = np.random.default_rng(0)
+    for rows in (2, 5, 1):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        assert np.allclose(gpu.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"], cpu.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"])
+    provider, provider_options = started_on_gpu.sessions[0][0]
+    assert provider == "CUDAExecutionProvider" and provider_options["device_id"] == "1"
+    assert len(started_on_gpu.pinned) == 2  # the input's and the output's, each grown once and reused
+    gpu.close()
+    assert started_on_gpu.live() == 0
+
+
+def test_an_output_whose_dim_0_is_not_the_batch_is_sized_by_onnx_runtime(
+    tmp_path: Path, started_on_gpu: FakeCudaRuntime
+) -> None:
+    """A model that does not batch, whose output has another dim 0 than its input: binding the output ahead
+    with the input's rows would make every run fail."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["INPUT", "axes"], ["OUTPUT"], keepdims=1)], "total",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(np.array([0], np.int64), "axes")],
+    )  # fmt: skip
+    path = save_graph(graph, tmp_path / "total.onnx")
+    backend = ort_backend.load(path, BackendOptions(device="gpu", device_id=0))
+    x = np.arange(64, dtype=np.float32).reshape(4, 16)
+    assert backend.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"].tolist() == x.sum(0, keepdims=True).tolist()
+    backend.close()

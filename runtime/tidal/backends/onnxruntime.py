@@ -88,9 +88,9 @@ class OnnxRuntimeBackend:
         self._staging: cuda.PinnedPool | None = None
         if options.device == "gpu":
             ort_gpu.check_started(path, wanted, self._session.get_providers())
-            self._io = self._pinned_io(path)
+            self._io = self._pinned_io(path, options.max_batch_size > 0)
 
-    def _pinned_io(self, path: Path) -> ort_gpu.PinnedIo | None:
+    def _pinned_io(self, path: Path, batching: bool) -> ort_gpu.PinnedIo | None:
         """I/O binding through pinned buffers when tidal's CUDA runtime is built; ORT's own copies otherwise."""
         if self._strings:
             return None
@@ -100,8 +100,11 @@ class OnnxRuntimeBackend:
             log.info("%s: inputs and outputs copied by ONNX Runtime from pageable memory (%s)", path, exc)
             return None
         self._staging = cuda.PinnedPool(rt)
+        # An output is bound ahead, sized from the batch's rows, only where its dim 0 is the batch: a batching
+        # model's dynamic dim 0. Any other output is allocated by ONNX Runtime once its shape is known.
         fixed = {s.name: (s.datatype.np_dtype, s.shape[1:]) for s in self._outputs
-                 if s.shape and -1 not in s.shape[1:] and s.datatype is not DataType.BYTES}
+                 if batching and s.shape and s.shape[0] == -1 and -1 not in s.shape[1:]
+                 and s.datatype is not DataType.BYTES}
         return ort_gpu.PinnedIo(self._session, self._staging, fixed)
 
     def inputs(self) -> list[TensorSpec]:
