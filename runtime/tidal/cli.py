@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -272,6 +273,9 @@ def _health_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything starts CUDA: GPU numbers (instance_group gpus, CUDA_VISIBLE_DEVICES) then mean what
+    # nvidia-smi and NVML show, PCI order, and not CUDA's default of the fastest first.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if _command_of(argv) == "health":
         args = _health_parser().parse_args(argv)
         logs.setup(args.log_level, args.log_format)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import types
 from dataclasses import replace
@@ -288,3 +289,25 @@ def test_tidal_hardware_reports_gpus_and_why_each_gpu_backend_cannot_run(monkeyp
     assert "GPU 0: NVIDIA H100 80GB HBM3, 81559 MiB, compute capability 9.0" in text
     assert "backend onnxruntime on GPU: usable" in text
     assert "backend tensorrt on GPU: not usable: tensorrt: absent" in text
+
+
+def test_mixed_gpus_warn_unless_cuda_numbers_them_in_pci_order(monkeypatch, caplog) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    with caplog.at_level(logging.WARNING, logger="tidal.backends.hardware"):
+        discover_gpus(None, lambda: [H100, L4], None)
+        assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in caplog.text
+        caplog.clear()
+        discover_gpus(None, lambda: [H100, replace(H100, index=1, uuid="GPU-cccc")], None)  # one kind: same order
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        discover_gpus(None, lambda: [H100, L4], None)
+    assert not caplog.records
+
+
+def test_the_command_has_cuda_number_gpus_in_pci_order(monkeypatch) -> None:
+    from tidal import cli
+
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "")  # recorded as unset before the test, and so after it
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    monkeypatch.setattr(hardware, "gpus", tuple)
+    assert cli.main(["hardware"]) == 0
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

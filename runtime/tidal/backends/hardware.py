@@ -206,6 +206,10 @@ def discover_gpus(nvml: Any | None, smi: Callable[[], list[GpuInfo]], env: str |
             log.debug("NVML unusable (%s); asking nvidia-smi", exc)
     if not found:
         found = smi()
+    if len({g.name for g in found}) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        log.warning("GPUs of different kinds, numbered here in PCI order as NVML and nvidia-smi list them, while "
+                    "CUDA numbers the fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID (tidal's command sets it when "
+                    "unset): instance_group gpus may name other devices than meant")
     return visible(found, env)
 
 
