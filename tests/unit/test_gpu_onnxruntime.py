@@ -219,3 +219,13 @@ def test_an_output_whose_dim_0_is_not_the_batch_is_sized_by_onnx_runtime(
     x = np.arange(64, dtype=np.float32).reshape(4, 16)
     assert backend.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"].tolist() == x.sum(0, keepdims=True).tolist()
     backend.close()
+
+
+def test_tensorrt_ep_that_does_not_start_is_named_and_cuda_serves(mlp: Path, caplog) -> None:
+    wanted = [(ort_gpu.TRT_EP, {}), (ort_gpu.CUDA_EP, {}), (ort_gpu.CPU_EP, {})]
+    with caplog.at_level(logging.INFO, logger="tidal.backends.ort_gpu"):
+        ort_gpu.check_started(mlp, wanted, [ort_gpu.CUDA_EP, ort_gpu.CPU_EP])
+        ort_gpu.check_started(mlp, wanted, [ort_gpu.TRT_EP, ort_gpu.CUDA_EP, ort_gpu.CPU_EP])
+    [(missing, level), (active, _)] = [(r.getMessage(), r.levelno) for r in caplog.records]
+    assert "TensorRT libraries did not load; serving on CUDAExecutionProvider alone" in missing
+    assert level == logging.WARNING and "TensorRT EP active" in active

@@ -311,3 +311,25 @@ def test_the_command_has_cuda_number_gpus_in_pci_order(monkeypatch) -> None:
     monkeypatch.setattr(hardware, "gpus", tuple)
     assert cli.main(["hardware"]) == 0
     assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+@pytest.mark.parametrize(
+    ("kernels", "why"),
+    [
+        (None, "tidal._kernels is not built"),
+        (types.SimpleNamespace(HAS_CUDA=False), "built without a CUDA toolkit"),
+        (types.SimpleNamespace(HAS_CUDA=True), "predates the CUDA runtime calls"),
+        (types.SimpleNamespace(HAS_CUDA=True, cuda_device_count=lambda: 0), "the CUDA runtime sees no device"),
+    ],
+)
+def test_the_cuda_runtime_says_why_it_cannot_run(kernels, why: str, monkeypatch) -> None:
+    import tidal
+    from tidal.backends import cuda
+
+    monkeypatch.setitem(sys.modules, "tidal._kernels", kernels)
+    if kernels is None:
+        monkeypatch.delattr(tidal, "_kernels", raising=False)
+    else:
+        monkeypatch.setattr(tidal, "_kernels", kernels, raising=False)
+    with pytest.raises(cuda.GpuUnavailable, match=why):
+        cuda.runtime()
