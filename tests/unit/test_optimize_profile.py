@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tidal.backends import hardware
+from tidal.backends.base import BackendOptions
 from tidal.errors import ConfigError
 from tidal.optimize.profile import ProfileSettings, current_hardware, measure, synthetic_batch
 from tidal.types import DataType, TensorSpec
@@ -61,3 +65,42 @@ def test_synthetic_batch_follows_the_specs() -> None:
     assert feeds["b"].shape == (5, 2, 2) and feeds["b"].dtype == np.int32
     with pytest.raises(ConfigError, match="string input"):
         synthetic_batch([TensorSpec("s", DataType.BYTES, (-1, 1))], 1)
+
+
+def test_a_gpu_host_profiles_each_variant_on_the_gpu_backends_too(model_path: Path, monkeypatch) -> None:
+    """Under `backend@gpu`, through the GPU instance's loader with its options; the CPU choice stands, and a GPU
+    backend that cannot run here is named, not measured."""
+    from tidal import backends
+    from tidal.backends import onnxruntime as ort_backend
+    from tidal.backends.hardware import GpuInfo
+    from tidal.optimize import pipeline
+
+    asked: list[BackendOptions] = []
+
+    def load(path: Path, options: BackendOptions) -> ort_backend.OnnxRuntimeBackend:  # a GPU that computes here
+        asked.append(options)
+        return ort_backend.OnnxRuntimeBackend(path, replace(options, device="cpu"))
+
+    fake = types.ModuleType("fake_gpu_ort")
+    fake.load, fake.gpu_unavailable = load, lambda: None
+    monkeypatch.setitem(sys.modules, "fake_gpu_ort", fake)
+    monkeypatch.setitem(backends._MODULES, ("onnxruntime", "gpu"), "fake_gpu_ort")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(hardware, "gpus", lambda: (GpuInfo(0, "NVIDIA H100", 81559, "9.0", "GPU-aaaa"),))
+    settings = ProfileSettings(4, seconds_per_point=0.01, min_runs=5)
+    feeds = synthetic_batch([TensorSpec("x", DataType.FP32, (-1, 8))], 16)
+    lines: list[str] = []
+
+    usable, profiles, choice = pipeline._profile(
+        model_path, "fp32", ("onnxruntime",), ("cpu", "gpu"), settings, feeds, lines.append, False
+    )
+    assert set(profiles) == {"onnxruntime", "onnxruntime@gpu"} and usable == ("onnxruntime",)
+    assert choice is not None and set(choice.measured) == {"onnxruntime"}  # exactness is checked on the CPU
+    assert profiles["onnxruntime@gpu"].batch_sizes == (1, 2, 4)
+    assert {(o.device, o.device_id, o.max_batch_size) for o in asked} == {("gpu", 0, 4)}
+
+    usable, profiles, choice = pipeline._profile(
+        model_path, "fp16", ("tensorrt",), ("gpu",), settings, feeds, lines.append, False
+    )
+    assert (usable, set(profiles), choice) == (("tensorrt",), {"onnxruntime@gpu"}, None)
+    assert any(line.startswith("fp16: not profiled on tensorrt@gpu:") for line in lines), lines

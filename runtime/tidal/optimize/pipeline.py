@@ -22,6 +22,7 @@ import onnx
 from tqdm import tqdm
 
 from tidal import backends
+from tidal.backends import hardware
 from tidal.errors import ConfigError, NotFound, TidalError
 from tidal.optimize import choose, evaluate
 from tidal.optimize.build import (
@@ -54,7 +55,9 @@ from tidal.repository.variants import (
     Variant,
     VariantManifest,
     load_manifest,
+    profile_key,
     save_manifest,
+    split_profile_key,
 )
 
 Log = Callable[[str], None]
@@ -215,21 +218,34 @@ def _profile(
     log: Log,
     progress: bool,
 ) -> tuple[tuple[str, ...], dict[str, LatencyProfile], BackendChoice | None]:
-    """Profiles on every candidate backend this host has; those that agree with the exact result, fastest first."""
-    if "cpu" not in runnable_on:
-        return candidates, {}, None
+    """Profiles on every candidate backend this host has; those that agree with the exact result, fastest first.
+
+    On a host with GPUs, a variant that runs there is also profiled on each GPU backend that can run it (ONNX
+    Runtime's CUDA provider at least), under `backend@gpu`: the controller plans GPU instances from those. The
+    CPU choice stands; a GPU instance tries the variant's backends in order, as loaded."""
     profiles = {}
-    for backend in (b for b in candidates if b in backends.names()):
+    cpu = [b for b in candidates if b in backends.names()] if "cpu" in runnable_on else []
+    gpu = [b for b in dict.fromkeys([*candidates, "onnxruntime"]) if backends.runs_on(b, "gpu")]
+    if "gpu" not in runnable_on or not hardware.gpus():
+        gpu = []
+    for backend, device in [*((b, "cpu") for b in cpu), *((b, "gpu") for b in gpu)]:
+        key = profile_key(backend, device)
+        if device == "gpu" and (why := backends.gpu_unavailable(backend)) is not None:
+            log(f"{name}: not profiled on {key}: {why}")
+            continue
         sizes = settings.batch_sizes()
-        with tqdm(total=len(sizes), desc=f"profiling {name} on {backend}", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(sizes), desc=f"profiling {name} on {key}", disable=not progress, leave=False) as bar:
             try:
-                profiles[backend] = measure(path, backend, settings, lambda _size, bar=bar: bar.update())
+                profiles[key] = measure(path, backend, settings, lambda _size, bar=bar: bar.update(), device)
             except Exception as exc:  # one failing engine must not sink the other variants
-                log(f"{name}: backend {backend} cannot run it here: {type(exc).__name__}: {exc}")
-    if not profiles:
-        raise ConfigError(f"{path}: no backend on this host can run variant {name}")
-    usable, choice = choose.choose(path, profiles, check_rows)
-    if len(profiles) > 1:
+                log(f"{name}: backend {key} cannot run it here: {type(exc).__name__}: {exc}")
+    on_cpu = {key: p for key, p in profiles.items() if split_profile_key(key)[1] == "cpu"}
+    if not on_cpu:
+        if "cpu" in runnable_on:
+            raise ConfigError(f"{path}: no backend on this host can run variant {name}")
+        return candidates, profiles, None
+    usable, choice = choose.choose(path, on_cpu, check_rows)
+    if len(on_cpu) > 1:
         log(f"{name}: backend chosen: {choice.reason}")
     return usable, profiles, choice
 

@@ -79,14 +79,17 @@ def measure(
     backend: str,
     settings: ProfileSettings,
     on_point: Callable[[int], None] | None = None,
+    device: str = "cpu",
 ) -> LatencyProfile:
-    """Profile the model at `path` on `backend`; ConfigError if that backend cannot load it."""
+    """Profile the model at `path` on `backend` on this host's CPU or its first GPU (CUDA device 0), as a
+    served instance there runs it; ConfigError if that backend cannot load it there."""
     threads = settings.threads()
     options = [
-        BackendOptions(instance_index=i, intra_op_threads=threads, allow_spinning=False)
+        BackendOptions(instance_index=i, device=device, intra_op_threads=threads, allow_spinning=False,
+                       max_batch_size=settings.max_batch_size)
         for i in range(settings.instances)
     ]
-    load = backends.factory(backend)
+    load = backends.factory(backend, device)
     runners = []
     try:
         for opt in options:
