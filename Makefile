@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test lint install perf-analyzer chromium grpc-cpp fuzz
 
-$(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(wildcard kernels/*) $(wildcard kernels/frontend/*) | grpc-cpp
+$(BIN)/tidal: pyproject.toml CMakeLists.txt $(wildcard protos/*.proto) $(shell find kernels cmake -type f) | grpc-cpp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu]'

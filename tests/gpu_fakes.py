@@ -3,6 +3,11 @@
 "Device" memory is host memory here, so copies really move bytes (ctypes.memmove) and a backend that
 stages the wrong buffer, copies the wrong size or reads before it synchronizes gets wrong numbers. It
 counts what is allocated and freed, and every stream and graph, so tests can check nothing leaks.
+
+Stream capture fails as CUDA's does: a call not permitted on a capturing stream (a synchronize, or whatever
+`capture_unsupported` stands for inside a library's enqueue) fails with cudaErrorStreamCaptureUnsupported and
+invalidates the capture, and then cudaStreamEndCapture ends it with cudaErrorStreamCaptureInvalidated and no
+graph, raised as the binding raises it (RuntimeError, "call: CUDA's message").
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class FakeCudaRuntime:
         self.streams: set[int] = set()
         self.graphs: dict[int, list] = {}
         self.capturing: dict[int, list] = {}
+        self.invalidated: set[int] = set()
         self.launched: list[int] = []
         self.gemms: list[tuple[int, int, int, str]] = []
         self._next_handle = 1
@@ -68,6 +74,14 @@ class FakeCudaRuntime:
 
     def cuda_stream_synchronize(self, stream: int) -> None:
         assert stream in self.streams
+        self.capture_unsupported(stream, "cudaStreamSynchronize")
+
+    def capture_unsupported(self, stream: int, call: str) -> None:
+        """A call CUDA refuses on a capturing stream (a host sync, an allocation): it fails and the capture is
+        invalidated. Fake libraries (TensorRT's enqueue) call it for the uncapturable work they model."""
+        if stream in self.capturing:
+            self.invalidated.add(stream)
+            raise RuntimeError(f"{call}: operation not permitted when stream is capturing")
 
     def _enqueue(self, stream: int, work) -> None:
         if stream in self.capturing:
@@ -79,11 +93,22 @@ class FakeCudaRuntime:
         self._enqueue(stream, lambda: ctypes.memmove(dst, src, nbytes))
 
     def cuda_graph_begin_capture(self, stream: int) -> None:
+        assert stream in self.streams
+        if stream in self.capturing:
+            raise RuntimeError("cudaStreamBeginCapture: the operation cannot be performed in the present state")
         self.capturing[stream] = []
 
     def cuda_graph_end_capture(self, stream: int) -> int:
+        """Ends the capture whatever happened in it, as cudaStreamEndCapture does; an invalidated one makes no
+        graph and raises (the binding's check)."""
+        if stream not in self.capturing:
+            raise RuntimeError("cudaStreamEndCapture: the operation cannot be performed in the present state")
+        work = self.capturing.pop(stream)
+        if stream in self.invalidated:
+            self.invalidated.discard(stream)
+            raise RuntimeError("cudaStreamEndCapture: operation failed due to a previous error during capture")
         handle = self._handle()
-        self.graphs[handle] = self.capturing.pop(stream)
+        self.graphs[handle] = work
         return handle
 
     def cuda_graph_launch(self, graph: int, stream: int) -> None:

@@ -63,12 +63,22 @@ void stream_synchronize(uintptr_t stream) {
     check(err, "cudaStreamSynchronize");
 }
 
+// The capture ends even when it fails (an invalidated one yields no graph), and a caller may go on without a
+// graph (the TensorRT backend does). CUDA also keeps the failure as this thread's last error, which the next
+// cudaGetLastError on the thread (the int8 GEMM's launch check) would report as its own; it is cleared once
+// raised here, as NVIDIA's trtexec does after a failed capture.
 uintptr_t graph_end_capture(uintptr_t stream) {
     cudaGraph_t graph = nullptr;
-    check(cudaStreamEndCapture(stream_of(stream), &graph), "cudaStreamEndCapture");
+    cudaError_t err = cudaStreamEndCapture(stream_of(stream), &graph);
+    if (err != cudaSuccess) {
+        if (graph != nullptr) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        check(err, "cudaStreamEndCapture");
+    }
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
+    if (err != cudaSuccess) cudaGetLastError();
     check(err, "cudaGraphInstantiate");
     return reinterpret_cast<uintptr_t>(exec);
 }

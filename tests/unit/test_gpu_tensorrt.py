@@ -1,7 +1,14 @@
 """The native TensorRT backend without a GPU: a fake `tensorrt` module (the calls tidal makes, recording
 them; its engine computes OUTPUT = 2 * INPUT through the device addresses it is given) over the fake CUDA
 runtime. Checks the strongly typed network, the one profile, the engine cache and its key, CUDA graphs per
-batch size, the refusals, that close releases everything, and `tidal optimize --backend tensorrt`."""
+batch size and the fallback when a capture fails, one engine shared by the instances on a GPU, the
+refusals (asymmetric Q/DQ among them), that close releases everything, and `tidal optimize --backend
+tensorrt`, one variant's failure included.
+
+The fake behaves as TensorRT does where tidal depends on it: its ONNX parser refuses a Q/DQ zero point that
+is not 0 (as onnx-tensorrt's importer asserts), a failed build returns None, a context runs only on its
+engine's device, and an engine whose enqueue is not capturable fails the capture the ways CUDA and
+TensorRT report it (`Recorder.capture_failure`)."""
 
 from __future__ import annotations
 
@@ -9,14 +16,19 @@ import asyncio
 import ctypes
 import importlib
 import json
+import logging
 import sys
+import threading
+import time
 import types
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from gpu_fakes import FakeCudaRuntime
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_models as models
 from tidal.backends import cuda, hardware
@@ -24,7 +36,9 @@ from tidal.backends.base import BackendOptions
 from tidal.backends.hardware import GpuInfo
 from tidal.cli import main
 from tidal.errors import ConfigError, InvalidArgument
-from tidal.optimize import engines
+from tidal.optimize import engines, quantize
+from tidal.optimize.data import Dataset
+from tidal.optimize.graph import save_graph
 from tidal.repository.config import DEFAULT_MAX_BATCH_SIZE
 from tidal.repository.manager import ModelManager
 from tidal.repository.variants import (
@@ -44,6 +58,29 @@ class Recorder:
     def __init__(self) -> None:
         self.builds: list[dict] = []
         self.parse_ok = True
+        self.unbuildable: set[bytes] = set()  # models whose build fails (build_serialized_network -> None)
+        self.build_seconds = 0.0
+        self.deserialized: list = []  # every engine deserialized, in order
+        # How a capture of the engine's enqueue fails: None (it does not), "invalidated" (the enqueue makes a
+        # call CUDA refuses while capturing, TensorRT reports it), "invalidated-unreported" (the same, but the
+        # enqueue returns True), "refused" (TensorRT returns False, the capture itself stays valid).
+        self.capture_failure: str | None = None
+
+
+def _parser_error(model: bytes) -> str | None:
+    """What TensorRT's ONNX parser (onnx-tensorrt) asserts on a Q/DQ zero point that is not all zeros."""
+    try:
+        graph = onnx.load_model_from_string(model).graph
+    except Exception:  # the tests' placeholder bytes stand for a model TensorRT takes
+        return None
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for i, node in enumerate(graph.node):
+        zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and zero_point is not None and zero_point.any():
+            return (f"In node {i} with name: {node.name} and operator: {node.op_type}: UNSUPPORTED_NODE: Assertion "
+                    "failed: shiftIsAllZeros(zeroPoint) && \"TensorRT only supports symmetric quantization. The "
+                    "zero point for the QuantizeLinear/DequantizeLinear operator must be all zeros.\"")
+    return None
 
 
 def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> types.ModuleType:
@@ -57,20 +94,28 @@ def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> t
 
     class Network:
         def __init__(self, flags: int) -> None:
-            self.flags, self.num_inputs = flags, 1
+            self.flags, self.num_inputs, self.model = flags, 1, b""
 
         def get_input(self, i: int):
             return types.SimpleNamespace(name="INPUT", shape=(-1, 4))
 
     class Parser:
         def __init__(self, network, logger) -> None:
-            self.num_errors = 0 if rec.parse_ok else 1
+            self.network, self.errors = network, []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
 
         def parse(self, model: bytes, path: str) -> bool:
-            return rec.parse_ok
+            self.network.model = model
+            error = "Unsupported ONNX op: NonMaxSuppression" if not rec.parse_ok else _parser_error(model)
+            if error is not None:
+                self.errors.append(error)
+            return error is None
 
         def get_error(self, i: int) -> str:
-            return "Unsupported ONNX op: NonMaxSuppression"
+            return self.errors[i]
 
     class Profile:
         def __init__(self) -> None:
@@ -101,16 +146,19 @@ def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> t
         create_builder_config = staticmethod(Config)
 
         def build_serialized_network(self, network, config):
+            time.sleep(rec.build_seconds)
             rec.builds.append({"flags": network.flags, "profiles": config.profiles, "pools": config.pools,
                                "precision_flags": config.flags})
+            if network.model in rec.unbuildable:
+                return None  # TensorRT logs why ("could not find any implementation for node ...")
             return json.dumps(config.profiles).encode()
 
     class Context:
-        def __init__(self) -> None:
-            self.shapes, self.addresses, self.enqueues = {}, {}, 0
+        def __init__(self, engine: Engine) -> None:
+            self.engine, self.shapes, self.addresses, self.enqueues = engine, {}, {}, 0
 
         def set_input_shape(self, name, shape) -> bool:
-            ok = json.loads(self_engine.blob)[0]["INPUT"][2][0] >= shape[0]
+            ok = json.loads(self.engine.blob)[0]["INPUT"][2][0] >= shape[0]
             self.shapes[name] = tuple(shape)
             return ok
 
@@ -122,6 +170,15 @@ def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> t
 
         def execute_async_v3(self, stream: int) -> bool:
             self.enqueues += 1
+            if rt.current != self.engine.device:
+                return False  # an engine's kernels and weights are on the device it was deserialized on
+            if stream in rt.capturing and rec.capture_failure == "refused":
+                return False
+            if stream in rt.capturing and rec.capture_failure in ("invalidated", "invalidated-unreported"):
+                try:  # a layer that syncs with the host or allocates: CUDA refuses it while capturing
+                    rt.capture_unsupported(stream, "cudaStreamSynchronize")
+                except RuntimeError:
+                    return rec.capture_failure == "invalidated-unreported"
             n, src, dst = int(np.prod(self.shapes["INPUT"])), self.addresses["INPUT"], self.addresses["OUTPUT"]
 
             def kernel() -> None:
@@ -135,7 +192,7 @@ def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> t
         num_io_tensors = 2
 
         def __init__(self, blob: bytes) -> None:
-            self.blob = blob
+            self.blob, self.device = blob, rt.current
             self.contexts: list[Context] = []
 
         def get_tensor_name(self, i: int) -> str:
@@ -151,20 +208,17 @@ def _fake_trt(rec: Recorder, rt: FakeCudaRuntime, version: str = "10.13.0") -> t
             return (-1, 4)
 
         def create_execution_context(self) -> Context:
-            self.contexts.append(Context())
+            self.contexts.append(Context(self))
             return self.contexts[-1]
-
-    self_engine = None
 
     class Runtime:
         def __init__(self, logger) -> None:
             pass
 
         def deserialize_cuda_engine(self, blob: bytes) -> Engine:
-            nonlocal self_engine
-            self_engine = Engine(blob)
-            rec.engine = self_engine
-            return self_engine
+            rec.engine = Engine(blob)
+            rec.deserialized.append(rec.engine)
+            return rec.engine
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
     return trt
@@ -223,6 +277,16 @@ def test_strongly_typed_network_with_one_batch_profile(fakes, tmp_path: Path) ->
     assert build["pools"] == {"workspace": 1024}
 
 
+def test_the_documented_workspace_key_sets_the_builders_workspace(fakes, tmp_path: Path) -> None:
+    """README documents `tensorrt_max_workspace_size_bytes` (the TensorRT execution provider's key too)."""
+    trt_backend, rec, _ = fakes
+    trt_backend.load(_model(tmp_path), _options(tmp_path, parameters={"tensorrt_max_workspace_size_bytes": "2048"}))
+    assert rec.builds[-1]["pools"] == {"workspace": 2048}
+    with pytest.raises(ConfigError, match="'tensorrt_max_workspace_size_bytes' must be a number of bytes, got '1G'"):
+        trt_backend.load(_model(tmp_path, b"other"),
+                         _options(tmp_path, parameters={"tensorrt_max_workspace_size_bytes": "1G"}))
+
+
 def test_engines_are_cached_and_found_ahead_of_time_first(fakes, tmp_path: Path) -> None:
     trt_backend, rec, _ = fakes
     path, options = _model(tmp_path), _options(tmp_path)
@@ -247,6 +311,26 @@ def test_runs_batches_and_replays_a_graph_per_batch_size(fakes, tmp_path: Path) 
     context = rec.engine.contexts[0]
     assert context.enqueues == 4  # per shape: one plain run and one captured; repeats replay the graph
     assert len(rt.graphs) == 2 and len(rt.launched) == 2
+    backend.close()
+    assert rt.live() == 0
+
+
+@pytest.mark.parametrize("failure", ["invalidated", "invalidated-unreported", "refused"])
+def test_a_failed_capture_turns_graphs_off_and_every_batch_still_runs(fakes, tmp_path: Path, caplog,
+                                                                       failure: str) -> None:
+    """An engine CUDA cannot capture: the batch that tried still answers (its plain run did the work), graphs
+    go off for the instance with one warning, and no batch size fails or tries again."""
+    trt_backend, rec, rt = fakes
+    rec.capture_failure = failure
+    backend = trt_backend.load(_model(tmp_path), _options(tmp_path))
+    x3, x1 = np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((1, 4), np.float32)
+    with caplog.at_level(logging.WARNING, logger="tidal.backends.tensorrt"):
+        for x in (x3, x3, x1, x3):
+            assert np.array_equal(backend.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"], 2 * x)
+    (warning,) = [r for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "without graphs from now on" in warning.getMessage()
+    assert rec.engine.contexts[0].enqueues == 5  # one capture tried, then one plain enqueue per batch
+    assert not rt.graphs and not rt.launched and not rt.capturing and not rt.invalidated
     backend.close()
     assert rt.live() == 0
 
@@ -280,9 +364,92 @@ def test_refusals_name_the_cause(fakes, tmp_path: Path, monkeypatch) -> None:
     assert trt_backend.gpu_unavailable() == "tensorrt 8.6.1 is older than 10"
 
 
+def test_instances_on_one_gpu_share_one_engine_each_with_its_own_context(fakes, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """One deserialized engine per (engine, GPU): the weights are on a GPU once, however many instances run
+    there; each instance has its own context (and stream), and the engine goes with the last instance."""
+    trt_backend, rec, rt = fakes
+    rt.devices = 2
+    monkeypatch.setattr(hardware, "gpus", lambda: (GPU, replace(GPU, index=1, uuid="GPU-bbbb")))
+    path, options = _model(tmp_path), _options(tmp_path)
+    a, b = trt_backend.load(path, options), trt_backend.load(path, options)
+    c = trt_backend.load(path, replace(options, device_id=1))
+    assert len(rec.builds) == 1 and [e.device for e in rec.deserialized] == [0, 1]
+    assert len(rec.deserialized[0].contexts) == 2 and len(rec.deserialized[1].contexts) == 1
+    xa, xb = np.ones((2, 4), np.float32), np.arange(20, dtype=np.float32).reshape(5, 4)
+    for backend, x in ((a, xa), (b, xb), (c, xa), (a, xb), (b, xa)):
+        assert np.array_equal(backend.run({"INPUT": x}, ["OUTPUT"])["OUTPUT"], 2 * x)
+    a.close()
+    assert np.array_equal(b.run({"INPUT": xb}, ["OUTPUT"])["OUTPUT"], 2 * xb)
+    assert trt_backend.ENGINES.held() == 2
+    b.close()
+    c.close()
+    assert trt_backend.ENGINES.held() == 0 and rt.live() == 0
+    trt_backend.load(path, options).close()
+    assert len(rec.deserialized) == 3  # the engine went with its last instance; a new load reads it again
+
+
+def test_concurrent_loads_build_one_engine(fakes, tmp_path: Path) -> None:
+    """Versions load on several threads: the second instance waits for the engine the first is building."""
+    trt_backend, rec, rt = fakes
+    rec.build_seconds = 0.3
+    path, options = _model(tmp_path), _options(tmp_path)
+    loaded: list = []
+    threads = [threading.Thread(target=lambda: loaded.append(trt_backend.load(path, options))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loaded) == 2 and len(rec.builds) == 1 and len(rec.deserialized) == 1
+    for backend in loaded:
+        backend.close()
+    assert rt.live() == 0
+
+
+def _qdq_scale(path: Path, zero_point: int) -> Path:
+    """OUTPUT = 2 * INPUT through one int8 Q/DQ pair, as ONNX Runtime's static quantizer writes activations:
+    zero point 0 with symmetric activations, else the calibrated range's offset."""
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+             numpy_helper.from_array(np.array(zero_point, np.int8), "zero_point"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("QuantizeLinear", ["INPUT", "scale", "zero_point"], ["q"], name="INPUT_q"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["dq"], name="INPUT_dq"),
+             helper.make_node("Mul", ["dq", "two"], ["OUTPUT"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["b", 4])],
+                              [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["b", 4])], inits)
+    return save_graph(graph, path)
+
+
+def test_qdq_refusal_names_what_tensorrt_would_refuse_in_tidals_int8(fakes, tmp_path: Path) -> None:
+    """tidal's own static int8 (asymmetric activations, int32 biases) is refused with the cure; a symmetric
+    Q/DQ model and a plain one are not."""
+    trt_backend, _, _ = fakes
+    models.mlp(tmp_path / "mlp.onnx", (4, 8, 3))
+    rows = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32) + 1
+    quantize.quantize_int8_static(tmp_path / "mlp.onnx", tmp_path / "int8.onnx", Dataset({"INPUT": rows}, None, "cal"))
+    refusal = trt_backend.qdq_refusal((tmp_path / "int8.onnx").read_bytes(), tmp_path / "int8.onnx")
+    assert refusal is not None and "only supports symmetric quantization" in refusal
+    assert "non-zero zero point" in refusal and "is INT32" in refusal and "symmetric activations" in refusal
+    for path in (_qdq_scale(tmp_path / "symmetric.onnx", 0), tmp_path / "mlp.onnx"):
+        assert trt_backend.qdq_refusal(path.read_bytes(), path) is None
+    assert trt_backend.qdq_refusal(_qdq_scale(tmp_path / "asym.onnx", -41).read_bytes(), tmp_path) is not None
+
+
+def test_a_load_refuses_an_asymmetric_qdq_model_before_parsing_it(fakes, tmp_path: Path) -> None:
+    trt_backend, rec, rt = fakes
+    path = _qdq_scale(tmp_path / "model.int8.onnx", -41)
+    with pytest.raises(ConfigError, match=r"INPUT_q' has a non-zero zero point.*quantize with symmetric activations"):
+        trt_backend.load(path, _options(tmp_path))
+    assert not rec.builds and trt_backend.ENGINES.held() == 0
+    symmetric = _qdq_scale(tmp_path / "model.sym.onnx", 0)
+    trt_backend.load(symmetric, _options(tmp_path)).close()
+    assert len(rec.builds) == 1 and rt.live() == 0
+
+
 def _repository(tmp_path: Path, config: str) -> Path:
     """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it; the fp32 one
-    (the default file, which auto-complete reads) a real ONNX graph INPUT [batch, 4] -> OUTPUT."""
+    (the default file, which auto-complete reads) a real ONNX graph INPUT [batch, 4] -> OUTPUT, the int8 one
+    real Q/DQ with an asymmetric activation, as tidal's static int8 makes it."""
     model_dir = tmp_path / "repo" / "mlp"
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
@@ -294,6 +461,8 @@ def _repository(tmp_path: Path, config: str) -> Path:
         file = "model.onnx" if kind == "fp32" else f"model.{kind}.onnx"
         if kind == "fp32":
             models.scale(version_dir / file, 2.0)
+        elif kind == "int8":
+            _qdq_scale(version_dir / file, -41)
         else:
             (version_dir / file).write_bytes(f"onnx {kind}".encode())
         backends = ("tensorrt",) if kind == "fp16" else ("onnxruntime",)
@@ -309,20 +478,50 @@ def test_optimize_builds_the_engines_a_load_then_finds(fakes, tmp_path: Path, mo
     model_dir = _repository(tmp_path, config)
     version_dir = model_dir / "1"
     manifest = engines.build_engines(model_dir, 1, lambda line: None)
-    assert len(rec.builds) == 3  # fp32, int8 (explicit Q/DQ), fp16; not int8-dynamic
+    assert len(rec.builds) == 2  # fp32, fp16; not int8 (asymmetric Q/DQ) nor int8-dynamic
     assert all(b["profiles"] == [{"INPUT": [(1, 4), (8, 4), (32, 4)]}] for b in rec.builds)  # the config's
-    assert manifest.variants["int8"].backends == ("tensorrt", "onnxruntime")
-    assert manifest.variants["int8"].runnable_on == ("cpu", "gpu")
+    assert manifest.variants["fp32"].backends == ("tensorrt", "onnxruntime")
+    assert manifest.variants["fp32"].runnable_on == ("cpu", "gpu")
+    assert manifest.variants["int8"].backends == ("onnxruntime",)
     assert manifest.variants["int8-dynamic"].backends == ("onnxruntime",)
     assert load_manifest(version_dir) == manifest
     _load_and_close(model_dir)
-    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()  # the load found every engine ahead of time
+    assert len(rec.builds) == 2 and not (tmp_path / "cache").exists()  # the load found every engine ahead of time
     engines.build_engines(model_dir, 1, lambda line: None)
-    assert len(rec.builds) == 3  # already built
+    assert len(rec.builds) == 2  # already built
     # Another kind of GPU is another engine.
     monkeypatch.setattr(hardware, "gpus", lambda: (replace(GPU, name="NVIDIA L4", compute_capability="8.9"),))
     engines.build_engines(model_dir, 1, lambda line: None)
-    assert len(rec.builds) == 6 and len(list((version_dir / "engines").iterdir())) == 6
+    assert len(rec.builds) == 4 and len(list((version_dir / "engines").iterdir())) == 4
+
+
+def test_optimize_skips_what_tensorrt_refuses_and_keeps_going_past_a_failed_build(fakes, tmp_path: Path) -> None:
+    """The asymmetric int8 is skipped before building, the fp32 build fails: each is logged and keeps its
+    backends, fp16 is still built, and the manifest is written. Nothing built at all is an error."""
+    _, rec, _ = fakes
+    config = ('name: "mlp"\nbackend: "onnxruntime"\nmax_batch_size: 32\n'
+              'parameters { key: "tensorrt_max_workspace_size_bytes" value: { string_value: "4096" } }\n')
+    model_dir = _repository(tmp_path, config)
+    version_dir = model_dir / "1"
+    before = load_manifest(version_dir)
+    rec.unbuildable.add((version_dir / "model.onnx").read_bytes())
+    lines: list[str] = []
+    manifest = engines.build_engines(model_dir, 1, lines.append)
+    assert [b["pools"] for b in rec.builds] == [{"workspace": 4096}] * 2  # fp32 tried, fp16 built
+    assert manifest.variants["fp32"] == before.variants["fp32"]
+    assert manifest.variants["int8"] == before.variants["int8"]
+    assert manifest.variants["fp16"].backends == ("tensorrt",) and load_manifest(version_dir) == manifest
+    assert any(line.startswith("int8: not built for TensorRT, it stays on onnxruntime: TensorRT only supports "
+                               "symmetric quantization") for line in lines)
+    assert any(line.startswith("fp32 on NVIDIA H100 80GB HBM3: no TensorRT engine") and "could not build" in line
+               for line in lines)
+    assert [p.name for p in (version_dir / "engines").iterdir()] == [
+        engines._tensorrt().engine_key(b"onnx fp16", BackendOptions(max_batch_size=32)).filename()]
+    rec.unbuildable.add(b"onnx fp16")
+    (version_dir / "engines" / next((version_dir / "engines").iterdir()).name).unlink()
+    with pytest.raises(ConfigError, match=r"TensorRT built no engine \(int8: TensorRT only supports symmetric.*; "
+                                          r"fp32: .*could not build.*; fp16: "):
+        engines.build_engines(model_dir, 1, lines.append)
 
 
 def _load_and_close(model_dir: Path) -> None:
@@ -347,9 +546,9 @@ def test_a_load_finds_engines_built_for_a_config_auto_complete_fills_in(fakes, t
     model_dir = _repository(tmp_path, 'name: "mlp"\nbackend: "onnxruntime"\n')
     engines.build_engines(model_dir, 1, lambda line: None)
     batch = DEFAULT_MAX_BATCH_SIZE
-    assert [b["profiles"] for b in rec.builds] == [[{"INPUT": [(1, 4), (batch, 4), (batch, 4)]}]] * 3
+    assert [b["profiles"] for b in rec.builds] == [[{"INPUT": [(1, 4), (batch, 4), (batch, 4)]}]] * 2
     _load_and_close(model_dir)
-    assert len(rec.builds) == 3 and not (tmp_path / "cache").exists()
+    assert len(rec.builds) == 2 and not (tmp_path / "cache").exists()
 
 
 def test_optimize_refuses_early_without_tensorrt_or_a_gpu(fakes, tmp_path: Path, monkeypatch, capsys) -> None:

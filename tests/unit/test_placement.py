@@ -194,9 +194,11 @@ def test_instances_land_on_the_configured_gpus(gpu_host: list[BackendOptions], t
 
 
 def test_variants_from_tidal_optimize_serve_on_gpu_instances(gpu_host: list[BackendOptions], tmp_path: Path,
-                                                             caplog) -> None:
+                                                             monkeypatch, caplog) -> None:
     """Every ONNX variant `tidal optimize` records runs on a GPU instance, through ONNX Runtime's CUDA provider at
     least, saying so when the backend it prefers cannot load; one recorded as CPU-only is left out, with why."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # whatever an earlier test left: no TensorRT here
+    monkeypatch.delitem(sys.modules, "tidal.backends.tensorrt", raising=False)
     root = _repo(tmp_path, "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]")
     variants = {
         "fp32": Variant("fp32", "model.onnx", "fp32", ("onnxruntime",), RUNNABLE_ON["fp32"], 1, 1, None, None),

@@ -8,11 +8,17 @@ profile), looked for in `options.cache_dirs` in order (the version folder's `eng
 ahead of time goes, then the user's cache) and, when none matches, built at load, said in the log, and
 written to the last directory.
 
-Each instance owns an execution context, a CUDA stream, device buffers sized for max_batch_size (so their
-addresses never change) and page-locked staging buffers. A batch runs as: copy in, `execute_async_v3`,
-copy out, synchronize. Where the engine allows it, the enqueue of each batch size is captured once as a
-CUDA graph and replayed after that (fewer launches per batch); `parameters { key: "cuda_graphs" value:
-"false" }` turns that off.
+The instances of one engine on one GPU share one deserialized engine (its weights are on the device once,
+not once per instance), as TensorRT recommends: the engine is read-only and thread-safe, the execution
+context is what must not be shared. Each instance owns an execution context, a CUDA stream, device buffers
+sized for max_batch_size (so their addresses never change) and page-locked staging buffers. A batch runs
+as: copy in, `execute_async_v3`, copy out, synchronize. Where the engine allows it, the enqueue of each
+batch size is captured once as a CUDA graph and replayed after that (fewer launches per batch);
+`parameters { key: "cuda_graphs" value: "false" }` turns that off, and so does, for that instance, a
+capture that fails (an engine with a layer CUDA cannot capture), with one warning.
+
+Q/DQ models TensorRT refuses (asymmetric zero points, int32 bias, unsigned types) are caught before the
+parser with a reason that says what to change (`qdq_refusal`).
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import tensorrt as trt
+from onnx import TensorProto, numpy_helper
 
 from tidal.backends import cuda, hardware
 from tidal.backends.base import BackendOptions
@@ -99,6 +108,58 @@ def _profile(builder: Any, network: Any, key: EngineKey, path: Path) -> Any | No
     return profile
 
 
+# The element types TensorRT's Q/DQ layers quantize to (INT8, FP8 E4M3, INT4 and, from 10.8, FP4). ONNX
+# Runtime's quantizer also writes UINT8 activations and INT32 biases, which TensorRT's ONNX parser refuses.
+_QDQ_TYPES = frozenset(getattr(TensorProto, t) for t in ("INT8", "FLOAT8E4M3FN", "INT4", "FLOAT4E2M1")
+                       if hasattr(TensorProto, t))
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def qdq_refusal(model: bytes, path: Path) -> str | None:
+    """Why TensorRT's explicit quantization would refuse this model's Q/DQ nodes; None when it would not.
+
+    TensorRT quantizes symmetrically only: every QuantizeLinear/DequantizeLinear zero point must be 0 and the
+    quantized type signed. ONNX Runtime's static quantizer (tidal's int8 variant) writes non-zero activation
+    zero points unless asked for symmetric activations, and int32 biases. TensorRT's parser would refuse such
+    a model too, but only after reading it and with an assertion; this names the nodes and the cure, for a
+    protobuf parse. Zero points computed at run time (neither initializer nor Constant) are left to the parser.
+    """
+    try:
+        graph = onnx.load_model_from_string(model).graph
+    except Exception:  # not ONNX protobuf (DecodeError): TensorRT's parser says what is wrong with it
+        return None
+    nodes = [n for n in graph.node if n.op_type in _QDQ_OPS]
+    if not nodes:
+        return None
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    problems = []
+    for node in nodes:
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        quantized = zero_point
+        if quantized is None and node.op_type == "DequantizeLinear":
+            quantized = constants.get(node.input[0])
+        name = node.name or node.output[0]
+        if quantized is not None and quantized.data_type not in _QDQ_TYPES:
+            problems.append(f"{node.op_type} '{name}' is {TensorProto.DataType.Name(quantized.data_type)}")
+        elif zero_point is not None and _nonzero(zero_point, path):
+            problems.append(f"{node.op_type} '{name}' has a non-zero zero point")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (f"TensorRT only supports symmetric quantization to signed types (every Q/DQ zero point 0; INT8, FP8 "
+            f"or INT4, no INT32 bias): {'; '.join(problems[:3])}{more}; quantize with symmetric activations and "
+            "unquantized biases for TensorRT")
+
+
+def _nonzero(tensor: onnx.TensorProto, path: Path) -> bool:
+    try:
+        return bool(np.any(np.asarray(numpy_helper.to_array(tensor, str(path.parent))).astype(np.float64) != 0))
+    except (TypeError, ValueError):  # a type numpy cannot widen: the parser decides
+        return False
+
+
 def build_engine(model: bytes, path: Path, key: EngineKey, workspace_bytes: int = 0) -> bytes:
     """A serialized engine for `model` on the current device; ConfigError naming what TensorRT refused."""
     builder = trt.Builder(_LOGGER)
@@ -130,18 +191,40 @@ def save_engine(engine: bytes, key: EngineKey, directory: Path) -> Path:
     return target
 
 
+# The key README documents, the one the TensorRT execution provider reads too (`tensorrt_` + its option), so
+# one config line sets the workspace for both TensorRT paths; then the older key this backend read alone.
+WORKSPACE_KEYS = ("tensorrt_max_workspace_size_bytes", "max_workspace_size_bytes")
+
+
 def workspace_bytes(options: BackendOptions) -> int:
-    return int(options.parameters.get("max_workspace_size_bytes", "0"))
+    """The builder's workspace limit in bytes from the config's parameters; 0: TensorRT's default (the GPU)."""
+    for key in WORKSPACE_KEYS:
+        if key in options.parameters:
+            value = options.parameters[key]
+            try:
+                limit = int(value)
+            except ValueError:
+                limit = -1
+            if limit < 0:
+                raise ConfigError(f"parameter '{key}' must be a number of bytes, got '{value}'")
+            return limit
+    return 0
 
 
 def cached_engine(path: Path, options: BackendOptions) -> bytes:
     """The engine for `path` on this GPU: from the first cache directory holding it, else built and saved."""
     model = path.read_bytes()
-    key = engine_key(model, options)
+    return _engine_bytes(path, model, engine_key(model, options), options)
+
+
+def _engine_bytes(path: Path, model: bytes, key: EngineKey, options: BackendOptions) -> bytes:
     found = find_engine(key, options.cache_dirs)
     if found is not None:
         log.info("%s: TensorRT engine %s", path, found)
         return found.read_bytes()
+    refusal = qdq_refusal(model, path)
+    if refusal is not None:
+        raise ConfigError(f"{path}: {refusal}")
     log.warning("%s: no TensorRT engine for %s (sm %s, TensorRT %s) in %s; building one now, which can take "
                 "minutes (`tidal optimize --backend tensorrt` builds them ahead of time)", path, key.gpu_name,
                 key.compute_capability, key.trt_version, ", ".join(map(str, options.cache_dirs)) or "no cache")
@@ -161,16 +244,82 @@ def _spec(engine: Any, name: str) -> TensorSpec:
     return TensorSpec(name, _TYPES[dtype], tuple(engine.get_tensor_shape(name)))
 
 
-class TensorRTBackend:
-    """One execution context on its own stream; see tidal.backends.base for the threading contract."""
+def _deserialize(path: Path, engine_bytes: bytes) -> tuple[Any, Any]:
+    """The runtime and the engine it read: the runtime is kept as long as the engine (TensorRT's rule)."""
+    runtime = trt.Runtime(_LOGGER)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise ConfigError(f"{path}: TensorRT could not load its engine (built by another version?)")
+    return runtime, engine
 
-    def __init__(self, path: Path, options: BackendOptions, rt: Any, engine_bytes: bytes) -> None:
-        self._rt, self._device = rt, options.device_id
+
+@dataclass(eq=False, slots=True)
+class _Shared:
+    users: int = 0
+    loaded: tuple[Any, Any] | None = None  # (runtime, engine)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class EnginePool:
+    """Deserialized engines by (engine key, device), shared by the instances that run them there.
+
+    An ICudaEngine holds the network's weights on its GPU; one per instance would hold them once per instance.
+    TensorRT's engine is read-only and may serve several execution contexts on several threads at once (one
+    context per stream), so instances share it and own only their context. Counted: the last instance to
+    close drops the engine, after its own context. Versions load on several threads: the first instance to
+    ask loads (or builds) the engine under the entry's lock and the others wait for it instead of building
+    it again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[EngineKey, int], _Shared] = {}
+
+    def open(self, key: tuple[EngineKey, int], load: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+        """The engine for `key` (from `load` when no instance holds it) and a new execution context on it."""
+        with self._lock:
+            entry = self._entries.setdefault(key, _Shared())
+            entry.users += 1
+        try:
+            with entry.lock:  # context creation too: TensorRT does not promise it is thread-safe
+                if entry.loaded is None:
+                    entry.loaded = load()
+                engine = entry.loaded[1]
+                context = engine.create_execution_context()
+            if context is None:
+                raise ConfigError("TensorRT could not create an execution context (out of GPU memory?)")
+        except BaseException:
+            self.release(key)
+            raise
+        return engine, context
+
+    def release(self, key: tuple[EngineKey, int]) -> None:
+        with self._lock:
+            entry = self._entries[key]
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[key]
+
+    def held(self) -> int:
+        """Engines some instance still uses."""
+        with self._lock:
+            return len(self._entries)
+
+
+ENGINES = EnginePool()
+
+
+class TensorRTBackend:
+    """One execution context on its own stream; see tidal.backends.base for the threading contract.
+
+    `engine` may be shared with other instances (EnginePool); `release` gives this instance's share back.
+    """
+
+    def __init__(self, path: Path, options: BackendOptions, rt: Any, engine: Any, context: Any,
+                 release: Callable[[], None]) -> None:
+        self._path, self._rt, self._device = path, rt, options.device_id
         rt.cuda_set_device(self._device)
-        self._engine = trt.Runtime(_LOGGER).deserialize_cuda_engine(engine_bytes)
-        if self._engine is None:
-            raise ConfigError(f"{path}: TensorRT could not load its engine (built by another version?)")
-        self._context = self._engine.create_execution_context()
+        self._engine, self._context, self._release = engine, context, release
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self._inputs = [_spec(self._engine, n) for n in names if is_input[n]]
@@ -228,18 +377,39 @@ class TensorRTBackend:
             self._capture(shapes)
 
     def _capture(self, shapes: tuple) -> None:
-        """Record this shape's enqueue as a graph, after one plain run has settled the context's state."""
-        self._rt.cuda_graph_begin_capture(self._stream.handle)
+        """Record this shape's enqueue as a graph, after one plain run has settled the context's state.
+
+        The batch itself ran in that plain run, so a failed capture loses only the graph. It fails two ways:
+        CUDA invalidates the capture when the engine enqueues something not capturable (a host sync, an
+        allocation), and then ending it raises; or TensorRT's enqueue reports failure while capturing. Such
+        an engine fails the same way at every batch size, so graphs go off for this instance, with one
+        warning, rather than each new batch size failing (NVIDIA's trtexec falls back the same way).
+        """
+        stream = self._stream.handle
         try:
-            captured = self._context.execute_async_v3(self._stream.handle)
-        finally:
-            graph = self._rt.cuda_graph_end_capture(self._stream.handle)
+            self._rt.cuda_graph_begin_capture(stream)
+        except RuntimeError as exc:
+            self._graphs_off(str(exc))
+            return
+        try:
+            captured, why = bool(self._context.execute_async_v3(stream)), "execute_async_v3 failed while capturing"
+        except Exception as exc:  # the plain run of this batch succeeded: only the capture failed
+            captured, why = False, f"execute_async_v3 raised while capturing: {exc}"
+        try:  # always ended: a stream left capturing would record the next batches instead of running them
+            graph = self._rt.cuda_graph_end_capture(stream)
+        except RuntimeError as exc:  # invalidated, or the graph would not instantiate: no graph was made
+            self._graphs_off(str(exc))
+            return
         if captured:
             self._graphs[shapes] = graph
             return
         self._rt.cuda_graph_destroy(graph)
+        self._graphs_off(why)
+
+    def _graphs_off(self, reason: str) -> None:
         self._use_graphs = False
-        log.info("tensorrt: this engine cannot be captured as a CUDA graph; enqueuing each batch instead")
+        log.warning("tensorrt: %s: its engine cannot be captured as a CUDA graph (%s); this instance enqueues "
+                    "each batch without graphs from now on", self._path, reason)
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         known = {s.name: s for s in self._outputs}
@@ -260,7 +430,8 @@ class TensorRTBackend:
         for graph in self._graphs.values():
             self._rt.cuda_graph_destroy(graph)
         self._graphs.clear()
-        self._context = self._engine = None
+        self._context = self._engine = None  # the context first: it must not outlive a shared engine
+        self._release()
         for buffer in self._device_buffers.values():
             buffer.close()
         self._staging.close()
@@ -280,8 +451,15 @@ def load(path: Path, options: BackendOptions) -> TensorRTBackend:
     _visible_gpu(options)
     rt = cuda.runtime()
     rt.cuda_set_device(options.device_id)
-    return TensorRTBackend(path, options, rt, cached_engine(path, options))
+    model = path.read_bytes()
+    key = (engine_key(model, options), options.device_id)
+    engine, context = ENGINES.open(key, lambda: _deserialize(path, _engine_bytes(path, model, key[0], options)))
+    try:
+        return TensorRTBackend(path, options, rt, engine, context, lambda: ENGINES.release(key))
+    except BaseException:
+        ENGINES.release(key)
+        raise
 
 
-__all__ = ["EngineKey", "TensorRTBackend", "build_engine", "cached_engine", "engine_key", "find_engine",
-           "gpu_unavailable", "load", "save_engine", "workspace_bytes"]
+__all__ = ["ENGINES", "EngineKey", "EnginePool", "TensorRTBackend", "build_engine", "cached_engine", "engine_key",
+           "find_engine", "gpu_unavailable", "load", "qdq_refusal", "save_engine", "workspace_bytes"]

@@ -5,6 +5,12 @@ readiness by that much. Here every variant TensorRT can take is built for each k
 keyed as the backend keys them at load (model hash, GPU name, compute capability, TensorRT version, batch
 profile from the model's config as a load auto-completes it), into the version's `engines/` folder, where a
 load looks first. The manifest then lists tensorrt first for those variants and marks them runnable on a GPU.
+
+A variant TensorRT refuses does not stop the others: a Q/DQ model with non-zero zero points (TensorRT
+quantizes symmetrically only; tidal's int8 variant has asymmetric activations) is skipped before building,
+and an engine that fails to build is logged with TensorRT's reason. Either way the variant keeps the
+backends it had, and the manifest lists tensorrt only for the variants with an engine for every kind of
+GPU here, so a load never starts a build that already failed here. Nothing built at all is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from pathlib import Path
 from types import ModuleType
 
 from tidal.backends import cuda, hardware
-from tidal.errors import ConfigError
+from tidal.backends.base import BackendOptions
+from tidal.errors import ConfigError, TidalError
 from tidal.repository.config import load_config, version_spec
 from tidal.repository.variants import VariantManifest, load_manifest, save_manifest
 
@@ -58,23 +65,28 @@ def build_engines(model_dir: Path, version: int, log: Callable[[str], None]) -> 
     chosen = [v for v in manifest.variants.values() if v.kind in KINDS]
     if not chosen:
         raise ConfigError(f"{version_dir}: no variant TensorRT can build (kinds {', '.join(sorted(KINDS))})")
+    workspace = trt.workspace_bytes(options)  # a bad setting stops here, not once per variant
+    failed: dict[str, str] = {}
+    for v in chosen:
+        refusal = trt.qdq_refusal((version_dir / v.file).read_bytes(), version_dir / v.file)
+        if refusal is not None:
+            failed[v.name] = refusal
+            log(f"{v.name}: not built for TensorRT, it stays on {', '.join(v.backends) or 'no backend'}: {refusal}")
     runtime = cuda.runtime()
     for gpu in gpus:
         gpu_options = replace(options, device="gpu", device_id=gpu.index)
         runtime.cuda_set_device(gpu.index)
-        for variant in chosen:
-            path = version_dir / variant.file
-            model = path.read_bytes()
-            key = trt.engine_key(model, gpu_options)
-            found = trt.find_engine(key, (target,))
-            if found is not None:
-                log(f"{variant.name} on {gpu.name}: engine {found.name} already built")
-                continue
-            log(f"{variant.name} on {gpu.name}: building a TensorRT engine (can take minutes)")
-            engine = trt.build_engine(model, path, key, trt.workspace_bytes(gpu_options))
-            log(f"{variant.name} on {gpu.name}: {trt.save_engine(engine, key, target)}")
+        for variant in (v for v in chosen if v.name not in failed):
+            failure = _build(trt, variant.name, version_dir / variant.file, gpu_options, workspace, gpu.name, target,
+                             log)
+            if failure is not None:
+                failed[variant.name] = failure
+    built = [v for v in chosen if v.name not in failed]
+    if not built:
+        reasons = "; ".join(f"{name}: {why}" for name, why in failed.items())
+        raise ConfigError(f"{version_dir}: TensorRT built no engine ({reasons})")
     variants = dict(manifest.variants)
-    for v in chosen:
+    for v in built:
         variants[v.name] = replace(
             v,
             backends=("tensorrt", *(b for b in v.backends if b != "tensorrt")),
@@ -83,4 +95,23 @@ def build_engines(model_dir: Path, version: int, log: Callable[[str], None]) -> 
     updated = replace(manifest, variants=variants)
     save_manifest(version_dir, updated)
     return updated
+
+
+def _build(trt: ModuleType, name: str, path: Path, options: BackendOptions, workspace: int, gpu: str, target: Path,
+           log: Callable[[str], None]) -> str | None:
+    """One variant's engine for one GPU, unless already built; why it failed (logged), or None."""
+    model = path.read_bytes()
+    key = trt.engine_key(model, options)
+    found = trt.find_engine(key, (target,))
+    if found is not None:
+        log(f"{name} on {gpu}: engine {found.name} already built")
+        return None
+    log(f"{name} on {gpu}: building a TensorRT engine (can take minutes)")
+    try:
+        engine = trt.build_engine(model, path, key, workspace)
+    except (TidalError, RuntimeError) as exc:  # TensorRT's refusal, or its C++ exception or a CUDA error
+        log(f"{name} on {gpu}: no TensorRT engine, the variant keeps its other backends: {exc}")
+        return str(exc)
+    log(f"{name} on {gpu}: {trt.save_engine(engine, key, target)}")
+    return None
 
