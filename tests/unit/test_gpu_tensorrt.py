@@ -430,7 +430,11 @@ def test_qdq_refusal_names_what_tensorrt_would_refuse_in_tidals_int8(fakes, tmp_
     refusal = trt_backend.qdq_refusal((tmp_path / "int8.onnx").read_bytes(), tmp_path / "int8.onnx")
     assert refusal is not None and "only supports symmetric quantization" in refusal
     assert "non-zero zero point" in refusal and "is INT32" in refusal and "symmetric activations" in refusal
-    for path in (_qdq_scale(tmp_path / "symmetric.onnx", 0), tmp_path / "mlp.onnx"):
+    # The int8-symmetric variant `tidal optimize --backend tensorrt` makes, through the same real quantizer.
+    quantize.quantize_int8_static(tmp_path / "mlp.onnx", tmp_path / "sym.onnx", Dataset({"INPUT": rows}, None, "cal"),
+                                  symmetric=True)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(tmp_path / "sym.onnx")).graph.node}
+    for path in (_qdq_scale(tmp_path / "symmetric.onnx", 0), tmp_path / "mlp.onnx", tmp_path / "sym.onnx"):
         assert trt_backend.qdq_refusal(path.read_bytes(), path) is None
     assert trt_backend.qdq_refusal(_qdq_scale(tmp_path / "asym.onnx", -41).read_bytes(), tmp_path) is not None
 

@@ -85,6 +85,19 @@ def test_every_file_is_written_for_older_onnx_runtimes_too(repo: Path) -> None:
         assert {o.domain for o in model.opset_import} <= {n.domain for n in model.graph.node} | {""}, path.name
 
 
+def test_the_int8_variant_for_tensorrt_is_symmetric_with_float_biases(files: Path, tmp_path: Path) -> None:
+    argv = ["optimize", str(files / "model.onnx"), "--repository", str(tmp_path), "--name", "clf", "--calibration",
+            str(files / "cal.npz"), "--variants", "fp32,int8-symmetric", *FAST]
+    assert _cli(argv) == 0
+    variant = load_manifest(tmp_path / "clf" / "1").variants["int8-symmetric"]
+    assert variant.backends == ("onnxruntime",) and variant.runnable_on == ("cpu", "gpu")
+    assert variant.accuracy is not None and variant.accuracy.top1_agreement > 0.9
+    graph = onnx.load(str(tmp_path / "clf" / "1" / variant.file)).graph
+    zero_points = {n.input[2] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert zero_points and all(not numpy_helper.to_array(i).any() for i in graph.initializer if i.name in zero_points)
+    assert not [i.name for i in graph.initializer if i.data_type == TensorProto.INT32]  # biases stay float
+
+
 def test_config_is_written_for_batching(repo: Path) -> None:
     config = parse_model_config(repo / "clf" / "config.pbtxt").config
     assert config.max_batch_size == 4 and config.HasField("dynamic_batching")

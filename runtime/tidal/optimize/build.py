@@ -22,14 +22,17 @@ from tidal.optimize import distill, prune, quantize
 from tidal.optimize.data import Dataset
 from tidal.optimize.graph import flops_per_row, non_fp32_floats, parameter_count, save_model
 from tidal.optimize.train import TrainConfig
+from tidal.repository.variants import KINDS
 
-KINDS = ("fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16")
+# int8-symmetric is the int8 variant TensorRT can build: made when named, and for `--backend tensorrt`.
+DEFAULT_KINDS = tuple(k for k in KINDS if k != "int8-symmetric")
 FP32_FILE = "model.onnx"
 
 # Backends that may run each kind, in order of preference; profiling keeps those that load it here.
 CANDIDATE_BACKENDS = {
     "fp32": ("onnxruntime",),
     "int8": ("int8", "onnxruntime"),
+    "int8-symmetric": ("onnxruntime",),
     "int8-dynamic": ("onnxruntime",),
     "pruned": ("onnxruntime",),
     "distilled": ("onnxruntime",),
@@ -41,7 +44,7 @@ RUNNABLE_ON = {kind: ("gpu",) if kind == "fp16" else ("cpu", "gpu") for kind in 
 
 # Kinds built only from fp32 tensors: the quantizers and the fp16 conversion leave other precisions
 # as they are (a "quantized" file would be the model unchanged), and the student trains in fp32.
-_FP32_ONLY = frozenset({"int8", "int8-dynamic", "distilled", "fp16"})
+_FP32_ONLY = frozenset({"int8", "int8-symmetric", "int8-dynamic", "distilled", "fp16"})
 _SEVEN_BIT = ", 7-bit (reduce_range: |w| <= 64, no int16 pair-sum saturation)"
 _QUANTIZED_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
 
@@ -117,20 +120,26 @@ def build_fp32(source: Path, version_dir: Path) -> tuple[Built, onnx.ModelProto]
     return Built("fp32", "fp32", FP32_FILE, parameter_count(model), flops_per_row(model), details), model
 
 
-def build_int8(ctx: Context) -> list[Built]:
-    path = ctx.version_dir / "model.int8.onnx"
+def build_int8(ctx: Context, kind: str = "int8") -> list[Built]:
+    """`int8`: activations asymmetric, biases int32, as tidal's kernels and ONNX Runtime's CPU path take them;
+    `int8-symmetric`: every zero point 0 and float biases, as TensorRT's explicit quantization takes them."""
+    symmetric = kind == "int8-symmetric"
+    path = ctx.version_dir / f"model.{kind}.onnx"
     seven_bit = ctx.settings.seven_bit_weights()
-    quantize.quantize_int8_static(ctx.fp32_path, path, ctx.calibration, ctx.settings.calibration_method, seven_bit)
+    quantize.quantize_int8_static(
+        ctx.fp32_path, path, ctx.calibration, ctx.settings.calibration_method, seven_bit, symmetric
+    )
     _check_quantized(path)
     details = {
         "format": "QDQ",
-        "activations": "int8 per-tensor",
+        "activations": f"int8 per-tensor{', symmetric' if symmetric else ''}",
         "weights": f"int8 per-channel, symmetric{_SEVEN_BIT if seven_bit else ''}",
+        "bias": "float" if symmetric else "int32",
         "calibration": ctx.calibration.source,
         "calibration_rows": ctx.calibration.rows,
         "calibration_method": ctx.settings.calibration_method,
     }
-    return [ctx.like_fp32("int8", "int8", details)]
+    return [ctx.like_fp32(kind, kind, details)]
 
 
 def build_int8_dynamic(ctx: Context) -> list[Built]:
@@ -178,6 +187,7 @@ def build_fp16(ctx: Context) -> list[Built]:
 
 BUILDERS: dict[str, Callable[[Context], list[Built]]] = {
     "int8": build_int8,
+    "int8-symmetric": lambda ctx: build_int8(ctx, "int8-symmetric"),
     "int8-dynamic": build_int8_dynamic,
     "pruned": build_pruned,
     "distilled": build_distilled,

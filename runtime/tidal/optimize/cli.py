@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tidal.errors import TidalError
 from tidal.optimize import engines
-from tidal.optimize.build import KINDS, BuildSettings
+from tidal.optimize.build import DEFAULT_KINDS, KINDS, BuildSettings
 from tidal.optimize.pipeline import OptimizeOptions, optimize, profile_repository
 from tidal.optimize.report import format_table
 from tidal.optimize.train import TrainConfig
@@ -50,7 +50,8 @@ def add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variants",
         type=lambda t: _csv(str, t),
-        help=f"kinds to build, each one required (default: every one of {','.join(KINDS)} that applies)",
+        help=f"kinds to build, each one required, of {','.join(KINDS)} (default: every one of "
+        f"{','.join(DEFAULT_KINDS)} that applies; with --backend tensorrt also int8-symmetric)",
     )
     p.add_argument("--prune-ratios", type=lambda t: _csv(float, t), default=(0.5, 0.75), help="e.g. 0.5,0.75")
     p.add_argument("--student-hidden", type=lambda t: _csv(int, t), help="distilled student widths, e.g. 128,64")
@@ -75,6 +76,7 @@ def _optimize(args: argparse.Namespace) -> int:
         validation=args.validation,
         version=args.version,
         kinds=args.variants,
+        for_tensorrt=args.backend == "tensorrt",
         build=BuildSettings(
             prune_ratios=tuple(args.prune_ratios),
             student_hidden=args.student_hidden,

@@ -30,7 +30,7 @@ from tidal.repository.variants import VariantManifest, load_manifest, save_manif
 ENGINES_DIR = "engines"
 # int8-dynamic quantizes activations with DynamicQuantizeLinear/MatMulInteger, which a strongly typed
 # TensorRT network does not take; every other kind is plain fp32/fp16 or explicit Q/DQ.
-KINDS = frozenset({"fp32", "int8", "pruned", "distilled", "fp16"})
+KINDS = frozenset({"fp32", "int8", "int8-symmetric", "pruned", "distilled", "fp16"})
 
 
 def _tensorrt() -> ModuleType:

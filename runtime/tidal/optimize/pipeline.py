@@ -28,6 +28,7 @@ from tidal.optimize import choose, evaluate
 from tidal.optimize.build import (
     BUILDERS,
     CANDIDATE_BACKENDS,
+    DEFAULT_KINDS,
     KINDS,
     RUNNABLE_ON,
     BuildSettings,
@@ -74,6 +75,7 @@ class OptimizeOptions:
     validation: Path | None = None
     version: int = 1
     kinds: tuple[str, ...] | None = None  # None: every kind that applies; named kinds must all be built
+    for_tensorrt: bool = False  # kinds None: also the int8 variant TensorRT can build (int8-symmetric)
     build: BuildSettings = field(default_factory=BuildSettings)
     calibration_rows: int = 2048
     min_accuracy: float = 0.0
@@ -85,7 +87,9 @@ class OptimizeOptions:
 
 
 def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
-    requested = KINDS if options.kinds is None else options.kinds
+    requested = options.kinds
+    if requested is None:
+        requested = (*DEFAULT_KINDS, "int8-symmetric") if options.for_tensorrt else DEFAULT_KINDS
     unknown = sorted(set(requested) - set(KINDS))
     if unknown or "fp32" not in requested:
         raise ConfigError(f"variant kinds must include fp32 and come from {', '.join(KINDS)}; got {requested}")

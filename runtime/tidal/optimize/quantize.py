@@ -71,7 +71,12 @@ class _Batches(CalibrationDataReader):
 
 
 def quantize_int8_static(
-    src: Path, dst: Path, calibration: Dataset, method: str = "minmax", reduce_range: bool = False
+    src: Path,
+    dst: Path,
+    calibration: Dataset,
+    method: str = "minmax",
+    reduce_range: bool = False,
+    symmetric: bool = False,
 ) -> None:
     """Static INT8 in QDQ format, S8S8, per-channel weights, calibrated on `calibration`.
 
@@ -79,6 +84,9 @@ def quantize_int8_static(
     activation ranges. `reduce_range` makes 7-bit weights (|w| <= 64): no
     u8 x s8 pair sum can then saturate int16, so ONNX Runtime's AVX2 kernels
     are exact and tidal's run their fast one-instruction path (see kernels/).
+    `symmetric` makes what TensorRT's explicit quantization takes: every zero
+    point 0 (activations too, so a ReLU output uses half the int8 range) and
+    biases left in float, where TensorRT refuses int32 ones.
     """
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"unknown calibration method '{method}' (known: {', '.join(CALIBRATION_METHODS)})")
@@ -96,6 +104,7 @@ def quantize_int8_static(
             per_channel=True,
             reduce_range=reduce_range,
             calibrate_method=CALIBRATION_METHODS[method],
+            extra_options={"ActivationSymmetric": True, "QuantizeBias": False} if symmetric else {},
         )
     save_model(onnx.load(str(dst)), dst)
 

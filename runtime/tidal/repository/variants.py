@@ -8,6 +8,7 @@ A model repository keeps Triton's layout, ``REPO/NAME/config.pbtxt`` and
     REPO/NAME/config.pbtxt
     REPO/NAME/1/model.onnx              the fp32 variant (a plain loader still works)
     REPO/NAME/1/model.int8.onnx         static INT8, QDQ, S8S8, per-channel weights
+    REPO/NAME/1/model.int8-symmetric.onnx  the same with every zero point 0 and float biases, for TensorRT
     REPO/NAME/1/model.int8-dynamic.onnx weights INT8, activations quantized per batch
     REPO/NAME/1/model.pruned-50.onnx    50% of hidden neurons / channels removed
     REPO/NAME/1/model.distilled.onnx    a smaller student trained on the teacher
@@ -29,9 +30,9 @@ variants.json, format 1 (all keys required unless marked optional)::
       "variants": {
         "int8": {
           "file": "model.int8.onnx",       relative to the version folder
-          "kind": "int8",                  fp32 | int8 | int8-dynamic | pruned | distilled | fp16
+          "kind": "int8",                  fp32 | int8 | int8-symmetric | int8-dynamic | pruned | distilled | fp16
           "backends": ["onnxruntime"],     backends that can run it, in order of preference
-          "runnable_on": ["cpu"],          cpu and/or gpu
+          "runnable_on": ["cpu", "gpu"],   cpu and/or gpu
           "size_bytes": 1234,              size of the file
           "parameters": 5678,              weight elements
           "flops_per_row": 91011 | null,   multiply-adds x2 for one batch row, when known
@@ -78,7 +79,8 @@ from tidal.errors import ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "variants.json"
-KINDS = frozenset({"fp32", "int8", "int8-dynamic", "pruned", "distilled", "fp16"})
+# In the order `tidal optimize` builds and lists them.
+KINDS = ("fp32", "int8", "int8-symmetric", "int8-dynamic", "pruned", "distilled", "fp16")
 DEVICES = frozenset({"cpu", "gpu"})
 METRICS = frozenset({"top1_accuracy", "top1_agreement"})
 
