@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from live_server import FRONTENDS, ServerProcess, frontend_flags, start_server
 from onnx_models import build_repository
 from tidal.proto import grpc_service_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(autouse=True)
+def _cuda_device_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tidal.cli.main` sets CUDA_DEVICE_ORDER for its process; in a test that calls it, for that test alone."""
+    before = os.environ.get("CUDA_DEVICE_ORDER")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", before or "")  # recorded, so restored (or removed) after the test
+    if before is None:
+        monkeypatch.delenv("CUDA_DEVICE_ORDER")
 
 
 @pytest.fixture(scope="session")

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     from tidal.backends import onnxruntime_missing
 
-    if (why := onnxruntime_missing()) is not None:  # every parser but health's imports the server, and with it ORT
+    if (why := onnxruntime_missing()) is not None:  # every parser but health's imports ORT (tidal optimize's)
         print(f"tidal: {why}", file=sys.stderr)
         return 2
     parser = build_parser()

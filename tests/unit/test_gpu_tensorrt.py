@@ -450,6 +450,16 @@ def test_a_load_refuses_an_asymmetric_qdq_model_before_parsing_it(fakes, tmp_pat
     assert len(rec.builds) == 1 and rt.live() == 0
 
 
+def test_closing_twice_gives_the_engine_back_once(fakes, tmp_path: Path) -> None:
+    trt_backend, _, rt = fakes
+    first, second = (trt_backend.load(_model(tmp_path), _options(tmp_path, instance_index=i)) for i in (0, 1))
+    first.close()
+    first.close()  # a second close must not take the other instance's share of the shared engine
+    assert trt_backend.ENGINES.held() == 1
+    second.close()
+    assert trt_backend.ENGINES.held() == 0 and rt.live() == 0
+
+
 def _repository(tmp_path: Path, config: str) -> Path:
     """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it; the fp32 one
     (the default file, which auto-complete reads) a real ONNX graph INPUT [batch, 4] -> OUTPUT, the int8 one

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tidal.optimize.cli import add_optimize_parser, add_profile_parser
 from tidal.optimize.data import load_dataset
 from tidal.optimize.evaluate import predict, score
-from tidal.optimize.graph import graph_inputs, save_graph
+from tidal.optimize.graph import graph_inputs, save_graph, save_model
 from tidal.optimize.reference import synthetic_classification, train_classifier
 from tidal.optimize.train import TrainConfig
 from tidal.repository.manager import ModelManager
@@ -96,6 +96,23 @@ def test_the_int8_variant_for_tensorrt_is_symmetric_with_float_biases(files: Pat
     zero_points = {n.input[2] for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
     assert zero_points and all(not numpy_helper.to_array(i).any() for i in graph.initializer if i.name in zero_points)
     assert not [i.name for i in graph.initializer if i.data_type == TensorProto.INT32]  # biases stay float
+
+
+def test_opset_imports_used_only_in_subgraphs_or_functions_are_kept(tmp_path: Path) -> None:
+    then = helper.make_graph([helper.make_node("Custom", ["x"], ["y"], domain="com.then")], "then", [],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["c"], ["out"], then_branch=then, else_branch=then)
+    graph = helper.make_graph([node, helper.make_node("Fn", ["x"], ["z"], domain="com.fn")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("c", "x")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("out", "z")])
+    function = helper.make_function("com.fn", "Fn", ["x"], ["z"],
+                                    [helper.make_node("Inner", ["x"], ["z"], domain="com.inner")],
+                                    [helper.make_opsetid("com.inner", 1)])
+    opsets = [helper.make_opsetid(d, 1) for d in ("com.then", "com.fn", "com.inner", "com.unused")]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets], functions=[function])
+    save_model(model, tmp_path / "m.onnx")
+    kept = {o.domain for o in onnx.load(str(tmp_path / "m.onnx")).opset_import}
+    assert kept == {"", "com.then", "com.fn", "com.inner"}
 
 
 def test_config_is_written_for_batching(repo: Path) -> None:

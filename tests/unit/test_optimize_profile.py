@@ -104,3 +104,11 @@ def test_a_gpu_host_profiles_each_variant_on_the_gpu_backends_too(model_path: Pa
     )
     assert (usable, set(profiles), choice) == (("tensorrt",), {"onnxruntime@gpu"}, None)
     assert any(line.startswith("fp16: not profiled on tensorrt@gpu:") for line in lines), lines
+
+    # After `tidal optimize --backend tensorrt` put TensorRT first: kept first, and never tried on the CPU.
+    lines.clear()
+    usable, profiles, _ = pipeline._profile(
+        model_path, "fp32", ("tensorrt", "onnxruntime"), ("cpu", "gpu"), settings, feeds, lines.append, False
+    )
+    assert usable == ("tensorrt", "onnxruntime") and set(profiles) == {"onnxruntime", "onnxruntime@gpu"}
+    assert not [line for line in lines if "cannot run it here" in line], lines

@@ -308,8 +308,7 @@ def test_mixed_gpus_warn_unless_cuda_numbers_them_in_pci_order(monkeypatch, capl
 def test_the_command_has_cuda_number_gpus_in_pci_order(monkeypatch) -> None:
     from tidal import cli
 
-    monkeypatch.setenv("CUDA_DEVICE_ORDER", "")  # recorded as unset before the test, and so after it
-    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)  # conftest restores it after the test
     monkeypatch.setattr(hardware, "gpus", tuple)
     assert cli.main(["hardware"]) == 0
     assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

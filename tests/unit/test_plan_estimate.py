@@ -82,3 +82,20 @@ def test_the_report_leaves_the_price_out_without_a_core_price() -> None:
         ask = Ask(10_000, 50, 64, 1_000, 2, cost_per_core_hour=price)
         price_column[price] = _report("m", ask, 0.0, "given", [size(linear("fast", 0.05, 0.001), ask)]).splitlines()[2]
     assert price_column[0.0].split()[-1] == "-" and float(price_column[0.1].split()[-1]) > 0
+
+
+def test_replicas_are_sized_from_cpu_profiles_never_gpu_ones() -> None:
+    from tidal.plan_cli import _profile
+    from tidal.repository.variants import Hardware, LatencyProfile, Variant
+
+    hw = Hardware("cpu", 2, ("avx2",))
+
+    def timing(p50: float) -> LatencyProfile:
+        return LatencyProfile((1, 8), (p50, p50 * 4), (p50, p50 * 4), (1.0, 1.0), 1, 2, False, "2026-01-01", hw)
+
+    both = Variant("fp32", "model.onnx", "fp32", ("tensorrt", "onnxruntime"), ("cpu", "gpu"), 1, 1, None, None,
+                   {"tensorrt@gpu": timing(0.01), "onnxruntime@gpu": timing(0.02), "onnxruntime": timing(0.5)})
+    assert _profile(both).p50_ms == (0.5, 2.0)
+    gpu_only = Variant("fp16", "model.fp16.onnx", "fp16", ("tensorrt",), ("gpu",), 1, 1, None, None,
+                       {"tensorrt@gpu": timing(0.01)})
+    assert _profile(gpu_only).batch_sizes == ()  # no CPU profile: not a candidate for CPU replicas

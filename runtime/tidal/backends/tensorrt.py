@@ -427,11 +427,16 @@ class TensorRTBackend:
         return {n: v.copy() for n, v in views.items()}
 
     def close(self) -> None:
-        for graph in self._graphs.values():
-            self._rt.cuda_graph_destroy(graph)
-        self._graphs.clear()
-        self._context = self._engine = None  # the context first: it must not outlive a shared engine
-        self._release()
+        """Idempotent; the instance's share of the engine is given back whatever else fails here."""
+        if self._context is None:
+            return
+        try:
+            for graph in self._graphs.values():
+                self._rt.cuda_graph_destroy(graph)
+            self._graphs.clear()
+        finally:
+            self._context = self._engine = None  # the context first: it must not outlive a shared engine
+            self._release()
         for buffer in self._device_buffers.values():
             buffer.close()
         self._staging.close()

@@ -140,9 +140,23 @@ def flops_per_row(model: onnx.ModelProto) -> int | None:
     return total
 
 
+def _domains(nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """The operator domains of `nodes` and of the subgraphs their attributes hold (If, Loop, Scan)."""
+    found = set()
+    for node in nodes:
+        found.add(node.domain)
+        for attr in node.attribute:
+            for graph in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                found |= _domains(graph.node)
+    return found
+
+
 def drop_unused_opsets(model: onnx.ModelProto) -> None:
-    """Drop opset imports no node uses (ONNX Runtime's saved graphs list every domain it knows)."""
-    domains = {n.domain for n in model.graph.node} | {""}
+    """Drop opset imports no node uses (ONNX Runtime's saved graphs list every domain it knows); nodes in
+    subgraphs and model-local functions count, and so do the functions' own domains."""
+    domains = _domains(model.graph.node) | {""}
+    for function in model.functions:
+        domains |= _domains(function.node) | {function.domain}
     kept = [o for o in model.opset_import if o.domain in domains]
     del model.opset_import[:]
     model.opset_import.extend(kept)

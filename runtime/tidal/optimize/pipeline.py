@@ -228,7 +228,7 @@ def _profile(
     Runtime's CUDA provider at least), under `backend@gpu`: the controller plans GPU instances from those. The
     CPU choice stands; a GPU instance tries the variant's backends in order, as loaded."""
     profiles = {}
-    cpu = [b for b in candidates if b in backends.names()] if "cpu" in runnable_on else []
+    cpu = [b for b in candidates if backends.runs_on(b, "cpu")] if "cpu" in runnable_on else []
     gpu = [b for b in dict.fromkeys([*candidates, "onnxruntime"]) if backends.runs_on(b, "gpu")]
     if "gpu" not in runnable_on or not hardware.gpus():
         gpu = []
@@ -251,7 +251,9 @@ def _profile(
     usable, choice = choose.choose(path, on_cpu, check_rows)
     if len(on_cpu) > 1:
         log(f"{name}: backend chosen: {choice.reason}")
-    return usable, profiles, choice
+    # GPU-only backends (TensorRT, put first by `--backend tensorrt`) keep their place ahead of the CPU ones.
+    gpu_only = (b for b in candidates if backends.runs_on(b, "gpu") and not backends.runs_on(b, "cpu"))
+    return (*gpu_only, *usable), profiles, choice
 
 
 def profile_repository(
