@@ -6,8 +6,9 @@
 // How: CPUID faulting (Linux arch_prctl(ARCH_SET_CPUID, 0), "cpuid_fault" in /proc/cpuinfo) turns every CPUID
 // into SIGSEGV in this thread and the threads it creates. The handler runs the real CPUID with faulting off
 // for that moment, clears the hidden bits and steps over the instruction. A SIGSEGV handler the program
-// installs (Python's faulthandler, Node's and V8's) is kept aside by the interposed sigaction() and gets every
-// other SIGSEGV; without one, the default action. execve resets faulting; the constructor re-arms it in
+// installs (Python's faulthandler, Node's and V8's) through sigaction() or signal() is kept aside by the
+// interposed ones and gets every other SIGSEGV, as the kernel would deliver it; without one, the default
+// action. (sigset(), bsd_signal() and raw syscalls are not interposed.) execve resets faulting; the constructor re-arms it in
 // children that inherit LD_PRELOAD.
 //
 // Build: cc -O2 -shared -fPIC -o isa_mask.so isa_mask.c -ldl   (perf/bench_int8.py --hide-isa does this)
@@ -63,18 +64,40 @@ static void add(const struct hidden_bits* h, size_t n) {
     for (size_t i = 0; i < n; ++i) g_mask[h[i].subleaf][h[i].reg] |= h[i].bits;
 }
 
+// Any SIGSEGV but a faulted CPUID goes where the kernel would have sent it: to the program's handler, run
+// with the program's signal mask (SIGSEGV blocked too unless SA_NODEFER) and reset first under SA_RESETHAND;
+// without one, to the default action (a fault recurs once it is in place; a sent signal is sent again).
+static void chain(int sig, siginfo_t* info, void* context) {
+    const struct sigaction program = g_program;
+    const int has_handler =
+        (program.sa_flags & SA_SIGINFO) || (program.sa_handler != SIG_IGN && program.sa_handler != SIG_DFL);
+    if (!has_handler) {
+        if (program.sa_handler == SIG_IGN && info->si_code <= 0) return;  // sent, and ignored by the program
+        g_sigaction(sig, &program, NULL);  // an ignored fault is fatal as well: the kernel forces the default
+        if (info->si_code <= 0) raise(sig);
+        return;
+    }
+    if (program.sa_flags & SA_RESETHAND) {
+        memset(&g_program, 0, sizeof g_program);
+        g_program.sa_handler = SIG_DFL;
+    }
+    sigset_t mask = program.sa_mask, before;
+    if (!(program.sa_flags & SA_NODEFER)) sigaddset(&mask, sig);
+    sigprocmask(SIG_BLOCK, &mask, &before);
+    if (program.sa_flags & SA_SIGINFO) {
+        program.sa_sigaction(sig, info, context);
+    } else {
+        program.sa_handler(sig);
+    }
+    sigprocmask(SIG_SETMASK, &before, NULL);
+}
+
 static void on_segv(int sig, siginfo_t* info, void* context) {
     greg_t* r = ((ucontext_t*)context)->uc_mcontext.gregs;
     const unsigned char* ip = (const unsigned char*)r[REG_RIP];
     // A faulted CPUID is a general protection fault (SI_KERNEL); only then is RIP known to be readable code.
     if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
-        if (g_program.sa_flags & SA_SIGINFO) {
-            g_program.sa_sigaction(sig, info, context);
-        } else if (g_program.sa_handler == SIG_IGN || g_program.sa_handler == SIG_DFL) {
-            g_sigaction(SIGSEGV, &g_program, NULL);  // the instruction faults again, now with that action
-        } else {
-            g_program.sa_handler(sig);
-        }
+        chain(sig, info, context);
         return;
     }
     const int saved = errno;
@@ -207,9 +230,21 @@ int sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
     if (g_sigaction == NULL)
         g_sigaction = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
     if (sig != SIGSEGV || !g_armed) return g_sigaction(sig, act, old);
+    struct sigaction wanted;  // read before `old` is written: the two may be one struct
+    if (act != NULL) wanted = *act;
     if (old != NULL) *old = g_program;
-    if (act != NULL) g_program = *act;
+    if (act != NULL) g_program = wanted;
     return 0;
+}
+
+// glibc's signal() installs through an internal sigaction that the one above does not see.
+sighandler_t signal(int sig, sighandler_t handler) {
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = handler;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, &old) == 0 ? old.sa_handler : SIG_ERR;
 }
 
 __attribute__((constructor)) static void arm(void) {
@@ -233,7 +268,9 @@ __attribute__((constructor)) static void arm(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO;
+    // On the thread's alternate stack where it has one (faulthandler's, for a stack overflow), and not masked
+    // while it runs: a fault in the program's handler it calls is delivered, not fatal.
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
     if (g_sigaction == NULL)
         g_sigaction = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
