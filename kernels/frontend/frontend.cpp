@@ -289,6 +289,8 @@ class RelayCall final : public grpc::ServerGenericBidiReactor {
 };
 
 Frontend::Frontend(Options options) : options_(std::move(options)) {
+  if (options_.max_pending < 1 || options_.max_pushback_ms < 1)
+    throw std::invalid_argument("max_pending and max_pushback_ms must be at least 1");
   event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (event_fd_ < 0) throw std::runtime_error("eventfd failed");
 }

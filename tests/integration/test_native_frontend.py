@@ -110,6 +110,12 @@ def test_model_infer_is_queued_with_its_deadline_and_token_and_answered(native) 
     assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "25"
 
 
+@pytest.mark.parametrize(("max_pending", "max_pushback_ms"), [(0, MAX_PUSHBACK_MS), (2, 0)])
+def test_limits_below_one_are_refused(native_module, max_pending: int, max_pushback_ms: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        native_module.Frontend("127.0.0.1:0", "unix:/nowhere", INFER, 0.5, 1 << 20, max_pending, max_pushback_ms)
+
+
 def test_beyond_the_backlog_calls_are_refused_at_once(native) -> None:
     frontend, channel = native  # a backlog of 2, and nothing drains it until the refusal has come back
     infer = channel.unary_unary(INFER)
