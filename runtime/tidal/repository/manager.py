@@ -101,7 +101,8 @@ def _load_on(
             continue
         loaded.update(batch)
         if errors:  # the backend preferred for this file did not load: say so, or it is served slower unnoticed
-            log.warning("%s: serving on %s (%s) because %s", path.name, name, kind, "; ".join(errors))
+            log.warning("model %s version %s: %s: serving on %s (%s) because %s", path.parent.parent.name,
+                        path.parent.name, path.name, name, kind, "; ".join(errors))
         return name
     detail = "; ".join(errors) or f"none of {', '.join(names)} runs there"
     raise ConfigError(f"{path.name}: no backend could load it on the {kind.upper()} ({detail})")
