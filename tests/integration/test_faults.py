@@ -4,8 +4,6 @@ reason, and the server keeps serving everyone else. (A backend that raises: test
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -124,18 +122,22 @@ def test_a_model_file_that_disappears_before_a_reload_keeps_the_old_version(srv:
     assert client.is_model_ready("victim")
 
 
-def _full_disk() -> None:
-    """Writes beyond 20 KB fail (EFBIG), as they would on a full disk; the signal would kill instead."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+# `tidal` in a process whose writes beyond 20 KB fail (EFBIG), as they would on a full disk (the signal would
+# kill instead). The child limits itself: a preexec_fn would fork this process, which runs gRPC, and gRPC's fork
+# handlers can leave a poller in the child whose descriptors the child then closes before exec (seen: SIGABRT).
+_ON_A_FULL_DISK = (
+    "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); sys.argv[0] = 'tidal'; "
+    "runpy.run_module('tidal', run_name='__main__')"
+)
 
 
 def test_a_full_disk_for_the_demo_cache_is_one_line_and_leaves_nothing_half_built(tmp_path: Path) -> None:
     # No .pyc writes: under the size limit they would be cut short and break every later import of tidal.
     env = {**os.environ, "TIDAL_CACHE_DIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tidal", "serve", "--grpc-port", "0", "--no-metrics", "--no-http"],
-        env=env, preexec_fn=_full_disk, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", _ON_A_FULL_DISK, "serve", "--grpc-port", "0", "--no-metrics", "--no-http"],
+        env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
     assert "tidal: cannot build the demo repository in" in proc.stderr and "Traceback" not in proc.stderr
