@@ -48,6 +48,7 @@ def _hardware(args: argparse.Namespace) -> int:
     for g in gpus:
         print(f"GPU {g['index']}: {g['name']}, {g['memory_mib']} MiB, compute capability "
               f"{g['compute_capability'] or '?'} (from {g['source']})")
+    ready = "usable" if gpus else "installed, but no GPU here to run on"
     for name, state in found["gpu_backends"].items():
-        print(f"backend {name} on GPU: {'usable' if state['usable'] else 'not usable: ' + state['reason']}")
+        print(f"backend {name} on GPU: {ready if state['usable'] else 'not usable: ' + state['reason']}")
     return 0

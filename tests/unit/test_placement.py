@@ -291,6 +291,9 @@ def test_tidal_hardware_reports_gpus_and_why_each_gpu_backend_cannot_run(monkeyp
     assert "GPU 0: NVIDIA H100 80GB HBM3, 81559 MiB, compute capability 9.0" in text
     assert "backend onnxruntime on GPU: usable" in text
     assert "backend tensorrt on GPU: not usable: tensorrt: absent" in text
+    monkeypatch.setattr(hardware, "gpus", tuple)
+    assert cli.main(["hardware"]) == 0
+    assert "backend onnxruntime on GPU: installed, but no GPU here to run on" in capsys.readouterr().out
 
 
 def test_mixed_gpus_warn_unless_cuda_numbers_them_in_pci_order(monkeypatch, caplog) -> None:
