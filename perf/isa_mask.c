@@ -8,7 +8,9 @@
 // for that moment, clears the hidden bits and steps over the instruction. A SIGSEGV handler the program
 // installs (Python's faulthandler, Node's and V8's) through sigaction() or signal() is kept aside by the
 // interposed ones and gets every other SIGSEGV, as the kernel would deliver it; without one, the default
-// action. (sigset(), bsd_signal() and raw syscalls are not interposed.) execve resets faulting; the constructor re-arms it in
+// action. (sigset(), bsd_signal() and raw syscalls are not interposed.) The program's handler sees the real
+// CPU through CPUID; a thread that blocks SIGSEGV itself and then runs CPUID is killed, as the kernel treats a
+// blocked fault. execve resets faulting; the constructor re-arms it in
 // children that inherit LD_PRELOAD.
 //
 // Build: cc -O2 -shared -fPIC -o isa_mask.so isa_mask.c -ldl   (perf/bench_int8.py --hide-isa does this)
@@ -69,8 +71,8 @@ static void add(const struct hidden_bits* h, size_t n) {
 // without one, to the default action (a fault recurs once it is in place; a sent signal is sent again).
 static void chain(int sig, siginfo_t* info, void* context) {
     const struct sigaction program = g_program;
-    const int has_handler =
-        (program.sa_flags & SA_SIGINFO) || (program.sa_handler != SIG_IGN && program.sa_handler != SIG_DFL);
+    // sa_handler and sa_sigaction share storage: SIG_IGN and SIG_DFL read the same through either.
+    const int has_handler = program.sa_handler != SIG_IGN && program.sa_handler != SIG_DFL;
     if (!has_handler) {
         if (program.sa_handler == SIG_IGN && info->si_code <= 0) return;  // sent, and ignored by the program
         g_sigaction(sig, &program, NULL);  // an ignored fault is fatal as well: the kernel forces the default
@@ -84,11 +86,15 @@ static void chain(int sig, siginfo_t* info, void* context) {
     sigset_t mask = program.sa_mask, before;
     if (!(program.sa_flags & SA_NODEFER)) sigaddset(&mask, sig);
     sigprocmask(SIG_BLOCK, &mask, &before);
+    // With SIGSEGV blocked, a CPUID the handler runs (crash reporters read the CPU) would fault into a blocked
+    // signal, which the kernel makes fatal: CPUID runs unmasked in this thread for the handler's duration.
+    syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1);
     if (program.sa_flags & SA_SIGINFO) {
         program.sa_sigaction(sig, info, context);
     } else {
         program.sa_handler(sig);
     }
+    syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
     sigprocmask(SIG_SETMASK, &before, NULL);
 }
 
@@ -237,13 +243,23 @@ int sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
     return 0;
 }
 
-// glibc's signal() installs through an internal sigaction that the one above does not see.
+// glibc's signal() installs through an internal sigaction that the one above does not see. For SIGSEGV once
+// armed it is emulated with glibc's (BSD) semantics, SA_RESTART and the signal masked in its handler; any
+// other call goes to glibc's own.
 sighandler_t signal(int sig, sighandler_t handler) {
+    static sighandler_t (*real)(int, sighandler_t);
+    if (real == NULL) real = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+    if (sig != SIGSEGV || !g_armed) return real(sig, handler);
+    if (handler == SIG_ERR) {
+        errno = EINVAL;
+        return SIG_ERR;
+    }
     struct sigaction sa, old;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = handler;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, sig);
     return sigaction(sig, &sa, &old) == 0 ? old.sa_handler : SIG_ERR;
 }
 
