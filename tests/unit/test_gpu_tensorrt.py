@@ -460,6 +460,28 @@ def test_closing_twice_gives_the_engine_back_once(fakes, tmp_path: Path) -> None
     assert trt_backend.ENGINES.held() == 0 and rt.live() == 0
 
 
+def test_a_close_that_fails_midway_still_frees_the_rest(fakes, tmp_path: Path, monkeypatch) -> None:
+    trt_backend, _, rt = fakes
+    backend = trt_backend.load(_model(tmp_path), _options(tmp_path))
+    for rows in (1, 1, 2, 2):  # two graphs captured
+        backend.run({"INPUT": np.ones((rows, 4), np.float32)}, ["OUTPUT"])
+    real_destroy, calls = rt.cuda_graph_destroy, []
+
+    def destroy(graph: int) -> None:
+        calls.append(graph)
+        if len(calls) == 1:
+            raise RuntimeError("cudaGraphExecDestroy: an illegal memory access was encountered")
+        real_destroy(graph)
+
+    monkeypatch.setattr(rt, "cuda_graph_destroy", destroy)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        backend.close()
+    assert len(calls) == 2 and trt_backend.ENGINES.held() == 0
+    assert rt.live() == 1  # only the graph whose destroy failed; buffers, staging and stream were freed
+    backend.close()  # nothing left to do, nothing raised
+    assert len(calls) == 2
+
+
 def _repository(tmp_path: Path, config: str) -> Path:
     """A model with fp32, int8, int8-dynamic and fp16 variants, as `tidal optimize` leaves it; the fp32 one
     (the default file, which auto-complete reads) a real ONNX graph INPUT [batch, 4] -> OUTPUT, the int8 one

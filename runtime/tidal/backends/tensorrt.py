@@ -427,20 +427,28 @@ class TensorRTBackend:
         return {n: v.copy() for n, v in views.items()}
 
     def close(self) -> None:
-        """Idempotent; the instance's share of the engine is given back whatever else fails here."""
+        """Idempotent. Every resource is freed even when freeing one fails (the first failure is raised after),
+        and the instance's share of the engine is given back once, after its context."""
         if self._context is None:
             return
-        try:
-            for graph in self._graphs.values():
-                self._rt.cuda_graph_destroy(graph)
-            self._graphs.clear()
-        finally:
-            self._context = self._engine = None  # the context first: it must not outlive a shared engine
-            self._release()
-        for buffer in self._device_buffers.values():
-            buffer.close()
-        self._staging.close()
-        self._stream.close()
+        steps: list[Callable[[], object]] = [lambda graph=g: self._rt.cuda_graph_destroy(graph)
+                                             for g in self._graphs.values()]
+        self._graphs.clear()
+        steps.append(self._drop_context)
+        steps += [buffer.close for buffer in self._device_buffers.values()]
+        steps += [self._staging.close, self._stream.close]
+        failure: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # freeing the rest matters more than this one
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _drop_context(self) -> None:
+        self._context = self._engine = None  # the context first: it must not outlive a shared engine
+        self._release()
 
 
 def gpu_unavailable() -> str | None:

@@ -123,7 +123,7 @@ def optimize(options: OptimizeOptions, log: Log) -> VariantManifest:
             log(f"left out {b.name}: {exc}")
             (version_dir / b.file).unlink(missing_ok=True)
             continue
-        accuracy = _accuracy(version_dir / b.file, usable[0] if choice else "onnxruntime", data, reference)
+        accuracy = _accuracy(version_dir / b.file, choice.chosen if choice else "onnxruntime", data, reference)
         if not _passes(b, accuracy, options.min_accuracy, version_dir, log):
             continue
         variants[b.name] = Variant(
