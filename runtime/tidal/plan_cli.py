@@ -30,7 +30,7 @@ from tidal.fleet import Ask, Candidate, Sizing, choose
 from tidal.optimize.graph import save_graph
 from tidal.repository.config import load_config
 from tidal.repository.layout import list_versions, require_model_dir
-from tidal.repository.variants import Variant, load_manifest, split_profile_key
+from tidal.repository.variants import Variant, load_manifest, profiles_on
 
 # How a replica's capacity is measured, by the calibration and by whoever checks the plan against a run:
 # enough closed-loop callers, in two client processes, that the server and not the client is the limit.
@@ -111,7 +111,7 @@ def path_rps(recalibrate: bool) -> tuple[float, str]:
 def _profile(v: Variant) -> Candidate:
     """The variant's CPU profile (replicas here are sized in cores), of the backend chosen to serve it first."""
     chosen = v.choice.chosen if v.choice else ""
-    on_cpu = {key: p for key, p in v.profiles.items() if split_profile_key(key)[1] == "cpu"}
+    on_cpu = profiles_on(v.profiles, "cpu")
     profile = next((on_cpu[b] for b in [chosen, *v.backends, *on_cpu] if b in on_cpu), None)
     accuracy = v.accuracy.value if v.accuracy else None
     agreement = v.accuracy.top1_agreement if v.accuracy else 1.0

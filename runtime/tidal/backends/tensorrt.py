@@ -211,13 +211,9 @@ def workspace_bytes(options: BackendOptions) -> int:
     return 0
 
 
-def cached_engine(path: Path, options: BackendOptions) -> bytes:
-    """The engine for `path` on this GPU: from the first cache directory holding it, else built and saved."""
-    model = path.read_bytes()
-    return _engine_bytes(path, model, engine_key(model, options), options)
-
-
 def _engine_bytes(path: Path, model: bytes, key: EngineKey, options: BackendOptions) -> bytes:
+    """The engine `key` names for `path` (whose bytes are `model`): from the first cache directory holding it,
+    else built and saved."""
     found = find_engine(key, options.cache_dirs)
     if found is not None:
         log.info("%s: TensorRT engine %s", path, found)
@@ -474,5 +470,5 @@ def load(path: Path, options: BackendOptions) -> TensorRTBackend:
         raise
 
 
-__all__ = ["ENGINES", "EngineKey", "EnginePool", "TensorRTBackend", "build_engine", "cached_engine", "engine_key",
-           "find_engine", "gpu_unavailable", "load", "qdq_refusal", "save_engine", "workspace_bytes"]
+__all__ = ["ENGINES", "EngineKey", "EnginePool", "TensorRTBackend", "build_engine", "engine_key", "find_engine",
+           "gpu_unavailable", "load", "qdq_refusal", "save_engine", "workspace_bytes"]

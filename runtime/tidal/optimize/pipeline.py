@@ -57,8 +57,8 @@ from tidal.repository.variants import (
     VariantManifest,
     load_manifest,
     profile_key,
+    profiles_on,
     save_manifest,
-    split_profile_key,
 )
 
 Log = Callable[[str], None]
@@ -229,9 +229,8 @@ def _profile(
     CPU choice stands; a GPU instance tries the variant's backends in order, as loaded."""
     profiles = {}
     cpu = [b for b in candidates if backends.runs_on(b, "cpu")] if "cpu" in runnable_on else []
-    gpu = [b for b in dict.fromkeys([*candidates, "onnxruntime"]) if backends.runs_on(b, "gpu")]
-    if "gpu" not in runnable_on or not hardware.gpus():
-        gpu = []
+    gpu = ([b for b in dict.fromkeys([*candidates, "onnxruntime"]) if backends.runs_on(b, "gpu")]
+           if "gpu" in runnable_on and hardware.gpus() else [])
     for backend, device in [*((b, "cpu") for b in cpu), *((b, "gpu") for b in gpu)]:
         key = profile_key(backend, device)
         if device == "gpu" and (why := backends.gpu_unavailable(backend)) is not None:
@@ -243,7 +242,7 @@ def _profile(
                 profiles[key] = measure(path, backend, settings, lambda _size, bar=bar: bar.update(), device)
             except Exception as exc:  # one failing engine must not sink the other variants
                 log(f"{name}: backend {key} cannot run it here: {type(exc).__name__}: {exc}")
-    on_cpu = {key: p for key, p in profiles.items() if split_profile_key(key)[1] == "cpu"}
+    on_cpu = profiles_on(profiles, "cpu")
     if not on_cpu:
         if "cpu" in runnable_on:
             raise ConfigError(f"{path}: no backend on this host can run variant {name}")

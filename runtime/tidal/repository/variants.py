@@ -97,6 +97,11 @@ def split_profile_key(key: str) -> tuple[str, str]:
     return backend, device or "cpu"
 
 
+def profiles_on(profiles: Mapping[str, LatencyProfile], device: str) -> dict[str, LatencyProfile]:
+    """The profiles measured on `device`, under their keys."""
+    return {key: p for key, p in profiles.items() if split_profile_key(key)[1] == device}
+
+
 @dataclass(frozen=True, slots=True)
 class Hardware:
     cpu_model: str
